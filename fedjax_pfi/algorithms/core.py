@@ -1,0 +1,92 @@
+"""`FederatedAlgorithm(init, apply)` and the server state it threads.
+
+``apply(state, cohort, key)`` is one jitted program with the state donated:
+broadcast the server params, ``vmap`` the client update over the cohort's
+client axis (each a ``lax.scan`` over local steps), aggregate the deltas,
+apply the server optimizer. ``key`` is the round's key; client ``i`` uses
+``fold_in(key, client_id)`` and its step ``s`` ``fold_in(that, s)``, so a
+client's randomness does not depend on its slot, on padding or on chunking.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_pfi.data.cohort import Cohort
+
+Params = Any
+
+
+class ServerState(NamedTuple):
+  """Everything a round reads and writes; checkpointed as one pytree.
+
+  Attributes:
+    params: the global model.
+    opt_state: the server optimizer's state.
+    agg_state: the aggregator's state.
+    round: int32 scalar, rounds completed.
+    extra: algorithm-specific server state (SCAFFOLD's control variate).
+    client_states: per-client store with a leading ``[num_clients]`` axis
+      (SCAFFOLD's client control variates), or ``()``.
+  """
+  params: Params
+  opt_state: Any
+  agg_state: Any
+  round: jax.Array
+  extra: Any = ()
+  client_states: Any = ()
+
+
+class FederatedAlgorithm(NamedTuple):
+  """``init(params) -> ServerState``; ``apply(state, cohort, key) -> (state, metrics)``.
+
+  ``apply`` is jitted with ``state`` donated; ``apply_unjitted`` is the same
+  function without ``jax.jit`` (for tests and for composing into larger
+  programs).
+  """
+  init: Callable[[Params], ServerState]
+  apply: Callable[[ServerState, Cohort, jax.Array], tuple[ServerState, dict]]
+  apply_unjitted: Callable[..., tuple[ServerState, dict]]
+  name: str
+
+
+def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
+  """Per-client keys ``fold_in(key, id)``; padded clients (id -1) get id 0's."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      jnp.maximum(client_ids, 0))
+
+
+def round_metrics(cohort: Cohort, loss_sum: jax.Array, count: jax.Array,
+                  num_steps: jax.Array, mean_delta: Params) -> dict:
+  """Scalar and per-client metrics of a round (all on device)."""
+  real = (cohort.client_ids >= 0)
+  client_loss = loss_sum / jnp.maximum(count, 1.0)
+  total = jnp.sum(jnp.where(real, count, 0.0))
+  return {
+      'train_loss': jnp.sum(jnp.where(real, loss_sum, 0.0)) /
+                    jnp.maximum(total, 1.0),
+      'train_examples': jnp.sum(jnp.where(real, jnp.sum(cohort.mask, (1, 2)),
+                                          0)),
+      'clients': jnp.sum(real.astype(jnp.int32)),
+      'delta_norm': jnp.sqrt(sum(jnp.sum(jnp.square(x))
+                                 for x in jax.tree.leaves(mean_delta))),
+      'client_loss': client_loss,
+      'client_steps': num_steps,
+  }
+
+
+def make_algorithm(init, apply, name) -> FederatedAlgorithm:
+  """Jits ``apply`` with the state donated.
+
+  ``init`` copies the params it is given: the state owns its buffers, so
+  donating it never invalidates the caller's arrays.
+  """
+
+  def owning_init(params):
+    return init(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
+
+  return FederatedAlgorithm(owning_init, jax.jit(apply, donate_argnums=0),
+                            apply, name)

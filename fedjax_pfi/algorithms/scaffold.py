@@ -1,0 +1,92 @@
+"""SCAFFOLD: stochastic controlled averaging (Karimireddy et al., ICML 2020).
+
+Algorithm 1 of the paper with control-variate update option II:
+
+- client ``i`` runs ``K_i`` SGD steps ``y <- y - eta_l (g_i(y) - c_i + c)``;
+- ``c_i+ = c_i - c + (x - y_i) / (K_i eta_l)``;
+- server: ``x <- x + eta_g * mean(y_i - x)`` (here: the server optimizer on
+  the aggregated delta), ``c <- c + (1/N) sum_{i in S} (c_i+ - c_i)``.
+
+The client control variates ``c_i`` live in the per-client store
+``ServerState.client_states`` (leading axis ``[num_clients]``), gathered for
+the cohort and scattered back inside the round; padded clients are dropped
+from the scatter.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_pfi.algorithms import aggregators as aggregators_lib
+from fedjax_pfi.algorithms import client_updates
+from fedjax_pfi.algorithms import core
+from fedjax_pfi.models import base
+
+
+def scaffold(model: base.Model, client_learning_rate: float,
+             server_optimizer: optax.GradientTransformation,
+             num_clients: int,
+             aggregator: aggregators_lib.Aggregator | None = None, *,
+             unroll=1, name: str = 'scaffold') -> core.FederatedAlgorithm:
+  """Builds SCAFFOLD for a population of ``num_clients`` clients.
+
+  The client optimizer is plain SGD with ``client_learning_rate`` (option II
+  of the control-variate update assumes it).
+  """
+  if not client_learning_rate > 0:
+    raise ValueError(
+        f'client learning rate must be positive, got {client_learning_rate}.')
+  if num_clients < 1:
+    raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
+  aggregator = aggregator or aggregators_lib.weighted_mean()
+  train = client_updates.local_training(
+      model, optax.sgd(client_learning_rate), unroll=unroll)
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    store = jax.tree.map(lambda p: jnp.zeros((num_clients,) + p.shape,
+                                             p.dtype), params)
+    return core.ServerState(params, server_optimizer.init(params),
+                            aggregator.init(params), jnp.zeros([], jnp.int32),
+                            extra={'c': zeros}, client_states=store)
+
+  def apply(state: core.ServerState, cohort, key):
+    ids = cohort.client_ids
+    real = ids >= 0
+    c = state.extra['c']
+    c_i = jax.tree.map(lambda s: s[jnp.maximum(ids, 0)], state.client_states)
+    correction = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
+    keys = core.client_keys(key, ids)
+    out = jax.vmap(train, in_axes=(None, 0, 0, 0, 0))(
+        state.params, cohort.batches, cohort.mask, keys, correction)
+    k = out.num_steps.astype(jnp.float32)
+    scale = jnp.where(k > 0, 1.0 / (jnp.maximum(k, 1.0) * client_learning_rate),
+                      0.0)
+
+    def new_ci(ci, cg, d):
+      s = scale.reshape((-1,) + (1,) * (d.ndim - 1)).astype(d.dtype)
+      return ci - cg[None] - d * s
+
+    c_i_new = jax.tree.map(new_ci, c_i, c, out.delta)
+    real_f = real.astype(jnp.float32)
+    dc_sum = jax.tree.map(
+        lambda a, b: jnp.tensordot(real_f.astype(a.dtype), a - b, axes=1),
+        c_i_new, c_i)
+    c = jax.tree.map(lambda cg, d: cg + d / num_clients, c, dc_sum)
+    scatter_ids = jnp.where(real, ids, num_clients)  # out of range -> dropped
+    store = jax.tree.map(lambda s, v: s.at[scatter_ids].set(v, mode='drop'),
+                         state.client_states, c_i_new)
+
+    mean_delta, agg_state = aggregator.aggregate(out.delta, cohort.weight,
+                                                 state.agg_state)
+    updates, opt_state = server_optimizer.update(
+        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = core.round_metrics(cohort, out.loss_sum, out.count,
+                                 out.num_steps, mean_delta)
+    return core.ServerState(params, opt_state, agg_state, state.round + 1,
+                            {'c': c}, store), metrics
+
+  return core.make_algorithm(init, apply, name)

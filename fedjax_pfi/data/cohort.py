@@ -1,0 +1,169 @@
+"""Cohorts: sampling clients for a round and stacking them into fixed shapes.
+
+Sampling and batching are pure functions of ``(seed, round, client id)``, so a
+resumed run, a chunked round or a sharded round sees exactly the same batches.
+
+A stacked `Cohort` has fixed-shape arrays ``[C, S, B, ...]`` (clients, local
+steps, batch) and a mask ``[C, S, B]``. ``S`` is rounded up to a *step bucket*
+so that the whole run compiles once per bucket rather than once per round.
+A padded example has mask False; a padded step has an all-False mask and is
+skipped exactly (parameters and optimizer state unchanged); a padded client
+has weight 0 and id -1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from fedjax_pfi.data.federated import FederatedDataset
+
+
+class Cohort(NamedTuple):
+  """One round's clients, stacked. A pytree, so it goes straight into jit.
+
+  Attributes:
+    client_ids: int32 ``[C]``; -1 for padded clients.
+    batches: column -> ``[C, S, B, ...]``.
+    mask: bool ``[C, S, B]``; True for real examples.
+    weight: float32 ``[C]``; the client's aggregation weight (its number of
+      training examples; 0 for padded or dropped clients).
+  """
+  client_ids: np.ndarray
+  batches: dict
+  mask: np.ndarray
+  weight: np.ndarray
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.mask.shape)
+
+
+def sample_cohort(num_clients: int, cohort_size: int, seed: int,
+                  round_idx: int) -> np.ndarray:
+  """Client ids of a round: uniform without replacement, from (seed, round)."""
+  if not 0 < cohort_size <= num_clients:
+    raise ValueError(
+        f'cohort size {cohort_size} must lie in [1, {num_clients}] (the number'
+        ' of training clients).')
+  rng = np.random.default_rng([seed, round_idx, 0x5EED])
+  return np.sort(rng.choice(num_clients, cohort_size, replace=False))
+
+
+def power_of_two_buckets(max_steps: int) -> tuple[int, ...]:
+  """Step buckets 1, 2, 4, ... up to the first power of two >= max_steps."""
+  return tuple(2**i for i in range(max(0, math.ceil(math.log2(max(max_steps,
+                                                                  1)))) + 1))
+
+
+def bucket_for(steps: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if b >= steps:
+      return b
+  raise ValueError(
+      f'{steps} local steps exceed the largest step bucket {max(buckets)}; '
+      f'buckets are {tuple(buckets)}.')
+
+
+def client_steps(num_examples: np.ndarray, batch_size: int, num_epochs: int,
+                 max_steps: Optional[int] = None) -> np.ndarray:
+  """Local steps of each client: ``epochs * ceil(n / B)`` (last batch kept)."""
+  steps = num_epochs * -(-np.asarray(num_examples) // batch_size)
+  if max_steps is not None:
+    steps = np.minimum(steps, max_steps)
+  return steps.astype(np.int64)
+
+
+def client_batch_index(n: int, batch_size: int, num_epochs: int, steps: int,
+                       rng: Optional[np.random.Generator]) -> np.ndarray:
+  """Row indices (into a client's own examples) of its first ``steps`` batches.
+
+  Each epoch is a fresh permutation (or the identity if ``rng`` is None) cut
+  into ``ceil(n / B)`` batches, the last one partial. Returns int ``[steps, B]``
+  with -1 marking padding.
+  """
+  per_epoch = -(-n // batch_size)
+  out = np.full([num_epochs * per_epoch, batch_size], -1, np.int64)
+  for e in range(num_epochs):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    padded = np.full(per_epoch * batch_size, -1, np.int64)
+    padded[:n] = order
+    out[e * per_epoch:(e + 1) * per_epoch] = padded.reshape(per_epoch,
+                                                            batch_size)
+  return out[:steps]
+
+
+def stack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
+                 batch_size: int, num_epochs: int = 1,
+                 max_steps: Optional[int] = None,
+                 step_buckets: Optional[Sequence[int]] = None,
+                 num_slots: Optional[int] = None,
+                 steps_override: Optional[np.ndarray] = None,
+                 weight_override: Optional[np.ndarray] = None,
+                 seed: int = 0, round_idx: int = 0,
+                 shuffle: bool = True) -> Cohort:
+  """Stacks clients' training batches into a fixed-shape `Cohort`.
+
+  Args:
+    ds: the training population.
+    client_ids: the cohort (indices into ``ds``).
+    batch_size: ``B``.
+    num_epochs: local epochs; each reshuffles the client's examples with
+      ``default_rng([seed, round, client_id])``.
+    max_steps: optional cap on local steps.
+    step_buckets: allowed values of ``S``; ``S`` is the smallest bucket that
+      fits the cohort's longest client (default: exactly that length).
+    num_slots: ``C``; pads with empty clients up to this many.
+    steps_override: optional per-client step counts (partial work of
+      stragglers); each must be <= the client's full number of steps.
+    weight_override: optional per-client weights (default: example counts).
+  """
+  client_ids = np.asarray(client_ids, dtype=np.int64)
+  sizes = ds.client_sizes[client_ids]
+  if np.any(sizes == 0):
+    bad = client_ids[sizes == 0]
+    raise ValueError(
+        f'clients {bad[:10].tolist()} (names {ds.client_names[bad[:10]].tolist()})'
+        ' have no training examples; drop them (e.g. '
+        'FederatedDataset.drop_small_clients(1)) before sampling.')
+  full = client_steps(sizes, batch_size, num_epochs, max_steps)
+  steps = full if steps_override is None else np.minimum(
+      np.asarray(steps_override, np.int64), full)
+  longest = int(steps.max()) if steps.size else 1
+  s = longest if step_buckets is None else bucket_for(longest, step_buckets)
+  c = len(client_ids) if num_slots is None else num_slots
+  if c < len(client_ids):
+    raise ValueError(f'num_slots={c} is smaller than the cohort '
+                     f'({len(client_ids)} clients).')
+  rows = np.zeros([c, s, batch_size], np.int64)
+  mask = np.zeros([c, s, batch_size], bool)
+  for slot, (cid, n, k) in enumerate(zip(client_ids, sizes, steps)):
+    rng = (np.random.default_rng([seed, round_idx, int(cid)])
+           if shuffle else None)
+    idx = client_batch_index(int(n), batch_size, num_epochs, int(k), rng)
+    mask[slot, :k] = idx >= 0
+    rows[slot, :k] = np.where(idx >= 0, idx + ds.offsets[cid], 0)
+  batches = {name: col[rows] for name, col in ds.columns.items()}
+  ids = np.full([c], -1, np.int32)
+  ids[:len(client_ids)] = client_ids
+  weight = np.zeros([c], np.float32)
+  weight[:len(client_ids)] = (sizes if weight_override is None else
+                              weight_override)
+  return Cohort(ids, batches, mask, weight)
+
+
+def stack_eval(ds: FederatedDataset, client_ids: Sequence[int], *,
+               batch_size: int, num_slots: Optional[int] = None,
+               step_buckets: Optional[Sequence[int]] = None) -> Cohort:
+  """Stacks clients' evaluation data (every example once, no shuffling)."""
+  return stack_cohort(ds, client_ids, batch_size=batch_size, num_epochs=1,
+                      step_buckets=step_buckets, num_slots=num_slots,
+                      shuffle=False)
+
+
+def to_device(cohort: Cohort, sharding=None) -> Cohort:
+  """Moves a cohort to the device(s) (host -> device transfer, async)."""
+  return jax.device_put(cohort, sharding)

@@ -1,0 +1,163 @@
+"""The model zoo: the federated-learning papers' standard models, in Flax.
+
+- ``logreg``: multinomial logistic regression (FedProx's Synthetic/MNIST model).
+- ``mlp``: the FedAvg paper's "2NN", 784-200-200-K with ReLU
+  (McMahan et al., 2017, Section 3).
+- ``cnn``: the FedAvg paper's CNN: 5x5x32 conv, 2x2 max-pool, 5x5x64 conv,
+  2x2 max-pool, 512 dense, K softmax (McMahan et al., 2017; LEAF's FEMNIST
+  model).
+- ``char_lstm``: LEAF's Shakespeare model: 8-d character embedding, two LSTM
+  layers of 256 units, a dense layer over the vocabulary at every position
+  (Caldas et al., 2018).
+- ``char_transformer``: a small pre-norm decoder-only transformer with learned
+  positions (GPT-2 block layout), predicting the next character everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_pfi.models import base
+
+
+class LogReg(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+  num_classes: int
+  hidden: Sequence[int] = (200, 200)
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = x.reshape(x.shape[0], -1)
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNN(nn.Module):
+  """FedAvg CNN. ``conv`` selects the convolution formulation (see BUILD_NOTES:
+  ``'lax'`` is ``nn.Conv``; ``'patches'`` is im2col + matmul, which stays a
+  batched matmul when vmapped over per-client weights)."""
+  num_classes: int
+  conv: str = 'lax'
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    if self.conv == 'lax':
+      conv_cls = nn.Conv
+    elif self.conv == 'patches':
+      from fedjax_pfi.models.conv import PatchConv  # pylint: disable=g-import-not-at-top
+      conv_cls = PatchConv
+    else:
+      raise ValueError(f"cnn conv must be 'lax' or 'patches', got {self.conv!r}.")
+    for features in (32, 64):
+      x = conv_cls(features, (5, 5), padding='SAME')(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(512)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CharLSTM(nn.Module):
+  vocab_size: int
+  embed_dim: int = 8
+  hidden: int = 256
+  num_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Embed(self.vocab_size, self.embed_dim)(x)
+    for _ in range(self.num_layers):
+      h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)
+    return nn.Dense(self.vocab_size)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm GPT-2 style block: causal self-attention, GELU MLP."""
+  num_heads: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h, train=False):
+    mask = nn.make_causal_mask(jnp.ones(h.shape[:-1]))
+    a = nn.LayerNorm()(h)
+    a = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout,
+        deterministic=not train)(a, a, mask=mask)
+    h = h + a
+    m = nn.LayerNorm()(h)
+    m = nn.Dense(4 * h.shape[-1])(m)
+    m = nn.Dense(h.shape[-1])(nn.gelu(m))
+    m = nn.Dropout(self.dropout, deterministic=not train)(m)
+    return h + m
+
+
+class CharTransformer(nn.Module):
+  vocab_size: int
+  max_len: int
+  dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Embed(self.vocab_size, self.dim)(x)
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02),
+                     (self.max_len, self.dim))
+    h = h + pos[:x.shape[-1]]
+    for _ in range(self.num_layers):
+      h = Block(self.num_heads, self.dropout)(h, train)
+    return nn.Dense(self.vocab_size)(nn.LayerNorm()(h))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    'logreg': lambda meta, **kw: LogReg(meta['num_classes'], **kw),
+    'mlp': lambda meta, **kw: MLP(meta['num_classes'], **kw),
+    'cnn': lambda meta, **kw: CNN(meta['num_classes'], **kw),
+    'char_lstm': lambda meta, **kw: CharLSTM(meta['vocab_size'], **kw),
+    'char_transformer': lambda meta, **kw: CharTransformer(
+        meta['vocab_size'], max_len=meta['seq_len'], **kw),
+}
+
+MODEL_NAMES = tuple(sorted(_BUILDERS))
+
+
+def build_model(name: str, example_x: np.ndarray, metadata,
+                **kwargs) -> base.Model:
+  """Builds a registered model for data shaped like ``example_x``.
+
+  Args:
+    name: one of `MODEL_NAMES`.
+    example_x: one batch ``[B, ...]`` of inputs (shapes only matter).
+    metadata: the dataset's metadata (``num_classes`` or ``vocab_size``,
+      ``seq_len``, ``pad_id``).
+    **kwargs: passed to the Flax module (e.g. ``conv='patches'``).
+  """
+  if name not in _BUILDERS:
+    raise ValueError(
+        f'unknown model {name!r}; accepted: {", ".join(MODEL_NAMES)}.')
+  needed = ('vocab_size',) if name.startswith('char_') else ('num_classes',)
+  for key in needed:
+    if key not in metadata:
+      raise ValueError(
+          f'model {name!r} needs dataset metadata {key!r}, which this dataset '
+          f'lacks (it has {sorted(metadata)}); is it a '
+          f'{"character" if name.startswith("char_") else "classification"} '
+          'dataset?')
+  meta = dict(metadata)
+  if name == 'char_transformer':
+    meta.setdefault('seq_len', int(np.asarray(example_x).shape[-1]))
+  module = _BUILDERS[name](meta, **kwargs)
+  return base.classifier(module, jnp.asarray(example_x), name,
+                         pad_id=metadata.get('pad_id'))

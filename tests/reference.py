@@ -1,0 +1,103 @@
+"""Plain per-client Python reference loops, as the papers write the algorithms.
+
+No vmap, no padding, no masks: each client's batches are cut from its own
+examples with the same permutation rule the simulator documents (epoch ``e`` is
+``default_rng([seed, round, client_id]).permutation(n)`` drawn in order, cut
+into batches of ``B`` with the last one partial), every step computes the plain
+mean loss of its real examples, and the server update follows the paper's
+formula. The vectorised rounds must match these to float tolerance.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def client_batches(ds, cid, batch_size, num_epochs, seed, round_idx,
+                   num_steps=None):
+  n = ds.client_sizes[cid]
+  rng = np.random.default_rng([seed, round_idx, int(cid)])
+  batches = []
+  for _ in range(num_epochs):
+    perm = rng.permutation(n)
+    batches += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+  if num_steps is not None:
+    batches = batches[:num_steps]
+  data = ds.client(cid)
+  return [{k: jnp.asarray(v[rows]) for k, v in data.items()} for rows in batches]
+
+
+def mean_loss(model, params, batch, rng):
+  """Plain mean cross-entropy over a batch's real examples (tokens for seqs)."""
+  logits = model.apply(params, batch['x'], rng, True)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['y'])
+  if batch['y'].ndim == 1:
+    return jnp.mean(losses)
+  valid = (batch['y'] != 0).astype(jnp.float32)
+  return jnp.sum(losses * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def local_sgd(model, optimizer, params, batches, key, *, mu=0.0,
+              correction=None):
+  grad = jax.jit(jax.grad(lambda p, b, r: mean_loss(model, p, b, r)))
+  p, opt_state = params, optimizer.init(params)
+  for s, batch in enumerate(batches):
+    g = grad(p, batch, jax.random.fold_in(key, s))
+    if mu:
+      g = jax.tree.map(lambda g, w, w0: g + mu * (w - w0), g, p, params)
+    if correction is not None:
+      g = jax.tree.map(jnp.add, g, correction)
+    updates, opt_state = optimizer.update(g, opt_state, p)
+    p = optax.apply_updates(p, updates)
+  return p
+
+
+def fedopt_round(model, client_opt, server_opt, params, server_state, ds, ids,
+                 *, batch_size, num_epochs, seed, round_idx, key, mu=0.0,
+                 steps=None, weights=None):
+  """One FedAvg/FedOpt/FedProx round; returns (params, server_state)."""
+  deltas, ws = [], []
+  for j, cid in enumerate(ids):
+    batches = client_batches(ds, cid, batch_size, num_epochs, seed, round_idx,
+                             None if steps is None else steps[j])
+    local = local_sgd(model, client_opt, params, batches,
+                      jax.random.fold_in(key, int(cid)), mu=mu)
+    deltas.append(jax.tree.map(jnp.subtract, local, params))
+    ws.append(ds.client_sizes[cid] if weights is None else weights[j])
+  total = float(sum(ws))
+  mean = jax.tree.map(lambda *d: sum(w * x for w, x in zip(ws, d)) / total,
+                      *deltas)
+  updates, server_state = server_opt.update(
+      jax.tree.map(jnp.negative, mean), server_state, params)
+  return optax.apply_updates(params, updates), server_state
+
+
+def scaffold_round(model, lr, server_opt, params, server_state, c, c_store,
+                   num_clients, ds, ids, *, batch_size, num_epochs, seed,
+                   round_idx, key):
+  """SCAFFOLD (Karimireddy et al. 2020), Algorithm 1, option II, by hand."""
+  deltas, ws, dcs = [], [], []
+  c_store = dict(c_store)
+  for cid in ids:
+    batches = client_batches(ds, cid, batch_size, num_epochs, seed, round_idx)
+    c_i = c_store.get(int(cid), jax.tree.map(jnp.zeros_like, params))
+    corr = jax.tree.map(lambda cg, ci: cg - ci, c, c_i)
+    y = local_sgd(model, optax.sgd(lr), params, batches,
+                  jax.random.fold_in(key, int(cid)), correction=corr)
+    k = len(batches)
+    c_new = jax.tree.map(lambda ci, cg, x, yy: ci - cg + (x - yy) / (k * lr),
+                         c_i, c, params, y)
+    dcs.append(jax.tree.map(jnp.subtract, c_new, c_i))
+    c_store[int(cid)] = c_new
+    deltas.append(jax.tree.map(jnp.subtract, y, params))
+    ws.append(ds.client_sizes[cid])
+  total = float(sum(ws))
+  mean = jax.tree.map(lambda *d: sum(w * x for w, x in zip(ws, d)) / total,
+                      *deltas)
+  c = jax.tree.map(lambda cg, *d: cg + sum(d) / num_clients, c, *dcs)
+  updates, server_state = server_opt.update(
+      jax.tree.map(jnp.negative, mean), server_state, params)
+  return optax.apply_updates(params, updates), server_state, c, c_store
