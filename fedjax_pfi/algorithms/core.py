@@ -62,7 +62,7 @@ def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
 def round_metrics(cohort: Cohort, loss_sum: jax.Array, count: jax.Array,
                   num_steps: jax.Array, mean_delta: Params) -> dict:
   """Scalar and per-client metrics of a round (all on device)."""
-  real = (cohort.client_ids >= 0)
+  real = cohort.weight > 0  # not padded, not a dropped straggler
   client_loss = loss_sum / jnp.maximum(count, 1.0)
   total = jnp.sum(jnp.where(real, count, 0.0))
   return {

@@ -1,0 +1,43 @@
+r"""The entry point: one federated experiment from an ml_collections config.
+
+  python -m experiments.main --config=experiments/configs/shakespeare_fedavg.py \
+      --workdir=/tmp/shakespeare_fedavg
+
+Any field can be overridden: ``--config.rounds=50 --config.client.learning_rate=0.5``.
+A config file may take a parameter after a colon: ``--config=...py:testing``
+selects its tiny testing variant. Re-running the same command resumes from the
+workdir's newest checkpoint and finishes with exactly the metrics of an
+uninterrupted run.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fedjax_pfi import training
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Path to an experiment config (experiments/configs/*.py).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory for metrics, TensorBoard and '
+                               'checkpoints; re-using it resumes the run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  logging.info('config:\n%s', config)
+  final = training.run(config, _WORKDIR.value)
+  keys = sorted(k for k in final if k.startswith(('test/', 'heldout/')) or
+                k == 'train_loss')
+  print('final metrics (round {}):'.format(config.rounds))
+  for k in keys:
+    print(f'  {k:34s} {final[k]:.4f}')
+
+
+if __name__ == '__main__':
+  app.run(main)

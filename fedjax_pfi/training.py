@@ -1,0 +1,344 @@
+"""The training loop behind ``experiments/main.py``: config in, workdir out.
+
+One call of `run(config, workdir)`:
+
+1. validates the config against the data before anything is traced;
+2. restores the newest checkpoint in ``workdir`` if there is one;
+3. for each round ``r``: samples the cohort from ``(seed, r)``, stacks it into
+   a step bucket, runs the jitted round with key ``fold_in(root, r)``, and,
+   while the device computes, stacks the next round's cohort on the host;
+4. logs metrics to ``workdir/metrics.jsonl`` and TensorBoard, evaluates every
+   ``eval_every`` rounds, checkpoints every ``checkpoint_every`` rounds.
+
+Because every random choice is a pure function of ``(seed, round)``, a run
+resumed from its workdir finishes with exactly the metrics of an uninterrupted
+run (timings aside, which live under ``time/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import evaluation
+from fedjax_pfi.algorithms import client_updates
+from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import scaffold
+from fedjax_pfi.algorithms import server_optimizers
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.data import registry
+from fedjax_pfi.models import zoo
+
+ALGORITHMS = ('fedavg', 'fedprox', 'scaffold')
+# Keys that may change between a run and its resumption.
+RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/inf loss; the run stopped before saving it."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of a run, with defaults. Configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.rounds = 100
+  c.clients_per_round = 10
+  c.data = ml_collections.ConfigDict(dict(
+      name='shakespeare', seq_len=80, min_chars=1000, plays=None,
+      exclude_plays=None, path=None, leaf_dir=None, alpha=1.0, beta=1.0,
+      num_clients=30, iid=False, data_seed=0, tfds_name=None, split='train',
+      client_key=None, partitioner=None, partitioner_kwargs=None,
+      label_key='label', data_dir=None, max_examples=None, min_examples=1,
+      val_fraction=0.0, test_fraction=0.2, heldout_fraction=0.1,
+      max_clients=None, seed=0))
+  c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.algorithm = 'fedavg'
+  c.client = ml_collections.ConfigDict(dict(
+      optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
+      epochs=1, max_steps=None, proximal_mu=0.0, unroll=1))
+  c.server = ml_collections.ConfigDict(dict(
+      optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
+      tau=1e-3))
+  c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
+  c.step_buckets = 'pow2'   # 'pow2', 'exact', or a tuple of ints
+  c.eval_every = 10
+  c.eval_batch_size = 64
+  c.eval_clients_per_chunk = 32
+  c.checkpoint_every = 10
+  c.progress = True
+  return c
+
+
+# -- building ------------------------------------------------------------------
+
+
+def build_algorithm(config, model, num_clients: int):
+  """The `FederatedAlgorithm` a config names (errors before any tracing)."""
+  if config.algorithm not in ALGORITHMS:
+    raise ValueError(f'unknown algorithm {config.algorithm!r}; accepted: '
+                     f'{", ".join(ALGORITHMS)}.')
+  cl, sv = config.client, config.server
+  server = server_optimizers.server_optimizer(
+      sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
+      b2=sv.b2, tau=sv.tau)
+  unroll = cl.unroll if not isinstance(cl.unroll, str) else {
+      'full': True}.get(cl.unroll, 1)
+  if config.algorithm == 'scaffold':
+    if cl.optimizer != 'sgd' or cl.momentum:
+      raise ValueError(
+          'scaffold needs plain client SGD (its control-variate update divides'
+          f' by K * lr); got client optimizer {cl.optimizer!r} with momentum '
+          f'{cl.momentum}.')
+    return scaffold.scaffold(model, cl.learning_rate, server, num_clients,
+                             unroll=unroll)
+  if config.algorithm == 'fedavg' and cl.proximal_mu:
+    raise ValueError(
+        f'client.proximal_mu={cl.proximal_mu} is FedProx; set '
+        "--config.algorithm=fedprox (or proximal_mu=0 for FedAvg).")
+  opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
+                                        momentum=cl.momentum)
+  return fedavg.fed_opt(model, opt, server, proximal_mu=cl.proximal_mu,
+                        unroll=unroll, name=config.algorithm)
+
+
+def step_buckets(config, max_steps: int):
+  b = config.step_buckets
+  if b == 'pow2':
+    return cohort_lib.power_of_two_buckets(max_steps)
+  if b == 'exact':
+    return None
+  if isinstance(b, (tuple, list)) and all(int(x) > 0 for x in b):
+    if max(b) < max_steps:
+      raise ValueError(f'step_buckets {tuple(b)} cannot hold the longest '
+                       f'client ({max_steps} local steps).')
+    return tuple(int(x) for x in b)
+  raise ValueError(f"step_buckets must be 'pow2', 'exact' or a tuple of "
+                   f'positive ints, got {b!r}.')
+
+
+def validate(config, splits) -> None:
+  """Checks a config against its data; every message names the bad value."""
+  n = splits.train.num_clients
+  if not 0 < config.clients_per_round <= n:
+    raise ValueError(
+        f'clients_per_round={config.clients_per_round} but the training '
+        f'population has {n} clients; choose 1..{n}.')
+  empty = np.flatnonzero(splits.train.client_sizes == 0)
+  if empty.size:
+    raise ValueError(
+        f'{empty.size} training clients have no examples, e.g. '
+        f'{splits.train.client_names[empty[:3]].tolist()}; raise '
+        'data.min_examples or lower data.test_fraction so every client keeps '
+        'training data.')
+  for key in ('batch_size', 'epochs'):
+    if int(config.client[key]) < 1:
+      raise ValueError(f'client.{key} must be >= 1, got {config.client[key]}.')
+  if config.rounds < 0:
+    raise ValueError(f'rounds must be >= 0, got {config.rounds}.')
+  if not 0.0 <= config.stragglers.fraction <= 1.0:
+    raise ValueError('stragglers.fraction must lie in [0, 1], got '
+                     f'{config.stragglers.fraction}.')
+  for key in ('eval_every', 'checkpoint_every'):
+    if int(config[key]) < 1:
+      raise ValueError(f'{key} must be >= 1, got {config[key]}.')
+
+
+def config_fingerprint(config) -> str:
+  d = config.to_dict()
+  for k in RESUMABLE_KEYS:
+    d.pop(k, None)
+  return checkpoint_lib.fingerprint(d)
+
+
+# -- the loop ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything `run` builds from a config (also handy in notebooks)."""
+  config: Any
+  splits: Any
+  model: Any
+  algorithm: Any
+  buckets: Any
+  max_steps: int
+
+
+def build(config) -> Experiment:
+  splits = registry.load_splits(config.data)
+  validate(config, splits)
+  model = zoo.build_model(config.model.name,
+                          splits.train.columns['x'][:2], splits.metadata,
+                          **config.model.kwargs.to_dict())
+  algorithm = build_algorithm(config, model, splits.train.num_clients)
+  max_steps = int(cohort_lib.client_steps(
+      splits.train.client_sizes, config.client.batch_size,
+      config.client.epochs, config.client.max_steps).max())
+  return Experiment(config, splits, model, algorithm,
+                    step_buckets(config, max_steps), max_steps)
+
+
+def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
+  """Round ``round_idx``'s cohort: ids, straggler work, stacked batches."""
+  c = exp.config
+  ds = exp.splits.train
+  ids = cohort_lib.sample_cohort(ds.num_clients, c.clients_per_round, c.seed,
+                                 round_idx)
+  full = cohort_lib.client_steps(ds.client_sizes[ids], c.client.batch_size,
+                                 c.client.epochs, c.client.max_steps)
+  steps, weights = full, ds.client_sizes[ids].astype(np.float32)
+  if c.stragglers.fraction > 0:
+    # FedProx (Li et al. 2020, Sec. 5.2): a straggler does a uniformly random
+    # amount of its local work; FedAvg drops stragglers instead.
+    rng = np.random.default_rng([c.seed, round_idx, 0x57A6])
+    slow = rng.random(ids.size) < c.stragglers.fraction
+    partial = rng.integers(1, full + 1)
+    steps = np.where(slow, 0 if c.stragglers.drop else partial, full)
+    weights = np.where(slow & c.stragglers.drop, 0.0, weights)
+  return cohort_lib.stack_cohort(
+      ds, ids, batch_size=c.client.batch_size, num_epochs=c.client.epochs,
+      max_steps=c.client.max_steps, step_buckets=exp.buckets,
+      num_slots=c.clients_per_round, steps_override=steps,
+      weight_override=weights, seed=c.seed, round_idx=round_idx)
+
+
+class MetricsWriter:
+  """Appends one JSON object per line; TensorBoard scalars beside it."""
+
+  def __init__(self, workdir: str, resume_round: int):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    kept = []
+    if os.path.exists(self.path):  # drop rows past the restored checkpoint
+      with open(self.path) as f:
+        kept = [l for l in f if l.strip() and
+                json.loads(l)['round'] <= resume_round]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, 'a')
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:  # TensorBoard logging is optional
+      self._tb = None
+
+  def write(self, round_idx: int, metrics: dict) -> None:
+    self._file.write(json.dumps({'round': round_idx, **metrics}) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, round_idx)
+
+  def close(self):
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def evaluate_all(exp: Experiment, evaluator, params) -> dict[str, float]:
+  out = evaluation.summarize(evaluator.evaluate(params, exp.splits.test),
+                             'test/')
+  if exp.splits.heldout_test is not None:
+    out.update(evaluation.summarize(
+        evaluator.evaluate(params, exp.splits.heldout_test), 'heldout/'))
+  return out
+
+
+def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
+  """Runs (or resumes) the experiment ``config`` in ``workdir``.
+
+  Args:
+    stop_after: stop after this many rounds of *this call* (to test resuming).
+  Returns:
+    The last metrics row (with the final evaluation).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  exp = build(config)
+  fp = config_fingerprint(config)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+
+  traces = []
+
+  def counted_apply(state, cohort, key):
+    traces.append(cohort.mask.shape)
+    return exp.algorithm.apply_unjitted(state, cohort, key)
+
+  apply = jax.jit(counted_apply, donate_argnums=0)
+  root = jax.random.key(config.seed)
+  state = exp.algorithm.init(exp.model.init(jax.random.fold_in(root, 2**31 - 1)))
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  start = 0
+  latest = ckpt.latest_round()
+  if latest is not None:
+    state, _ = ckpt.restore(latest, state, fp)
+    start = latest
+  writer = MetricsWriter(workdir, start)
+  evaluator = evaluation.Evaluator(exp.model, config.eval_batch_size,
+                                   config.eval_clients_per_chunk)
+  end = config.rounds if stop_after is None else min(config.rounds,
+                                                     start + stop_after)
+  bar = None
+  if config.progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=config.rounds, initial=start, unit='round',
+               dynamic_ncols=True)
+  row: dict = {}
+  pending = cohort_lib.to_device(make_cohort(exp, start)) if start < end else None
+  t_prev = time.perf_counter()
+  try:
+    for r in range(start, end):
+      state, metrics = apply(state, pending, jax.random.fold_in(root, r))
+      if r + 1 < end:  # host work for round r+1 overlaps device work for r
+        pending = cohort_lib.to_device(make_cohort(exp, r + 1))
+      row = evaluation.flat_metrics(jax.device_get(metrics))
+      if not math.isfinite(row['train_loss']):
+        raise NonFiniteLossError(
+            f'round {r}: training loss is {row["train_loss"]}; stopped without '
+            f'saving it. The last good checkpoint is round '
+            f'{ckpt.latest_round()} in {ckpt.directory}. Lower '
+            f'client.learning_rate (now {config.client.learning_rate}) or '
+            f'server.learning_rate (now {config.server.learning_rate}).')
+      done = r + 1
+      if done % config.eval_every == 0 or done == config.rounds:
+        row.update(evaluate_all(exp, evaluator, state.params))
+      now = time.perf_counter()
+      row['time/round_s'] = now - t_prev
+      row['time/compilations'] = len(traces)
+      t_prev = now
+      writer.write(done, row)
+      if done % config.checkpoint_every == 0 or done == config.rounds:
+        ckpt.save(done, state, {'fingerprint': fp})
+      if bar is not None:
+        post = {'loss': f'{row["train_loss"]:.3f}',
+                'r/s': f'{1.0 / max(row["time/round_s"], 1e-9):.2f}'}
+        if 'test/accuracy' in row:
+          post['acc'] = f'{row["test/accuracy"]:.3f}'
+        bar.set_postfix(post)
+        bar.update(1)
+  finally:
+    writer.close()
+    if bar is not None:
+      bar.close()
+  if not row and os.path.exists(writer.path):  # nothing left to run
+    rows = read_metrics(workdir)
+    row = rows[-1] if rows else {}
+  return row
