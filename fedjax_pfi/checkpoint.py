@@ -81,7 +81,9 @@ class Checkpointer:
     if have != want:
       missing = sorted(set(want) - set(have))
       extra = sorted(set(have) - set(want))
-      differ = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+      # Report model params before optimizer state: that is what users know.
+      differ = sorted((k for k in set(want) & set(have) if want[k] != have[k]),
+                      key=lambda k: (not k.startswith('.params'), k))
       detail = []
       if differ:
         k = differ[0]

@@ -71,7 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
       optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
       tau=1e-3))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
-  c.step_buckets = 'pow2'   # 'pow2', 'exact', or a tuple of ints
+  c.step_buckets = 'pow2'   # 'pow2', 'exact', or comma-separated ints '4,8'
   c.eval_every = 10
   c.eval_batch_size = 64
   c.eval_clients_per_chunk = 32
@@ -113,18 +113,23 @@ def build_algorithm(config, model, num_clients: int):
 
 
 def step_buckets(config, max_steps: int):
-  b = config.step_buckets
+  """The allowed padded step counts: ``'pow2'``, ``'exact'`` or ``'4,8,16'``."""
+  b = str(config.step_buckets)
   if b == 'pow2':
     return cohort_lib.power_of_two_buckets(max_steps)
   if b == 'exact':
     return None
-  if isinstance(b, (tuple, list)) and all(int(x) > 0 for x in b):
-    if max(b) < max_steps:
-      raise ValueError(f'step_buckets {tuple(b)} cannot hold the longest '
-                       f'client ({max_steps} local steps).')
-    return tuple(int(x) for x in b)
-  raise ValueError(f"step_buckets must be 'pow2', 'exact' or a tuple of "
-                   f'positive ints, got {b!r}.')
+  try:
+    buckets = tuple(sorted(int(x) for x in b.split(',')))
+  except ValueError:
+    buckets = ()
+  if not buckets or buckets[0] < 1:
+    raise ValueError(f"step_buckets must be 'pow2', 'exact' or comma-separated"
+                     f" positive ints such as '4,8,16', got {b!r}.")
+  if buckets[-1] < max_steps:
+    raise ValueError(f'step_buckets {b!r} cannot hold the longest client '
+                     f'({max_steps} local steps).')
+  return buckets
 
 
 def validate(config, splits) -> None:
@@ -324,6 +329,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       row['time/round_s'] = now - t_prev
       row['time/compilations'] = len(traces)
       t_prev = now
+      row = {'round': done, **row}
       writer.write(done, row)
       if done % config.checkpoint_every == 0 or done == config.rounds:
         ckpt.save(done, state, {'fingerprint': fp})
