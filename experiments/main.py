@@ -29,6 +29,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   logging.info('config:\n%s', config)
   final = training.run(config, _WORKDIR.value)

@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
-      epochs=1, max_steps=None, proximal_mu=0.0, unroll=1))
+      epochs=1, max_steps=None, proximal_mu=0.0, unroll='1'))
   c.server = ml_collections.ConfigDict(dict(
       optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
       tau=1e-3))
@@ -92,8 +92,7 @@ def build_algorithm(config, model, num_clients: int):
   server = server_optimizers.server_optimizer(
       sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
       b2=sv.b2, tau=sv.tau)
-  unroll = cl.unroll if not isinstance(cl.unroll, str) else {
-      'full': True}.get(cl.unroll, 1)
+  unroll = parse_unroll(cl.unroll)
   if config.algorithm == 'scaffold':
     if cl.optimizer != 'sgd' or cl.momentum:
       raise ValueError(
@@ -110,6 +109,17 @@ def build_algorithm(config, model, num_clients: int):
                                         momentum=cl.momentum)
   return fedavg.fed_opt(model, opt, server, proximal_mu=cl.proximal_mu,
                         unroll=unroll, name=config.algorithm)
+
+
+def parse_unroll(value) -> int | bool:
+  """``client.unroll``: ``'full'`` unrolls every local step, ``'K'`` K of them."""
+  value = str(value)
+  if value == 'full':
+    return True
+  if value.isdigit() and int(value) >= 1:
+    return int(value)
+  raise ValueError(f"client.unroll must be 'full' or a positive integer, got "
+                   f'{value!r}.')
 
 
 def step_buckets(config, max_steps: int):
@@ -261,6 +271,8 @@ def read_metrics(workdir: str) -> list[dict]:
 def evaluate_all(exp: Experiment, evaluator, params) -> dict[str, float]:
   out = evaluation.summarize(evaluator.evaluate(params, exp.splits.test),
                              'test/')
+  out['test/majority_baseline'] = evaluation.majority_baseline(
+      exp.splits.train, exp.splits.test, exp.splits.metadata.get('pad_id'))
   if exp.splits.heldout_test is not None:
     out.update(evaluation.summarize(
         evaluator.evaluate(params, exp.splits.heldout_test), 'heldout/'))
@@ -316,10 +328,12 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
         pending = cohort_lib.to_device(make_cohort(exp, r + 1))
       row = evaluation.flat_metrics(jax.device_get(metrics))
       if not math.isfinite(row['train_loss']):
+        last = ckpt.latest_round()
+        kept = (f'The last good checkpoint is round {last} in {ckpt.directory}'
+                if last is not None else 'No checkpoint was written before it')
         raise NonFiniteLossError(
             f'round {r}: training loss is {row["train_loss"]}; stopped without '
-            f'saving it. The last good checkpoint is round '
-            f'{ckpt.latest_round()} in {ckpt.directory}. Lower '
+            f'saving it. {kept}. Lower '
             f'client.learning_rate (now {config.client.learning_rate}) or '
             f'server.learning_rate (now {config.server.learning_rate}).')
       done = r + 1

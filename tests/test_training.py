@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import training
+from fedjax_pfi.data import cohort as cohort_lib
 
 
 def small_config(**overrides):
@@ -131,19 +132,47 @@ def test_client_without_examples_is_rejected(tmp_path):
     training.run(config, str(tmp_path))
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = small_config(**{'client.learning_rate': 1e38,
-                           'server.optimizer': 'fedavg',
-                           'server.learning_rate': 1.0, 'rounds': 6})
+def poison_client_of_round(monkeypatch, config, round_idx):
+  """Makes one client sampled first in `round_idx` produce NaN losses."""
+  real_load = training.registry.load_splits
+
+  def load(cfg):
+    splits = real_load(cfg)
+    n = splits.train.num_clients
+    earlier = set()
+    for r in range(round_idx):
+      earlier |= set(cohort_lib.sample_cohort(n, config.clients_per_round,
+                                              config.seed, r).tolist())
+    now = cohort_lib.sample_cohort(n, config.clients_per_round, config.seed,
+                                   round_idx)
+    victim = next(c for c in now if c not in earlier)
+    lo, hi = splits.train.offsets[victim], splits.train.offsets[victim + 1]
+    splits.train.columns['x'][lo:hi] = np.nan
+    return splits
+
+  monkeypatch.setattr(training.registry, 'load_splits', load)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  config = small_config(rounds=6)
+  poison_client_of_round(monkeypatch, config, 2)
   with pytest.raises(training.NonFiniteLossError,
-                     match=r'round \d+: training loss is nan') as info:
+                     match=r'round 2: training loss is nan') as info:
     training.run(config, str(tmp_path))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
-  latest = ckpt.latest_round()
-  assert f'last good checkpoint is round {latest}' in str(info.value)
+  assert ckpt.latest_round() == 2
+  assert 'last good checkpoint is round 2' in str(info.value)
   rows = training.read_metrics(str(tmp_path))
+  assert [r['round'] for r in rows] == [1, 2]
   assert all(np.isfinite(r['train_loss']) for r in rows)
-  assert (latest or 0) == len(rows)
+
+
+def test_nan_in_first_round_says_no_checkpoint(tmp_path, monkeypatch):
+  config = small_config(rounds=3)
+  poison_client_of_round(monkeypatch, config, 0)
+  with pytest.raises(training.NonFiniteLossError,
+                     match='round 0: .*No checkpoint was written before it'):
+    training.run(config, str(tmp_path))
 
 
 def test_mismatched_checkpoint_is_rejected(tmp_path):
