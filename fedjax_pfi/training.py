@@ -73,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
   c.step_buckets = 'pow2'   # 'pow2', 'exact', or comma-separated ints '4,8'
   c.eval_every = 10
+  c.eval_train = False      # also evaluate the global model on all train data
   c.eval_batch_size = 64
   c.eval_clients_per_chunk = 32
   c.checkpoint_every = 10
@@ -273,6 +274,9 @@ def evaluate_all(exp: Experiment, evaluator, params) -> dict[str, float]:
                              'test/')
   out['test/majority_baseline'] = evaluation.majority_baseline(
       exp.splits.train, exp.splits.test, exp.splits.metadata.get('pad_id'))
+  if exp.config.eval_train:  # the FedProx paper's "training loss"
+    out.update(evaluation.summarize(
+        evaluator.evaluate(params, exp.splits.train), 'trainset/'))
   if exp.splits.heldout_test is not None:
     out.update(evaluation.summarize(
         evaluator.evaluate(params, exp.splits.heldout_test), 'heldout/'))
