@@ -155,11 +155,14 @@ def main(argv):
     t = time.perf_counter()
     fn(warm)
     compile_s[name] = time.perf_counter() - t
+    print(f'{name}: warm-up ({len(warm)} rounds, with compilation) '
+          f'{compile_s[name]:.1f} s', flush=True)
   for r in timed:  # interleave methods round by round: shared noise
     for name, fn in methods.items():
       t = time.perf_counter()
       fn([r])
       times[name].append(time.perf_counter() - t)
+      print(f'  round {r} {name}: {times[name][-1]:.3f} s', flush=True)
   examples = np.mean([cohort(r)[1].mask.sum() for r in timed])
   steps = np.mean([cohort(r)[1].mask.any(-1).sum(-1).max() for r in timed])
   print(f'jax {jax.__version__}, backend {jax.default_backend()}, '
