@@ -1,0 +1,45 @@
+"""fedjax_pfi: a JAX/Flax simulator for personalized federated intelligence.
+
+One federated round is one compiled program: the cohort's clients are
+stacked into ``[clients, steps, batch, ...]`` arrays, the client update is
+``vmap``ped over clients (a ``lax.scan`` over local steps), and aggregation
+and the server optimizer run in the same ``jax.jit``.
+
+The public API, re-exported here:
+
+- data: `FederatedDataset`, `FederatedSplits`, `Cohort`, `sample_cohort`,
+  `stack_cohort`, `load_splits` (datasets by name) and the `partition`
+  module;
+- models: `Model`, `build_model` (the zoo by name);
+- algorithms: `FederatedAlgorithm`, `ServerState`, `fed_opt` (FedAvg, FedOpt,
+  FedProx), `scaffold`, `client_optimizer`, `server_optimizer`,
+  `weighted_mean`;
+- evaluation: `Evaluator`, `summarize`;
+- the loop: `default_config`, `run` (what ``experiments/main.py`` calls).
+"""
+
+from fedjax_pfi import evaluation
+from fedjax_pfi import training
+from fedjax_pfi.algorithms.aggregators import Aggregator
+from fedjax_pfi.algorithms.aggregators import weighted_mean
+from fedjax_pfi.algorithms.client_updates import client_optimizer
+from fedjax_pfi.algorithms.core import FederatedAlgorithm
+from fedjax_pfi.algorithms.core import ServerState
+from fedjax_pfi.algorithms.fedavg import fed_opt
+from fedjax_pfi.algorithms.scaffold import scaffold
+from fedjax_pfi.algorithms.server_optimizers import server_optimizer
+from fedjax_pfi.data import partition
+from fedjax_pfi.data.cohort import Cohort
+from fedjax_pfi.data.cohort import sample_cohort
+from fedjax_pfi.data.cohort import stack_cohort
+from fedjax_pfi.data.federated import FederatedDataset
+from fedjax_pfi.data.federated import FederatedSplits
+from fedjax_pfi.data.registry import load_splits
+from fedjax_pfi.evaluation import Evaluator
+from fedjax_pfi.evaluation import summarize
+from fedjax_pfi.models.base import Model
+from fedjax_pfi.models.zoo import build_model
+from fedjax_pfi.training import default_config
+from fedjax_pfi.training import run
+
+__version__ = '0.1.0'

@@ -56,14 +56,12 @@ ignored by this jaxlib ("no longer supported"); it changed nothing.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import platform
 import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -71,42 +69,10 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
-from fedjax_pfi.models.conv import PatchConv  # pylint: disable=g-import-not-at-top
+from fedjax_pfi.models.zoo import CNN, MLP  # pylint: disable=g-import-not-at-top
 
 NUM_CLASSES = 62
 LR0 = jnp.float32(0.1)  # only its shape/dtype matter for compiling
-
-
-class CNN(nn.Module):
-  """McMahan et al. 2017 CNN; ``conv`` is 'lax' (nn.Conv) or 'patches' /
-  'slices' (PatchConv with that patch extractor)."""
-  num_classes: int = NUM_CLASSES
-  conv: str = 'lax'
-
-  @nn.compact
-  def __call__(self, x):
-    if self.conv == 'lax':
-      conv_cls = nn.Conv
-    else:
-      conv_cls = functools.partial(PatchConv, method=self.conv)
-    for i, features in enumerate((32, 64)):
-      # Explicit names: the param tree is the same for every ``conv``
-      # (auto-naming would give 'PatchConv_0' instead of 'Conv_0').
-      x = conv_cls(features, (5, 5), padding='SAME', name=f'Conv_{i}')(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = nn.relu(nn.Dense(512)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(self.num_classes)(x)
-
-
-class MLP(nn.Module):
-  num_classes: int = NUM_CLASSES
-
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    for h in (200, 200):
-      x = nn.relu(nn.Dense(h)(x))
-    return nn.Dense(self.num_classes)(x)
 
 
 DESCRIPTIONS = {
@@ -255,10 +221,12 @@ def bench_model(model_name, args):
   jax.block_until_ready((X, Y, Xs, Ys, Xc, Yc))
 
   if model_name == 'cnn':
-    modules = {'lax': CNN(conv='lax'), 'patch': CNN(conv=args.patch_method)}
+    modules = {'lax': CNN(NUM_CLASSES, conv='lax'),
+               'patch': CNN(NUM_CLASSES, conv='patches',
+                            patch_method=args.patch_method)}
     variants = [v for v in CNN_VARIANTS if v in args.variants]
   else:
-    modules = {'lax': MLP(), 'patch': MLP()}
+    modules = {'lax': MLP(NUM_CLASSES), 'patch': MLP(NUM_CLASSES)}
     variants = [v for v in MLP_VARIANTS if v in args.variants]
   params = modules['lax'].init(jax.random.key(0), X[0, 0])
   fns_by_conv = {k: make_fns(m) for k, m in modules.items()}

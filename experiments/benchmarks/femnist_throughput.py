@@ -9,9 +9,12 @@ Workload (issue 2's first throughput figure): the LEAF FEMNIST subset
 
 Three ways of doing the same rounds, timed in one process, interleaved:
 
-- ``vectorised``: `fedjax_pfi`'s round, one jit per round (vmap over clients,
-  local steps unrolled or scanned, see ``--unroll``), the next cohort stacked on
-  the host while the device computes.
+- ``vectorised``: `fedjax_pfi`'s round, one jit per round (a ``lax.scan`` over
+  local steps of the step vmapped over clients; ``--unroll`` unrolls it; steps
+  that are padding for the whole cohort are skipped), the next cohort stacked
+  on the host while the device computes. ``--conv=patches`` (the default) is
+  the CNN with `PatchConv`, ``--conv=lax`` with ``nn.Conv`` (BUILD_NOTES.md,
+  "CNN formulation").
 - ``python_loop``: a Python loop over clients and their batches with one jitted
   per-step SGD function (fixed batch shape with a mask, so it compiles once),
   deltas averaged with a jitted weighted sum: how FedJAX-style simulators run.
@@ -19,7 +22,8 @@ Three ways of doing the same rounds, timed in one process, interleaved:
   as many steps as it takes to see the same examples: the machine's practical
   ceiling for this much work.
 
-Prints s/round, client updates/s, examples/s and the ratios.
+Prints s/round, client updates/s, examples/s, padding efficiency and the
+ratios.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ from fedjax_pfi.models import zoo
 _CLIENTS = flags.DEFINE_integer('clients', 50, 'Clients per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds per method.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed rounds per method.')
-_CONV = flags.DEFINE_enum('conv', 'lax', ['lax', 'patches'],
+_CONV = flags.DEFINE_enum('conv', 'patches', ['lax', 'patches'],
                           'CNN convolution formulation.')
-_UNROLL = flags.DEFINE_string('unroll', 'full',
+_UNROLL = flags.DEFINE_string('unroll', '1',
                               "Local-step unroll: 'full' or an integer.")
 _METHODS = flags.DEFINE_list('methods',
                              'vectorised,python_loop,centralized',
@@ -165,12 +169,22 @@ def main(argv):
       print(f'  round {r} {name}: {times[name][-1]:.3f} s', flush=True)
   examples = np.mean([cohort(r)[1].mask.sum() for r in timed])
   steps = np.mean([cohort(r)[1].mask.any(-1).sum(-1).max() for r in timed])
+  # Padding efficiency: real examples / example slots computed. The vectorised
+  # round computes every client lane for every step that some client needs
+  # (steps padded for the whole cohort are skipped); the loop computes each
+  # client's own steps, each a full batch of B.
+  slots_vec = np.sum([c * B * cohort(r)[1].mask.any(-1).sum(-1).max()
+                      for r in timed])
+  slots_loop = np.sum([B * cohort(r)[1].mask.any(-1).sum() for r in timed])
+  real = np.sum([cohort(r)[1].mask.sum() for r in timed])
   print(f'jax {jax.__version__}, backend {jax.default_backend()}, '
         f'{jax.device_count()} device(s); CNN conv={_CONV.value}, '
         f'unroll={_UNROLL.value}')
   print(f'{c} clients/round, batch {B}, 1 epoch: {examples:.0f} examples and'
         f' up to {steps:.0f} local steps per round (step bucket '
         f'{cohort(timed[0])[1].mask.shape[1]})')
+  print(f'padding efficiency (real / computed examples): vectorised '
+        f'{real / slots_vec:.2f}, python_loop {real / slots_loop:.2f}')
   print(f'{"method":12s} {"s/round":>9s} {"rounds/s":>9s} '
         f'{"client-upd/s":>13s} {"examples/s":>11s} {"warm-up s":>10s}')
   med = {k: float(np.median(v)) for k, v in times.items()}

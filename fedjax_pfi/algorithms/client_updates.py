@@ -1,7 +1,7 @@
-"""Client updates: local training of one client from the broadcast model.
+"""Client updates: local training of a cohort's clients from the broadcast model.
 
-`local_training` runs a client's local steps ``[S, B, ...]`` with an optax
-client optimizer and returns its model delta. Gradient corrections compose
+`local_training` runs every client's local steps ``[C, S, B, ...]`` with an
+optax client optimizer and returns each client's model delta. Gradient corrections compose
 onto the plain local-SGD loop instead of forking it:
 
 - FedProx (Li et al., MLSys 2020): the local objective gains
@@ -10,12 +10,13 @@ onto the plain local-SGD loop instead of forking it:
   (see `fedjax_pfi.algorithms.scaffold`).
 
 A step whose batch mask is all False (a padded step) leaves parameters and
-optimizer state untouched, so momentum or Adam never drift through padding.
+optimizer state untouched, so momentum or Adam never drift through padding;
+a step that is padding for the whole cohort is skipped at run time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ Params = Any
 
 
 class ClientOutput(NamedTuple):
-  """What one client sends back (before aggregation).
+  """What the cohort's clients send back (before aggregation); every leaf
+  has a leading client axis ``[C]``.
 
   Attributes:
     delta: ``local_params - broadcast_params``.
@@ -43,10 +45,6 @@ class ClientOutput(NamedTuple):
 
 def tree_where(cond, a, b):
   return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
-
-
-ClientOptimizer = optax.GradientTransformation
-Correction = Callable[[Params], Params]
 
 
 def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
@@ -67,18 +65,31 @@ def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
 def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                    *, proximal_mu: float = 0.0,
                    unroll: Union[int, bool] = 1):
-  """Builds ``train(global_params, batches, mask, key, correction) -> ClientOutput``.
+  """Builds ``train(global_params, batches, mask, keys, correction) -> ClientOutput``.
+
+  ``train`` runs the local steps of a whole cohort: a ``lax.scan`` over the
+  step axis whose body is the single-client SGD step ``vmap``ped over the
+  client axis, so the scan is *outside* the vmap. Its predicate "does any
+  client of the cohort have a real example at step ``s``" is therefore not
+  batched, and ``lax.cond`` skips the steps that are padding for every client
+  at run time (the steps a step bucket adds beyond the longest client). A
+  client that has finished while others go on keeps its params and optimizer
+  state through ``jnp.where``. Both make padding an exact no-op; the first
+  also makes it free.
 
   Args:
     model: the model.
     optimizer: the client optimizer, re-initialised every round.
     proximal_mu: FedProx's mu (0 = plain local SGD).
-    unroll: ``lax.scan`` unroll over local steps (``True`` unrolls fully; on
-      XLA:CPU unrolled conv steps are much faster, see BUILD_NOTES.md).
+    unroll: ``lax.scan`` unroll over local steps (``True`` unrolls fully).
 
-  The returned function takes ``batches`` (column -> ``[S, B, ...]``), ``mask``
-  ``[S, B]``, a per-client ``key`` (step ``s`` uses ``fold_in(key, s)``) and an
-  optional constant gradient ``correction`` pytree (SCAFFOLD's ``c - c_i``).
+  ``train`` takes the broadcast ``global_params`` (every client starts from
+  them; FedProx's proximal term reads them unbatched), ``batches`` (column ->
+  ``[C, S, B, ...]``), ``mask`` ``[C, S, B]``, per-client ``keys`` ``[C]``
+  (client ``c``'s step ``s`` uses ``fold_in(keys[c], s)``) and an optional
+  per-client constant gradient ``correction`` with a leading ``[C]`` axis
+  (SCAFFOLD's ``c - c_i``). It returns a `ClientOutput` whose leaves have a
+  leading ``[C]`` axis.
   """
   if proximal_mu < 0:
     raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
@@ -88,30 +99,51 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train(global_params, batches, mask, key, correction=None):
-    num_steps = mask.shape[0]
+  def client_step(params, opt_state, global_params, batch, m, key, s,
+                  correction):
+    """One client's step ``s``; a no-op where its mask ``m`` is all False."""
+    (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s))
+    if proximal_mu:
+      grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
+                           grads, params, global_params)
+    if correction is not None:
+      grads = jax.tree.map(jnp.add, grads, correction)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    active = jnp.any(m)
+    return (tree_where(active, new_params, params),
+            tree_where(active, new_opt_state, opt_state),
+            jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
 
-    def step(carry, inputs):
-      params, opt_state = carry
-      batch, m, s = inputs
-      (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s))
-      if proximal_mu:
-        grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
-                             grads, params, global_params)
-      if correction is not None:
-        grads = jax.tree.map(jnp.add, grads, correction)
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      active = jnp.any(m)
-      carry = (tree_where(active, new_params, params),
-               tree_where(active, new_opt_state, opt_state))
-      return carry, (jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
+  def train(global_params, batches, mask, keys, correction=None):
+    num_clients, num_steps = mask.shape[:2]
+    cohort_step = jax.vmap(
+        client_step,
+        in_axes=(0, 0, None, 0, 0, 0, None, None if correction is None else 0))
 
-    init = (global_params, optimizer.init(global_params))
-    (params, _), (loss_sums, counts, active) = jax.lax.scan(
-        step, init, (batches, mask, jnp.arange(num_steps)), unroll=unroll)
-    delta = jax.tree.map(jnp.subtract, params, global_params)
-    return ClientOutput(delta, jnp.sum(active.astype(jnp.int32)),
-                        jnp.sum(loss_sums), jnp.sum(counts))
+    def body(carry, s):
+      at_step = lambda x: jax.lax.dynamic_index_in_dim(x, s, 1, keepdims=False)
+      m = at_step(mask)
+
+      def run(carry):
+        params, opt_state, loss_sum, count, steps = carry
+        params, opt_state, l, n, active = cohort_step(
+            params, opt_state, global_params, jax.tree.map(at_step, batches),
+            m, keys, s, correction)
+        return (params, opt_state, loss_sum + l, count + n,
+                steps + active.astype(jnp.int32))
+
+      return jax.lax.cond(jnp.any(m), run, lambda c: c, carry), None
+
+    per_client = lambda t: jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), t)
+    zeros = jnp.zeros([num_clients], jnp.float32)
+    init = (per_client(global_params),
+            per_client(optimizer.init(global_params)), zeros, zeros,
+            jnp.zeros([num_clients], jnp.int32))
+    (params, _, loss_sum, count, steps), _ = jax.lax.scan(
+        body, init, jnp.arange(num_steps), unroll=unroll)
+    delta = jax.tree.map(lambda p, g: p - g[None], params, global_params)
+    return ClientOutput(delta, steps, loss_sum, count)
 
   return train

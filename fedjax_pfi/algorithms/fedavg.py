@@ -52,8 +52,7 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
 
   def apply(state: core.ServerState, cohort, key):
     keys = core.client_keys(key, cohort.client_ids)
-    out = jax.vmap(train, in_axes=(None, 0, 0, 0))(
-        state.params, cohort.batches, cohort.mask, keys)
+    out = train(state.params, cohort.batches, cohort.mask, keys)
     mean_delta, agg_state = aggregator.aggregate(out.delta, cohort.weight,
                                                  state.agg_state)
     pseudo_grad = jax.tree.map(jnp.negative, mean_delta)

@@ -58,8 +58,7 @@ def scaffold(model: base.Model, client_learning_rate: float,
     c_i = jax.tree.map(lambda s: s[jnp.maximum(ids, 0)], state.client_states)
     correction = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
     keys = core.client_keys(key, ids)
-    out = jax.vmap(train, in_axes=(None, 0, 0, 0, 0))(
-        state.params, cohort.batches, cohort.mask, keys, correction)
+    out = train(state.params, cohort.batches, cohort.mask, keys, correction)
     # Dropped stragglers (zero steps) and padded clients keep their c_i.
     real = (ids >= 0) & (out.num_steps > 0)
     k = out.num_steps.astype(jnp.float32)

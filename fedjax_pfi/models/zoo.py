@@ -15,14 +15,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import functools
+from typing import Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_pfi.models import base
+from fedjax_pfi.models import conv as conv_lib
 
 
 class LogReg(nn.Module):
@@ -46,23 +47,27 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-  """FedAvg CNN. ``conv`` selects the convolution formulation (see BUILD_NOTES:
-  ``'lax'`` is ``nn.Conv``; ``'patches'`` is im2col + matmul, which stays a
-  batched matmul when vmapped over per-client weights)."""
+  """FedAvg CNN. ``conv`` selects the convolution formulation (BUILD_NOTES.md,
+  "CNN formulation"): ``'lax'`` is ``nn.Conv``; ``'patches'`` is
+  `fedjax_pfi.models.conv.PatchConv` (im2col by shifted slices + matmul),
+  which stays a batched matmul when vmapped over per-client weights. Both
+  have the same parameter tree, so params move freely between them."""
   num_classes: int
   conv: str = 'lax'
+  patch_method: str = 'slices'  # PatchConv's patch extractor
 
   @nn.compact
   def __call__(self, x, train=False):
     if self.conv == 'lax':
       conv_cls = nn.Conv
     elif self.conv == 'patches':
-      from fedjax_pfi.models.conv import PatchConv  # pylint: disable=g-import-not-at-top
-      conv_cls = PatchConv
+      conv_cls = functools.partial(conv_lib.PatchConv,
+                                   method=self.patch_method)
     else:
       raise ValueError(f"cnn conv must be 'lax' or 'patches', got {self.conv!r}.")
-    for features in (32, 64):
-      x = conv_cls(features, (5, 5), padding='SAME')(x)
+    for i, features in enumerate((32, 64)):
+      # Explicit names: the same param tree for every formulation.
+      x = conv_cls(features, (5, 5), padding='SAME', name=f'Conv_{i}')(x)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = nn.relu(nn.Dense(512)(x.reshape(x.shape[0], -1)))
     return nn.Dense(self.num_classes)(x)

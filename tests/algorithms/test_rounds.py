@@ -136,6 +136,34 @@ def test_padded_steps_and_clients_change_nothing(setup):
     assert float(m1['train_loss']) == float(m2['train_loss'])
 
 
+def test_steps_padded_for_the_whole_cohort_are_not_computed(setup):
+  """A step bucket's extra steps cost nothing: the (vmapped) forward pass runs
+  once per step in which some client of the cohort has data, whatever the
+  bucket (the model counts its calls through a host callback)."""
+  ds, model, params0 = setup
+  calls = []
+
+  def counted_stats(params, batch, rng=None, train=False):
+    jax.debug.callback(lambda: calls.append(1))
+    return model.example_stats(params, batch, rng, train)
+
+  counting = model._replace(example_stats=counted_stats)
+  alg = fedavg.fed_opt(counting, optax.sgd(0.1),
+                       server_optimizers.server_optimizer('fedavg'))
+  ids = cohort_lib.sample_cohort(ds.num_clients, 3, SEED, 0)
+  tight = cohort_lib.stack_cohort(ds, ids, batch_size=B, seed=SEED)
+  padded = cohort_lib.stack_cohort(ds, ids, batch_size=B, seed=SEED,
+                                   step_buckets=(tight.shape[1] + 6,))
+  counts = []
+  for cohort in (tight, padded):
+    calls.clear()
+    state, _ = alg.apply(alg.init(params0), cohort, jax.random.key(0))
+    jax.block_until_ready(state)
+    jax.effects_barrier()
+    counts.append(len(calls))
+  assert counts == [tight.shape[1]] * 2, (counts, padded.shape)
+
+
 def test_cohort_order_does_not_matter(setup):
   ds, model, params0 = setup
   alg = fedavg.fed_opt(model, optax.sgd(0.1),

@@ -32,6 +32,17 @@ def test_fedavg_cnn(conv):
   assert m.apply(p, jnp.zeros((2, 28, 28, 1))).shape == (2, 62)
 
 
+def test_cnn_formulations_share_params_and_outputs():
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  lax_m, patch_m = (zoo.build_model('cnn', x, {'num_classes': 62}, conv=c)
+                    for c in ('lax', 'patches'))
+  p = lax_m.init(jax.random.key(0))
+  assert jax.tree.structure(p) == jax.tree.structure(
+      patch_m.init(jax.random.key(0)))
+  np.testing.assert_allclose(patch_m.apply(p, x), lax_m.apply(p, x),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_leaf_char_lstm():
   meta = {'vocab_size': 98, 'pad_id': 0}
   m = zoo.build_model('char_lstm', np.zeros((1, 80), np.int32), meta)
