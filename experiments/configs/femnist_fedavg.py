@@ -3,9 +3,13 @@ r"""FedAvg with the FedAvg-paper CNN on FEMNIST (LEAF subset, natural writers).
   python -m experiments.main --config=experiments/configs/femnist_fedavg.py \
       --workdir=/tmp/fedjax_pfi/femnist_fedavg
 
-Expected: test accuracy on the writers' own LEAF test data well above the
-most-frequent-class baseline (about 5% for 62 classes) after 100 rounds; the
-measured curve is in BUILD_NOTES.md.
+Expected (measured, BUILD_NOTES.md): about 5 minutes on 2 CPU cores; after
+100 rounds, 0.79 accuracy on the writers' own LEAF test images (the most
+frequent class scores 0.09) and 0.54 on the 79 unseen writers.
+
+The CNN uses `PatchConv` (``model.kwargs.conv='patches'``) with scanned local
+steps: on XLA:CPU this was the fastest formulation measured, and ``nn.Conv``
+inside the round's scan was 10x slower (BUILD_NOTES.md, "CNN formulation").
 
 Data: ``../shared/data/femnist-leaf-subset`` (184 writers; the 105 with
 training data form the population, the 79 test-only writers are held-out
