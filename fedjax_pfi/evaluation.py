@@ -13,7 +13,11 @@ params at ``in_axes=None`` computes, without padding each client to a batch
 
 Personal params (a leading client axis): clients are sorted by size and
 evaluated in fixed-size chunks, each stacked to ``[clients, steps, batch]``
-with power-of-two step buckets and vmapped with the params at ``in_axes=0``.
+with power-of-two step buckets and vmapped with the personal params at
+``in_axes=0``. A shared part (a frozen foundation model, the global adapters)
+can go beside them unbatched (``in_axes=None``) and ``combine(shared,
+personal_i)`` builds client ``i``'s params inside the program, so the shared
+part is never copied per client.
 Either way the number of compilations is bounded by a few shapes.
 """
 
@@ -59,15 +63,27 @@ def _client_sums(model: base.Model):
   return sums
 
 
+def _take_personal(shared, personal):
+  del shared
+  return personal
+
+
 class Evaluator:
-  """Evaluates params on a `FederatedDataset`, client by client."""
+  """Evaluates params on a `FederatedDataset`, client by client.
+
+  Args:
+    combine: ``(shared, personal_i) -> params`` for personal evaluation
+      (default: the personal params alone).
+  """
 
   def __init__(self, model: base.Model, batch_size: int = 64,
-               clients_per_chunk: int = 32):
+               clients_per_chunk: int = 32, combine=_take_personal):
     self.batch_size = batch_size
     self.clients_per_chunk = clients_per_chunk
     sums = _client_sums(model)
-    self._personal = jax.jit(jax.vmap(sums, in_axes=(0, 0, 0)))
+    self._personal = jax.jit(jax.vmap(
+        lambda shared, mine, b, m: sums(combine(shared, mine), b, m),
+        in_axes=(None, 0, 0, 0)))
 
     def example_sums(params, batch, mask):
       stats = model.example_stats(params, batch, None, False)
@@ -110,7 +126,8 @@ class Evaluator:
     """Per-client sums for every client of ``ds`` that has examples.
 
     Args:
-      params: shared params, or None when ``personal_params`` is given.
+      params: shared params; with ``personal_params``, the shared part that
+        the evaluator's ``combine`` joins to each client's own (or None).
       personal_params: optional pytree with a leading ``[ds.num_clients]``
         axis: client ``i`` is evaluated with its own params.
     """
@@ -123,7 +140,7 @@ class Evaluator:
       idx = np.zeros(self.clients_per_chunk, np.int64)
       idx[:chunk.size] = chunk
       mine = jax.tree.map(lambda p: p[idx], personal_params)
-      out = self._personal(mine, stacked.batches, stacked.mask)
+      out = self._personal(params, mine, stacked.batches, stacked.mask)
       out = [np.asarray(o)[:chunk.size] for o in out]
       parts.append((chunk, *out))
     ids, loss_sum, correct, count = (np.concatenate(p) for p in zip(*parts))

@@ -60,7 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
       client_key=None, partitioner=None, partitioner_kwargs=None,
       label_key='label', data_dir=None, max_examples=None, min_examples=1,
       val_fraction=0.0, test_fraction=0.2, heldout_fraction=0.1,
-      max_clients=None, seed=0))
+      max_clients=None, seed=0, tokenizer='char'))
   c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
   c.model.kwargs = ml_collections.ConfigDict()
   c.algorithm = 'fedavg'

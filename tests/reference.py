@@ -101,3 +101,46 @@ def scaffold_round(model, lr, server_opt, params, server_state, c, c_store,
   updates, server_state = server_opt.update(
       jax.tree.map(jnp.negative, mean), server_state, params)
   return optax.apply_updates(params, updates), server_state, c, c_store
+
+
+# -- federated LoRA, written out per client ------------------------------------
+# The references apply adapters in weight space (lora.merge: W + s A B), the
+# vectorised rounds at the activations (x W + s (x A) B): two routes to the
+# same function.
+
+
+def merged_apply(base_model, scale):
+  """``apply(full, x, rng, train)`` of a ``{'base', 'lora'}`` params dict."""
+  from fedjax_pfi.peft import lora  # pylint: disable=g-import-not-at-top
+
+  def apply(full, x, rng=None, train=False):
+    s = full.get('lora_scale', scale)
+    return base_model.apply(lora.merge(full['base'], full['lora'], s), x, rng,
+                            train)
+
+  return apply
+
+
+def sgd_steps(loss_of, params, batches, key, lr, regularizer=None):
+  """Plain SGD on ``loss_of(params, batch, rng) (+ regularizer(params))``."""
+  def total(p, b, r):
+    out = loss_of(p, b, r)
+    return out if regularizer is None else out + regularizer(p)
+  grad = jax.grad(total)
+  for s, batch in enumerate(batches):
+    g = grad(params, batch, jax.random.fold_in(key, s))
+    params = jax.tree.map(lambda p, gi: p - lr * gi, params, g)
+  return params
+
+
+def lm_loss(apply_fn, frozen):
+  """Mean cross-entropy of ``apply_fn(merge(frozen, trainable))``."""
+  from fedjax_pfi.algorithms import param_groups  # pylint: disable=g-import-not-at-top
+
+  def loss(trainable, batch, rng):
+    logits = apply_fn(param_groups.merge(frozen, trainable), batch['x'], rng,
+                      True)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch['y']))
+
+  return loss

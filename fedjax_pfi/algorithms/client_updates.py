@@ -16,12 +16,13 @@ a step that is padding for the whole cohort is skipped at run time.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.models import base
 
 Params = Any
@@ -64,8 +65,10 @@ def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
 
 def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                    *, proximal_mu: float = 0.0,
-                   unroll: Union[int, bool] = 1):
-  """Builds ``train(global_params, batches, mask, keys, correction) -> ClientOutput``.
+                   unroll: Union[int, bool] = 1,
+                   regularizer: Optional[Callable[[Params, Any], jax.Array]]
+                   = None):
+  """Builds ``train(init_params, batches, mask, keys, ...) -> ClientOutput``.
 
   ``train`` runs the local steps of a whole cohort: a ``lax.scan`` over the
   step axis whose body is the single-client SGD step ``vmap``ped over the
@@ -80,32 +83,54 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
   Args:
     model: the model.
     optimizer: the client optimizer, re-initialised every round.
-    proximal_mu: FedProx's mu (0 = plain local SGD).
+    proximal_mu: FedProx's mu (0 = plain local SGD): the gradient gains
+      ``mu (w - w_0)`` with ``w_0`` the client's starting point.
     unroll: ``lax.scan`` unroll over local steps (``True`` unrolls fully).
+    regularizer: optional ``(params, aux) -> scalar`` added to each step's
+      loss (HetLoRA's rank self-pruning penalty).
 
-  ``train`` takes the broadcast ``global_params`` (every client starts from
-  them; FedProx's proximal term reads them unbatched), ``batches`` (column ->
-  ``[C, S, B, ...]``), ``mask`` ``[C, S, B]``, per-client ``keys`` ``[C]``
-  (client ``c``'s step ``s`` uses ``fold_in(keys[c], s)``) and an optional
-  per-client constant gradient ``correction`` with a leading ``[C]`` axis
-  (SCAFFOLD's ``c - c_i``). It returns a `ClientOutput` whose leaves have a
-  leading ``[C]`` axis.
+  ``train(init_params, batches, mask, keys, correction=None, frozen=None,
+  aux=None)`` takes:
+
+  - ``init_params``: each client's starting point, leaves ``[C, ...]`` (the
+    broadcast server params, possibly merged with personal state);
+  - ``batches`` (column -> ``[C, S, B, ...]``) and ``mask`` ``[C, S, B]``;
+  - per-client ``keys`` ``[C]`` (client ``c``'s step ``s`` uses
+    ``fold_in(keys[c], s)``);
+  - ``correction``: optional constant gradient, leaves ``[C, ...]`` (SCAFFOLD's
+    ``c - c_i``);
+  - ``frozen``: optional params shared by every client and not trained (a
+    foundation model's base), passed unbatched (``in_axes=None``);
+  - ``aux``: optional per-client, untrained values ``[C, ...]`` (a client's
+    LoRA scale or rank).
+
+  The loss sees ``param_groups.merge(frozen, params, aux)`` when ``frozen`` or
+  ``aux`` is given (nested dicts), else ``params``. It returns a
+  `ClientOutput` whose leaves have a leading ``[C]`` axis; ``delta`` is
+  ``final - init_params``.
   """
   if proximal_mu < 0:
     raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
 
-  def loss_fn(params, batch, mask, rng):
-    return base.masked_mean_loss(model, params, batch, mask, rng, train=True)
+  def loss_fn(params, batch, mask, rng, frozen, aux):
+    full = (params if frozen is None and aux is None else
+            param_groups.merge(frozen, params, aux))
+    loss, stats = base.masked_mean_loss(model, full, batch, mask, rng,
+                                        train=True)
+    if regularizer is not None:
+      loss = loss + regularizer(params, aux)
+    return loss, stats
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def client_step(params, opt_state, global_params, batch, m, key, s,
-                  correction):
+  def client_step(params, opt_state, init_params, batch, m, key, s,
+                  correction, frozen, aux):
     """One client's step ``s``; a no-op where its mask ``m`` is all False."""
-    (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s))
+    (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s),
+                                frozen, aux)
     if proximal_mu:
       grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
-                           grads, params, global_params)
+                           grads, params, init_params)
     if correction is not None:
       grads = jax.tree.map(jnp.add, grads, correction)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -115,11 +140,14 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
             tree_where(active, new_opt_state, opt_state),
             jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
 
-  def train(global_params, batches, mask, keys, correction=None):
+  def train(init_params, batches, mask, keys, correction=None, frozen=None,
+            aux=None):
     num_clients, num_steps = mask.shape[:2]
+    batched = lambda t: None if t is None else 0
     cohort_step = jax.vmap(
         client_step,
-        in_axes=(0, 0, None, 0, 0, 0, None, None if correction is None else 0))
+        in_axes=(0, 0, 0, 0, 0, 0, None, batched(correction), None,
+                 batched(aux)))
 
     def body(carry, s):
       at_step = lambda x: jax.lax.dynamic_index_in_dim(x, s, 1, keepdims=False)
@@ -128,22 +156,19 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
       def run(carry):
         params, opt_state, loss_sum, count, steps = carry
         params, opt_state, l, n, active = cohort_step(
-            params, opt_state, global_params, jax.tree.map(at_step, batches),
-            m, keys, s, correction)
+            params, opt_state, init_params, jax.tree.map(at_step, batches), m,
+            keys, s, correction, frozen, aux)
         return (params, opt_state, loss_sum + l, count + n,
                 steps + active.astype(jnp.int32))
 
       return jax.lax.cond(jnp.any(m), run, lambda c: c, carry), None
 
-    per_client = lambda t: jax.tree.map(
-        lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), t)
     zeros = jnp.zeros([num_clients], jnp.float32)
-    init = (per_client(global_params),
-            per_client(optimizer.init(global_params)), zeros, zeros,
+    init = (init_params, jax.vmap(optimizer.init)(init_params), zeros, zeros,
             jnp.zeros([num_clients], jnp.int32))
     (params, _, loss_sum, count, steps), _ = jax.lax.scan(
         body, init, jnp.arange(num_steps), unroll=unroll)
-    delta = jax.tree.map(lambda p, g: p - g[None], params, global_params)
+    delta = jax.tree.map(jnp.subtract, params, init_params)
     return ClientOutput(delta, steps, loss_sum, count)
 
   return train

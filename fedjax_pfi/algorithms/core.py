@@ -1,11 +1,14 @@
 """`FederatedAlgorithm(init, apply)` and the server state it threads.
 
-``apply(state, cohort, key)`` is one jitted program with the state donated:
-broadcast the server params, ``vmap`` the client update over the cohort's
-client axis (each a ``lax.scan`` over local steps), aggregate the deltas,
-apply the server optimizer. ``key`` is the round's key; client ``i`` uses
-``fold_in(key, client_id)`` and its step ``s`` ``fold_in(that, s)``, so a
-client's randomness does not depend on its slot, on padding or on chunking.
+``apply(state, cohort, key, frozen=None)`` is one jitted program with the
+state donated: broadcast the server params, train every client of the cohort
+(a ``lax.scan`` over local steps of the step ``vmap``ped over clients),
+aggregate the deltas, apply the server optimizer. ``key`` is the round's key;
+client ``i`` uses ``fold_in(key, client_id)`` and its step ``s``
+``fold_in(that, s)``, so a client's randomness does not depend on its slot, on
+padding or on chunking. ``frozen`` holds params every client uses but nobody
+trains (a foundation model's base); it is an argument, not part of the state,
+so it is shared unbatched, never donated and never checkpointed.
 """
 
 from __future__ import annotations
@@ -40,17 +43,57 @@ class ServerState(NamedTuple):
   client_states: Any = ()
 
 
+class EvalView(NamedTuple):
+  """What evaluation needs from a `ServerState`.
+
+  Attributes:
+    params: complete params for a client without personal state (the test
+      split's global model, held-out clients).
+    shared: the part every client shares, joined to each client's row of
+      ``personal`` by the algorithm's ``combine`` (None without personal
+      state).
+    personal: the per-client store ``[num_clients, ...]``, or None.
+  """
+  params: Params
+  shared: Params = None
+  personal: Params = None
+
+
+def _no_frozen(params):
+  del params
+  return None
+
+
+def _global_view(state, frozen):
+  del frozen
+  return EvalView(state.params)
+
+
+def _take_personal(shared, personal):
+  del shared
+  return personal
+
+
 class FederatedAlgorithm(NamedTuple):
-  """``init(params) -> ServerState``; ``apply(state, cohort, key) -> (state, metrics)``.
+  """``init(params) -> ServerState``; ``apply(state, cohort, key, frozen=None)
+  -> (state, metrics)``.
 
   ``apply`` is jitted with ``state`` donated; ``apply_unjitted`` is the same
   function without ``jax.jit`` (for tests and for composing into larger
-  programs).
+  programs). ``frozen_part(params)`` is the part of the full params passed as
+  ``frozen`` (None for algorithms that train everything); ``eval_view(state,
+  frozen)`` and ``combine(shared, personal_row)`` say what to evaluate, and
+  ``eval_model`` with which model when it is not the one trained (FLoRA
+  merges its adapters into the base and evaluates the plain base model).
   """
   init: Callable[[Params], ServerState]
-  apply: Callable[[ServerState, Cohort, jax.Array], tuple[ServerState, dict]]
+  apply: Callable[..., tuple[ServerState, dict]]
   apply_unjitted: Callable[..., tuple[ServerState, dict]]
   name: str
+  frozen_part: Callable[[Params], Params] = _no_frozen
+  eval_view: Callable[[ServerState, Params], EvalView] = _global_view
+  combine: Callable[[Params, Params], Params] = _take_personal
+  eval_model: Any = None  # the Model to evaluate with, if not the trained one
 
 
 def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
@@ -78,15 +121,22 @@ def round_metrics(cohort: Cohort, loss_sum: jax.Array, count: jax.Array,
   }
 
 
-def make_algorithm(init, apply, name) -> FederatedAlgorithm:
+def comm_metrics(download: jax.Array, upload: jax.Array) -> dict:
+  """Bytes sent to and from the cohort's clients in a round (sums)."""
+  return {'comm/download_bytes': jnp.asarray(download, jnp.float32),
+          'comm/upload_bytes': jnp.asarray(upload, jnp.float32)}
+
+
+def make_algorithm(init, apply, name, **fields) -> FederatedAlgorithm:
   """Jits ``apply`` with the state donated.
 
   ``init`` copies the params it is given: the state owns its buffers, so
-  donating it never invalidates the caller's arrays.
+  donating it never invalidates the caller's arrays. ``fields`` are the
+  optional `FederatedAlgorithm` fields.
   """
 
   def owning_init(params):
     return init(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
 
   return FederatedAlgorithm(owning_init, jax.jit(apply, donate_argnums=0),
-                            apply, name)
+                            apply, name, **fields)

@@ -10,18 +10,17 @@
   stragglers' partial work is aggregated rather than dropped (the cohort's
   per-client step counts carry it).
 
-All are one builder: a client update, an aggregator and a server optimizer.
+All are one builder, `partitioned.fed_partitioned` with nothing frozen and
+nothing personal: a client update, an aggregator and a server optimizer.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
-from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.models import base
 
 
@@ -30,7 +29,7 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
             aggregator: aggregators_lib.Aggregator | None = None, *,
             proximal_mu: float = 0.0, unroll=1,
             name: str = 'fedavg') -> core.FederatedAlgorithm:
-  """Builds a FedAvg-family algorithm.
+  """Builds a FedAvg-family algorithm (every parameter trained and averaged).
 
   Args:
     model: the model trained by every client.
@@ -42,26 +41,6 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
     unroll: ``lax.scan`` unroll of the local steps.
     name: for metrics and checkpoints.
   """
-  aggregator = aggregator or aggregators_lib.weighted_mean()
-  train = client_updates.local_training(model, client_optimizer,
-                                        proximal_mu=proximal_mu, unroll=unroll)
-
-  def init(params):
-    return core.ServerState(params, server_optimizer.init(params),
-                            aggregator.init(params), jnp.zeros([], jnp.int32))
-
-  def apply(state: core.ServerState, cohort, key):
-    keys = core.client_keys(key, cohort.client_ids)
-    out = train(state.params, cohort.batches, cohort.mask, keys)
-    mean_delta, agg_state = aggregator.aggregate(out.delta, cohort.weight,
-                                                 state.agg_state)
-    pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
-    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state,
-                                                 state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, out.loss_sum, out.count,
-                                 out.num_steps, mean_delta)
-    return state._replace(params=params, opt_state=opt_state,
-                          agg_state=agg_state, round=state.round + 1), metrics
-
-  return core.make_algorithm(init, apply, name)
+  return partitioned.fed_partitioned(
+      model, client_optimizer, server_optimizer, aggregator,
+      proximal_mu=proximal_mu, unroll=unroll, name=name)

@@ -22,6 +22,8 @@ import optax
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import store as store_lib
 from fedjax_pfi.models import base
 
 
@@ -46,19 +48,22 @@ def scaffold(model: base.Model, client_learning_rate: float,
 
   def init(params):
     zeros = jax.tree.map(jnp.zeros_like, params)
-    store = jax.tree.map(lambda p: jnp.zeros((num_clients,) + p.shape,
-                                             p.dtype), params)
     return core.ServerState(params, server_optimizer.init(params),
                             aggregator.init(params), jnp.zeros([], jnp.int32),
-                            extra={'c': zeros}, client_states=store)
+                            extra={'c': zeros},
+                            client_states=store_lib.init(zeros, num_clients))
 
-  def apply(state: core.ServerState, cohort, key):
+  def apply(state: core.ServerState, cohort, key, frozen=None):
+    if frozen is not None:
+      raise ValueError('scaffold trains every parameter; it takes no frozen '
+                       'params.')
     ids = cohort.client_ids
     c = state.extra['c']
-    c_i = jax.tree.map(lambda s: s[jnp.maximum(ids, 0)], state.client_states)
+    c_i = store_lib.gather(state.client_states, ids)
     correction = jax.tree.map(lambda ci, cg: cg[None] - ci, c_i, c)
     keys = core.client_keys(key, ids)
-    out = train(state.params, cohort.batches, cohort.mask, keys, correction)
+    out = train(store_lib.broadcast(state.params, ids.shape[0]),
+                cohort.batches, cohort.mask, keys, correction)
     # Dropped stragglers (zero steps) and padded clients keep their c_i.
     real = (ids >= 0) & (out.num_steps > 0)
     k = out.num_steps.astype(jnp.float32)
@@ -75,9 +80,7 @@ def scaffold(model: base.Model, client_learning_rate: float,
         lambda a, b: jnp.tensordot(real_f.astype(a.dtype), a - b, axes=1),
         c_i_new, c_i)
     c = jax.tree.map(lambda cg, d: cg + d / num_clients, c, dc_sum)
-    scatter_ids = jnp.where(real, ids, num_clients)  # out of range -> dropped
-    store = jax.tree.map(lambda s, v: s.at[scatter_ids].set(v, mode='drop'),
-                         state.client_states, c_i_new)
+    store = store_lib.scatter(state.client_states, ids, c_i_new, real)
 
     mean_delta, agg_state = aggregator.aggregate(out.delta, cohort.weight,
                                                  state.agg_state)
@@ -86,6 +89,10 @@ def scaffold(model: base.Model, client_learning_rate: float,
     params = optax.apply_updates(state.params, updates)
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
+    # Each client receives (x, c) and sends (delta y, delta c_i).
+    size = 2 * param_groups.num_bytes(state.params)
+    metrics.update(core.comm_metrics(size * jnp.sum(ids >= 0),
+                                     size * jnp.sum(cohort.weight > 0)))
     return core.ServerState(params, opt_state, agg_state, state.round + 1,
                             {'c': c}, store), metrics
 

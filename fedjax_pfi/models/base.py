@@ -80,6 +80,14 @@ def classifier(module: nn.Module, sample_x: jax.Array, name: str,
     rngs = {'dropout': rng} if (train and rng is not None) else {}
     return module.apply({'params': params}, x, train=train, rngs=rngs)
 
+  return from_apply(init, apply, name, pad_id)
+
+
+def from_apply(init: Callable[[jax.Array], Params], apply: Callable[..., jax.Array],
+               name: str, pad_id: Optional[int] = None) -> Model:
+  """A softmax-cross-entropy `Model` from ``init`` and ``apply(params, x, rng,
+  train) -> logits`` (see `classifier` for the shapes and ``pad_id``)."""
+
   def example_stats(params, batch, rng=None, train=False):
     logits = apply(params, batch['x'], rng, train).astype(jnp.float32)
     y = batch['y']
