@@ -10,10 +10,14 @@ The public API, re-exported here:
 - data: `FederatedDataset`, `FederatedSplits`, `Cohort`, `sample_cohort`,
   `stack_cohort`, `load_splits` (datasets by name) and the `partition`
   module;
-- models: `Model`, `build_model` (the zoo by name);
+- models: `Model`, `build_model` (the zoo by name), the `transformer`
+  module (GPT-2 and Llama blocks) and `hf_io` (Hugging Face safetensors);
+- foundation-model adaptation: the `lora` module (adapters as pytrees),
+  `load_tokenizer`;
 - algorithms: `FederatedAlgorithm`, `ServerState`, `fed_opt` (FedAvg, FedOpt,
-  FedProx), `scaffold`, `client_optimizer`, `server_optimizer`,
-  `weighted_mean`;
+  FedProx), `fed_partitioned` (FedIT, FFA-LoRA, FedSA-LoRA, local-only:
+  frozen / global / personal parts), `flora`, `hetlora`, `scaffold`,
+  `client_optimizer`, `server_optimizer`, `weighted_mean`;
 - evaluation: `Evaluator`, `summarize`;
 - the loop: `default_config`, `run` (what ``experiments/main.py`` calls).
 """
@@ -26,6 +30,9 @@ from fedjax_pfi.algorithms.client_updates import client_optimizer
 from fedjax_pfi.algorithms.core import FederatedAlgorithm
 from fedjax_pfi.algorithms.core import ServerState
 from fedjax_pfi.algorithms.fedavg import fed_opt
+from fedjax_pfi.algorithms.hetero_lora import flora
+from fedjax_pfi.algorithms.hetero_lora import hetlora
+from fedjax_pfi.algorithms.partitioned import fed_partitioned
 from fedjax_pfi.algorithms.scaffold import scaffold
 from fedjax_pfi.algorithms.server_optimizers import server_optimizer
 from fedjax_pfi.data import partition
@@ -35,11 +42,15 @@ from fedjax_pfi.data.cohort import stack_cohort
 from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.data.federated import FederatedSplits
 from fedjax_pfi.data.registry import load_splits
+from fedjax_pfi.data.tokenizer import load_tokenizer
 from fedjax_pfi.evaluation import Evaluator
 from fedjax_pfi.evaluation import summarize
+from fedjax_pfi.models import hf_io
+from fedjax_pfi.models import transformer
 from fedjax_pfi.models.base import Model
 from fedjax_pfi.models.zoo import build_model
 from fedjax_pfi.training import default_config
+from fedjax_pfi.peft import lora
 from fedjax_pfi.training import run
 
 __version__ = '0.1.0'

@@ -59,6 +59,19 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
 
+  def read_meta(self, round_idx: int) -> dict:
+    """The JSON record saved beside round ``round_idx``'s state: ``round``,
+    ``fingerprint`` and ``signature`` (every leaf's dtype and shape)."""
+    path = os.path.join(self.directory, str(round_idx))
+    try:
+      return self._manager.restore(
+          round_idx, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # orbax raises many types for unreadable files
+      raise CheckpointError(
+          f'checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete '
+          'that directory to resume from the previous checkpoint, or use a '
+          'fresh --workdir.') from e
+
   def restore(self, round_idx: int, target: Any,
               expected_fingerprint: Optional[str] = None) -> tuple[Any, dict]:
     """Restores round ``round_idx`` into the structure of ``target``.
@@ -68,14 +81,7 @@ class Checkpointer:
         match ``target`` (shapes, dtypes, structure) or the config.
     """
     path = os.path.join(self.directory, str(round_idx))
-    try:
-      meta = self._manager.restore(
-          round_idx, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(
-          f'checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete '
-          'that directory to resume from the previous checkpoint, or use a '
-          'fresh --workdir.') from e
+    meta = self.read_meta(round_idx)
     want = shape_signature(target)
     have = meta.get('signature', {})
     if have != want:

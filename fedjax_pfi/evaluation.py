@@ -13,7 +13,7 @@ params at ``in_axes=None`` computes, without padding each client to a batch
 
 Personal params (a leading client axis): clients are sorted by size and
 evaluated in fixed-size chunks, each stacked to ``[clients, steps, batch]``
-with power-of-two step buckets and vmapped with the personal params at
+with power-of-two batches and step buckets and vmapped with the personal params at
 ``in_axes=0``. A shared part (a frozen foundation model, the global adapters)
 can go beside them unbatched (``in_axes=None``) and ``combine(shared,
 personal_i)`` builds client ``i``'s params inside the program, so the shared
@@ -111,15 +111,21 @@ class Evaluator:
                          ds.client_sizes[ids])
 
   def _chunks(self, ds: FederatedDataset):
+    """Size-sorted chunks of clients, each stacked to ``[clients, S, B]``.
+
+    ``B`` is the power of two that holds the chunk's largest client, capped
+    at ``batch_size``, and ``S`` a power of two: small clients are not padded
+    to a large batch, and the shapes (hence compilations) stay few.
+    """
     ids = np.flatnonzero(ds.client_sizes > 0)
     ids = ids[np.argsort(ds.client_sizes[ids], kind='stable')]
-    max_steps = int(-(-ds.client_sizes.max() // self.batch_size)) if ids.size else 1
-    buckets = cohort_lib.power_of_two_buckets(max_steps)
     for lo in range(0, ids.size, self.clients_per_chunk):
       chunk = ids[lo:lo + self.clients_per_chunk]
+      largest = int(ds.client_sizes[chunk].max())
+      b = min(self.batch_size, 1 << max(0, (largest - 1).bit_length()))
       yield chunk, cohort_lib.stack_eval(
-          ds, chunk, batch_size=self.batch_size,
-          num_slots=self.clients_per_chunk, step_buckets=buckets)
+          ds, chunk, batch_size=b, num_slots=self.clients_per_chunk,
+          step_buckets=cohort_lib.power_of_two_buckets(-(-largest // b)))
 
   def evaluate(self, params: Any, ds: FederatedDataset,
                personal_params: Optional[Any] = None) -> ClientMetrics:

@@ -30,15 +30,12 @@ import numpy as np
 
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import evaluation
-from fedjax_pfi.algorithms import client_updates
-from fedjax_pfi.algorithms import fedavg
-from fedjax_pfi.algorithms import scaffold
-from fedjax_pfi.algorithms import server_optimizers
+from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
 from fedjax_pfi.models import zoo
 
-ALGORITHMS = ('fedavg', 'fedprox', 'scaffold')
+ALGORITHMS = algorithms.ALGORITHMS
 # Keys that may change between a run and its resumption.
 RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress')
 
@@ -63,6 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
       max_clients=None, seed=0, tokenizer='char'))
   c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
   c.model.kwargs = ml_collections.ConfigDict()
+  # A Hugging Face safetensors directory (GPT-2 or Llama layout) for
+  # model.name='transformer'; its config.json fixes the architecture.
+  c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
+  # LoRA for the PEFT algorithms (fedjax_pfi/algorithms/registry.py).
+  c.peft = ml_collections.ConfigDict(dict(
+      rank=8, alpha=16.0, dropout=0.0, target=r'attn/(q|v)$',
+      mode='activation', client_ranks='', prune_gamma=0.99,
+      prune_lambda=0.0))
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
@@ -82,45 +87,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # -- building ------------------------------------------------------------------
-
-
-def build_algorithm(config, model, num_clients: int):
-  """The `FederatedAlgorithm` a config names (errors before any tracing)."""
-  if config.algorithm not in ALGORITHMS:
-    raise ValueError(f'unknown algorithm {config.algorithm!r}; accepted: '
-                     f'{", ".join(ALGORITHMS)}.')
-  cl, sv = config.client, config.server
-  server = server_optimizers.server_optimizer(
-      sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
-      b2=sv.b2, tau=sv.tau)
-  unroll = parse_unroll(cl.unroll)
-  if config.algorithm == 'scaffold':
-    if cl.optimizer != 'sgd' or cl.momentum:
-      raise ValueError(
-          'scaffold needs plain client SGD (its control-variate update divides'
-          f' by K * lr); got client optimizer {cl.optimizer!r} with momentum '
-          f'{cl.momentum}.')
-    return scaffold.scaffold(model, cl.learning_rate, server, num_clients,
-                             unroll=unroll)
-  if config.algorithm == 'fedavg' and cl.proximal_mu:
-    raise ValueError(
-        f'client.proximal_mu={cl.proximal_mu} is FedProx; set '
-        "--config.algorithm=fedprox (or proximal_mu=0 for FedAvg).")
-  opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
-                                        momentum=cl.momentum)
-  return fedavg.fed_opt(model, opt, server, proximal_mu=cl.proximal_mu,
-                        unroll=unroll, name=config.algorithm)
-
-
-def parse_unroll(value) -> int | bool:
-  """``client.unroll``: ``'full'`` unrolls every local step, ``'K'`` K of them."""
-  value = str(value)
-  if value == 'full':
-    return True
-  if value.isdigit() and int(value) >= 1:
-    return int(value)
-  raise ValueError(f"client.unroll must be 'full' or a positive integer, got "
-                   f'{value!r}.')
 
 
 def step_buckets(config, max_steps: int):
@@ -185,24 +151,28 @@ class Experiment:
   """Everything `run` builds from a config (also handy in notebooks)."""
   config: Any
   splits: Any
-  model: Any
+  model: Any      # the model the clients train
   algorithm: Any
   buckets: Any
   max_steps: int
+  init_params: Any  # key -> the initial params (pretrained weights, adapters)
+  base_model: Any   # the model before PEFT wraps it (== model otherwise)
 
 
 def build(config) -> Experiment:
   splits = registry.load_splits(config.data)
   validate(config, splits)
-  model = zoo.build_model(config.model.name,
-                          splits.train.columns['x'][:2], splits.metadata,
-                          **config.model.kwargs.to_dict())
-  algorithm = build_algorithm(config, model, splits.train.num_clients)
+  base_model = zoo.build_model(config.model.name,
+                               splits.train.columns['x'][:2], splits.metadata,
+                               pretrained=config.model.pretrained,
+                               **config.model.kwargs.to_dict())
+  built = algorithms.build(config, base_model, splits.train.num_clients)
   max_steps = int(cohort_lib.client_steps(
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())
-  return Experiment(config, splits, model, algorithm,
-                    step_buckets(config, max_steps), max_steps)
+  return Experiment(config, splits, built.model, built.algorithm,
+                    step_buckets(config, max_steps), max_steps,
+                    built.init_params, base_model)
 
 
 def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
@@ -239,6 +209,7 @@ class MetricsWriter:
       with open(self.path) as f:
         kept = [l for l in f if l.strip() and
                 json.loads(l)['round'] <= resume_round]
+    self.last_row = json.loads(kept[-1]) if kept else {}
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(kept)
@@ -269,17 +240,27 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def evaluate_all(exp: Experiment, evaluator, params) -> dict[str, float]:
-  out = evaluation.summarize(evaluator.evaluate(params, exp.splits.test),
-                             'test/')
+def evaluate_all(exp: Experiment, evaluator, view) -> dict[str, float]:
+  """Test split (each client with its own params where it has personal
+  state), held-out clients and optionally the training data.
+
+  ``view`` is the algorithm's `EvalView`; held-out clients, who never
+  trained, get ``view.params``.
+  """
+  if view.personal is None:
+    test = evaluator.evaluate(view.params, exp.splits.test)
+  else:
+    test = evaluator.evaluate(view.shared, exp.splits.test,
+                              personal_params=view.personal)
+  out = evaluation.summarize(test, 'test/')
   out['test/majority_baseline'] = evaluation.majority_baseline(
       exp.splits.train, exp.splits.test, exp.splits.metadata.get('pad_id'))
   if exp.config.eval_train:  # the FedProx paper's "training loss"
     out.update(evaluation.summarize(
-        evaluator.evaluate(params, exp.splits.train), 'trainset/'))
+        evaluator.evaluate(view.params, exp.splits.train), 'trainset/'))
   if exp.splits.heldout_test is not None:
     out.update(evaluation.summarize(
-        evaluator.evaluate(params, exp.splits.heldout_test), 'heldout/'))
+        evaluator.evaluate(view.params, exp.splits.heldout_test), 'heldout/'))
   return out
 
 
@@ -299,13 +280,18 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
 
   traces = []
 
-  def counted_apply(state, cohort, key):
+  def counted_apply(state, cohort, key, frozen):
     traces.append(cohort.mask.shape)
-    return exp.algorithm.apply_unjitted(state, cohort, key)
+    return exp.algorithm.apply_unjitted(state, cohort, key, frozen)
 
   apply = jax.jit(counted_apply, donate_argnums=0)
   root = jax.random.key(config.seed)
-  state = exp.algorithm.init(exp.model.init(jax.random.fold_in(root, 2**31 - 1)))
+  params = exp.init_params(jax.random.fold_in(root, 2**31 - 1))
+  state = exp.algorithm.init(params)
+  # The frozen part (a pretrained base) is an argument of every round, shared
+  # by all clients and never part of the state or the checkpoints.
+  frozen = jax.device_put(exp.algorithm.frozen_part(params))
+  del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
   start = 0
   latest = ckpt.latest_round()
@@ -313,8 +299,11 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
     state, _ = ckpt.restore(latest, state, fp)
     start = latest
   writer = MetricsWriter(workdir, start)
-  evaluator = evaluation.Evaluator(exp.model, config.eval_batch_size,
-                                   config.eval_clients_per_chunk)
+  evaluator = evaluation.Evaluator(
+      exp.algorithm.eval_model or exp.model, config.eval_batch_size,
+      config.eval_clients_per_chunk, combine=exp.algorithm.combine)
+  comm_total = {k: writer.last_row.get(f'{k}_cumulative', 0.0)
+                for k in ('comm/download_bytes', 'comm/upload_bytes')}
   end = config.rounds if stop_after is None else min(config.rounds,
                                                      start + stop_after)
   bar = None
@@ -327,7 +316,8 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   t_prev = time.perf_counter()
   try:
     for r in range(start, end):
-      state, metrics = apply(state, pending, jax.random.fold_in(root, r))
+      state, metrics = apply(state, pending, jax.random.fold_in(root, r),
+                             frozen)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = cohort_lib.to_device(make_cohort(exp, r + 1))
       row = evaluation.flat_metrics(jax.device_get(metrics))
@@ -342,7 +332,11 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
             f'server.learning_rate (now {config.server.learning_rate}).')
       done = r + 1
       if done % config.eval_every == 0 or done == config.rounds:
-        row.update(evaluate_all(exp, evaluator, state.params))
+        row.update(evaluate_all(
+            exp, evaluator, exp.algorithm.eval_view(state, frozen)))
+      for k in comm_total:
+        comm_total[k] += row.get(k, 0.0)
+        row[f'{k}_cumulative'] = comm_total[k]
       now = time.perf_counter()
       row['time/round_s'] = now - t_prev
       row['time/compilations'] = len(traces)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from fedjax_pfi import pretraining
 from fedjax_pfi import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,24 @@ def test_there_are_configs():
           'synthetic_fedprox'} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+PRETRAINING = ('pretrain_shakespeare',)  # run by experiments.pretrain
+
+
+def test_there_are_pretraining_and_peft_configs():
+  assert {'pretrain_shakespeare', 'shakespeare_lora'} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('name', PRETRAINING)
+def test_pretraining_testing_variant_runs(tmp_path, name):
+  module = importlib.import_module(f'experiments.configs.{name}')
+  assert ('python -m experiments.pretrain --config=experiments/configs/' +
+          name) in module.__doc__
+  final = pretraining.pretrain(module.get_config('testing'), str(tmp_path))
+  assert np.isfinite(final['train_loss'])
+  assert 0.0 <= final['val/accuracy'] <= 1.0
+
+
+@pytest.mark.parametrize('name', [c for c in CONFIGS if c not in PRETRAINING])
 def test_testing_variant_runs(tmp_path, name):
   module = importlib.import_module(f'experiments.configs.{name}')
   assert module.__doc__.lstrip().splitlines()[0]
@@ -74,3 +92,18 @@ def test_command_line_reports_bad_value(tmp_path):
   assert out.returncode != 0
   assert "unknown model 'resnet'; accepted: char_lstm, char_transformer, cnn" \
       in out.stderr
+
+
+@pytest.mark.parametrize('variant', ['ffa_lora', 'local_lora', 'flora',
+                                     'full'])
+def test_every_peft_variant_runs(tmp_path, variant):
+  """The LoRA config's other algorithms (fedit is its testing default;
+  fedsa_lora and hetlora run in test_pretraining on a pretrained base)."""
+  module = importlib.import_module('experiments.configs.shakespeare_lora')
+  config = module.get_config(variant + ',testing')
+  config.progress = False
+  final = training.run(config, str(tmp_path))
+  assert np.isfinite(final['train_loss'])
+  assert final['comm/upload_bytes_cumulative'] >= 0
+  with pytest.raises(ValueError, match="unknown variant 'fedx'"):
+    module.get_config('fedx')

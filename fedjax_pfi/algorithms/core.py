@@ -121,10 +121,29 @@ def round_metrics(cohort: Cohort, loss_sum: jax.Array, count: jax.Array,
   }
 
 
-def comm_metrics(download: jax.Array, upload: jax.Array) -> dict:
-  """Bytes sent to and from the cohort's clients in a round (sums)."""
-  return {'comm/download_bytes': jnp.asarray(download, jnp.float32),
-          'comm/upload_bytes': jnp.asarray(upload, jnp.float32)}
+def comm_metrics(cohort: Cohort, download, upload) -> dict:
+  """Bytes each client of the round receives and sends, and their totals.
+
+  Args:
+    download: bytes per client, a scalar or ``[C]``; counted for every
+      sampled client (id >= 0).
+    upload: bytes per client, a scalar or ``[C]``; counted for clients whose
+      update is aggregated (weight > 0; a dropped straggler sends nothing).
+  """
+  sampled = cohort.client_ids >= 0
+  real = cohort.weight > 0
+  down = jnp.where(sampled, jnp.asarray(download, jnp.float32), 0.0)
+  up = jnp.where(real, jnp.asarray(upload, jnp.float32), 0.0)
+  return {
+      'comm/download_bytes': jnp.sum(down),
+      'comm/upload_bytes': jnp.sum(up),
+      'comm/download_bytes_per_client': jnp.sum(down) / jnp.maximum(
+          jnp.sum(sampled), 1),
+      'comm/upload_bytes_per_client': jnp.sum(up) / jnp.maximum(
+          jnp.sum(real), 1),
+      'client_download_bytes': down,
+      'client_upload_bytes': up,
+  }
 
 
 def make_algorithm(init, apply, name, **fields) -> FederatedAlgorithm:

@@ -76,7 +76,6 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
   scaled = lora.lora_model_with_scale(model, cfg)
   train = client_updates.local_training(scaled, client_optimizer,
                                         unroll=unroll)
-  num_clients = ranks.size
 
   def init(params):
     r_max = _check_ranks(ranks, cfg, params)
@@ -125,11 +124,11 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
                                  out.num_steps, {})
     metrics['delta_norm'] = jnp.sqrt(delta_norm_sq)
     per_rank = state.extra['bytes_per_rank']
-    real = cohort.weight > 0
-    stack_bytes = per_rank * jnp.sum(jnp.where(real, r, 0))
-    metrics.update(core.comm_metrics(
-        state.extra['last_stack_bytes'] * jnp.sum(ids >= 0),
-        stack_bytes))
+    # Each client uploads its own modules; next round's clients download the
+    # stack of all of them.
+    metrics.update(core.comm_metrics(cohort, state.extra['last_stack_bytes'],
+                                     per_rank * r))
+    stack_bytes = metrics['comm/upload_bytes']
     return state._replace(
         params=params, opt_state=opt_state, round=state.round + 1,
         extra={**state.extra, 'last_stack_bytes': stack_bytes}), metrics
@@ -217,9 +216,7 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
     per_rank = state.extra['bytes_per_rank']
-    metrics.update(core.comm_metrics(
-        per_rank * jnp.sum(jnp.where(ids >= 0, r, 0)),
-        per_rank * jnp.sum(jnp.where(real, r, 0))))
+    metrics.update(core.comm_metrics(cohort, per_rank * r, per_rank * r))
     metrics['mean_client_rank'] = jnp.sum(jnp.where(real, new_r, 0)) / (
         jnp.maximum(jnp.sum(real), 1))
     client_states = store.scatter(state.client_states, ids, {'rank': new_r},

@@ -120,8 +120,7 @@ def fed_partitioned(model: base.Model,
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
     size = param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(
-        size * jnp.sum(ids >= 0), size * jnp.sum(cohort.weight > 0)))
+    metrics.update(core.comm_metrics(cohort, size, size))
     return state._replace(params=params, opt_state=opt_state,
                           agg_state=agg_state, round=state.round + 1,
                           client_states=client_states), metrics

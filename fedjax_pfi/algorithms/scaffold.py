@@ -91,8 +91,7 @@ def scaffold(model: base.Model, client_learning_rate: float,
                                  out.num_steps, mean_delta)
     # Each client receives (x, c) and sends (delta y, delta c_i).
     size = 2 * param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(size * jnp.sum(ids >= 0),
-                                     size * jnp.sum(cohort.weight > 0)))
+    metrics.update(core.comm_metrics(cohort, size, size))
     return core.ServerState(params, opt_state, agg_state, state.round + 1,
                             {'c': c}, store), metrics
 

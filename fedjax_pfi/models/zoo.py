@@ -11,14 +11,18 @@
   (Caldas et al., 2018).
 - ``char_transformer``: a small pre-norm decoder-only transformer with learned
   positions (GPT-2 block layout), predicting the next character everywhere.
+- ``transformer``: `fedjax_pfi.models.transformer` with GPT-2 or Llama blocks,
+  optionally loaded from a Hugging Face safetensors directory (the foundation
+  models that LoRA adapts).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -126,6 +130,26 @@ class CharTransformer(nn.Module):
     return nn.Dense(self.vocab_size)(nn.LayerNorm()(h))
 
 
+def transformer_config(meta, style: str = 'gpt2', dim: int = 128,
+                       num_layers: int = 2, num_heads: int = 4, **kw):
+  """The `TransformerConfig` of model ``'transformer'`` for a dataset's
+  metadata: ``style`` ``'gpt2'`` or ``'llama'``, ``max_len`` defaulting to
+  the dataset's ``seq_len``."""
+  from fedjax_pfi.models import transformer  # pylint: disable=g-import-not-at-top
+  presets = {'gpt2': transformer.TransformerConfig.gpt2,
+             'llama': transformer.TransformerConfig.llama}
+  if style not in presets:
+    raise ValueError(f"unknown transformer style {style!r}; accepted: 'gpt2',"
+                     " 'llama'.")
+  kw.setdefault('max_len', meta['seq_len'])
+  return presets[style](meta['vocab_size'], dim, num_layers, num_heads, **kw)
+
+
+def _transformer(meta, **kw) -> nn.Module:
+  from fedjax_pfi.models import transformer  # pylint: disable=g-import-not-at-top
+  return transformer.Transformer(transformer_config(meta, **kw))
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'logreg': lambda meta, **kw: LogReg(meta['num_classes'], **kw),
     'mlp': lambda meta, **kw: MLP(meta['num_classes'], **kw),
@@ -133,13 +157,15 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'char_lstm': lambda meta, **kw: CharLSTM(meta['vocab_size'], **kw),
     'char_transformer': lambda meta, **kw: CharTransformer(
         meta['vocab_size'], max_len=meta['seq_len'], **kw),
+    'transformer': _transformer,
 }
+_SEQUENCE_MODELS = ('char_lstm', 'char_transformer', 'transformer')
 
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 
 
 def build_model(name: str, example_x: np.ndarray, metadata,
-                **kwargs) -> base.Model:
+                pretrained: Optional[str] = None, **kwargs) -> base.Model:
   """Builds a registered model for data shaped like ``example_x``.
 
   Args:
@@ -147,22 +173,65 @@ def build_model(name: str, example_x: np.ndarray, metadata,
     example_x: one batch ``[B, ...]`` of inputs (shapes only matter).
     metadata: the dataset's metadata (``num_classes`` or ``vocab_size``,
       ``seq_len``, ``pad_id``).
-    **kwargs: passed to the Flax module (e.g. ``conv='patches'``).
+    pretrained: for ``'transformer'``, a directory in the Hugging Face layout
+      (``config.json`` + safetensors, GPT-2 or Llama); the architecture comes
+      from its ``config.json`` and ``init`` returns its weights.
+    **kwargs: passed to the Flax module (e.g. ``conv='patches'``; for
+      ``'transformer'``: ``style`` ('gpt2' or 'llama'), ``dim``,
+      ``num_layers``, ``num_heads`` and any `TransformerConfig` field).
   """
   if name not in _BUILDERS:
     raise ValueError(
         f'unknown model {name!r}; accepted: {", ".join(MODEL_NAMES)}.')
-  needed = ('vocab_size',) if name.startswith('char_') else ('num_classes',)
+  sequence = name in _SEQUENCE_MODELS
+  needed = ('vocab_size',) if sequence else ('num_classes',)
   for key in needed:
     if key not in metadata:
       raise ValueError(
           f'model {name!r} needs dataset metadata {key!r}, which this dataset '
           f'lacks (it has {sorted(metadata)}); is it a '
-          f'{"character" if name.startswith("char_") else "classification"} '
-          'dataset?')
+          f'{"sequence" if sequence else "classification"} dataset?')
   meta = dict(metadata)
-  if name == 'char_transformer':
+  if sequence:
     meta.setdefault('seq_len', int(np.asarray(example_x).shape[-1]))
+  if pretrained:
+    return _pretrained(name, example_x, meta, pretrained, kwargs)
   module = _BUILDERS[name](meta, **kwargs)
   return base.classifier(module, jnp.asarray(example_x), name,
                          pad_id=metadata.get('pad_id'))
+
+
+def _pretrained(name, example_x, meta, directory, kwargs) -> base.Model:
+  from fedjax_pfi.models import hf_io  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.models import transformer  # pylint: disable=g-import-not-at-top
+  if name != 'transformer':
+    raise ValueError(f"model.pretrained loads a 'transformer'; model {name!r} "
+                     'has no pretrained checkpoints.')
+  if kwargs:
+    raise ValueError(
+        f'model.kwargs {sorted(kwargs)} conflict with model.pretrained='
+        f'{directory!r}: the architecture comes from its config.json.')
+  try:
+    cfg, params = hf_io.load_pretrained(directory)
+  except hf_io.CheckpointNotFoundError as e:
+    raise hf_io.CheckpointNotFoundError(
+        f'{e} Pretrain the embedded foundation model with `python -m '
+        'experiments.pretrain --config=experiments/configs/'
+        'pretrain_shakespeare.py --workdir=/tmp/fedjax_pfi/pretrained`, or '
+        'set --config.model.pretrained to a Hugging Face GPT-2/Llama '
+        'safetensors directory.') from e
+  if cfg.vocab_size != meta['vocab_size']:
+    raise ValueError(
+        f'the pretrained model in {directory!r} has a vocabulary of '
+        f'{cfg.vocab_size} tokens but the dataset\'s tokenizer '
+        f'({meta.get("tokenizer", "?")!r}) has {meta["vocab_size"]}; use the '
+        'tokenizer the model was trained with (data.tokenizer).')
+  if meta['seq_len'] > cfg.max_len:
+    raise ValueError(
+        f'data.seq_len={meta["seq_len"]} exceeds the pretrained model\'s '
+        f'{cfg.max_len} positions.')
+  params = jax.tree.map(jnp.asarray, params)
+  model = base.classifier(transformer.Transformer(cfg),
+                          jnp.asarray(example_x), name,
+                          pad_id=meta.get('pad_id'))
+  return model._replace(init=lambda key: params)

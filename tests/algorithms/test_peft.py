@@ -247,6 +247,9 @@ def test_communication_by_hand(setup):
                      alg.frozen_part(params))
     assert float(m['comm/upload_bytes']) == want[name], name
     assert float(m['comm/download_bytes']) == want[name], name
+    assert float(m['comm/upload_bytes_per_client']) == want[name] / 4, name
+    np.testing.assert_array_equal(m['client_upload_bytes'],
+                                  [want[name] / 4] * 4 + [0, 0])
 
 
 def test_flora_matches_reference_loop(setup):

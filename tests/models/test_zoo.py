@@ -86,3 +86,44 @@ def test_unknown_model_and_wrong_dataset():
     zoo.build_model('vit', np.zeros((1, 3)), {'num_classes': 2})
   with pytest.raises(ValueError, match="needs dataset metadata 'num_classes'"):
     zoo.build_model('cnn', np.zeros((1, 80), np.int32), {'vocab_size': 98})
+
+
+def _tiny_pretrained(tmp_path, vocab=257, max_len=16):
+  from fedjax_pfi.models import hf_io  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.models import transformer  # pylint: disable=g-import-not-at-top
+  cfg = transformer.TransformerConfig.gpt2(vocab, 16, 1, 2, max_len=max_len)
+  params = transformer.Transformer(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  return hf_io.save_pretrained(tmp_path / 'model', cfg, params, 'gpt2'), params
+
+
+def test_transformer_from_pretrained_directory(tmp_path):
+  directory, params = _tiny_pretrained(tmp_path)
+  meta = {'vocab_size': 257, 'pad_id': 0, 'tokenizer': 'byte'}
+  m = zoo.build_model('transformer', np.zeros((1, 8), np.int32), meta,
+                      pretrained=str(directory))
+  loaded = m.init(jax.random.key(5))  # the checkpoint, whatever the key
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert m.apply(loaded, jnp.ones((2, 8), jnp.int32)).shape == (2, 8, 257)
+
+
+def test_pretrained_errors(tmp_path):
+  directory, _ = _tiny_pretrained(tmp_path)
+  x = np.zeros((1, 8), np.int32)
+  char = {'vocab_size': 98, 'pad_id': 0, 'tokenizer': 'char'}
+  with pytest.raises(ValueError, match="has a vocabulary of 257 tokens but "
+                     "the dataset's tokenizer \\('char'\\) has 98"):
+    zoo.build_model('transformer', x, char, pretrained=str(directory))
+  byte = {'vocab_size': 257, 'pad_id': 0}
+  with pytest.raises(ValueError, match=r"model.kwargs \['dim'\] conflict with"):
+    zoo.build_model('transformer', x, byte, pretrained=str(directory), dim=8)
+  with pytest.raises(ValueError, match='exceeds the pretrained model'):
+    zoo.build_model('transformer', np.zeros((1, 32), np.int32), byte,
+                    pretrained=str(directory))
+  with pytest.raises(ValueError, match="model.pretrained loads a 'transformer'"):
+    zoo.build_model('char_lstm', x, byte, pretrained=str(directory))
+  with pytest.raises(FileNotFoundError, match='experiments.pretrain'):
+    zoo.build_model('transformer', x, byte, pretrained=str(tmp_path / 'none'))
+  with pytest.raises(ValueError, match="unknown transformer style 'bert'"):
+    zoo.build_model('transformer', x, byte, style='bert')

@@ -1,0 +1,134 @@
+"""Algorithms by name, as the entry point's configs name them.
+
+``build(config, base_model, num_clients, seed)`` returns the algorithm, the
+model it trains and the function that makes its initial params. Names:
+
+- ``fedavg``, ``fedprox``: the FedAvg family (every parameter trained; with
+  a pretrained model this is full fine-tuning);
+- ``scaffold``: SCAFFOLD with per-client control variates;
+- ``fedit``, ``ffa_lora``, ``fedsa_lora``, ``local_lora``: LoRA on a frozen
+  base (`partitioned`), the adapters averaged, only ``B`` averaged over a
+  frozen random ``A``, ``A`` averaged and ``B`` personal, or personal only;
+- ``flora``, ``hetlora``: heterogeneous client ranks (`hetero_lora`).
+
+LoRA options live in ``config.peft``: ``rank``, ``alpha``, ``dropout``,
+``target`` (regex over ``nn.Dense`` paths), ``mode``, ``client_ranks``
+(comma-separated ranks drawn per client, for ``flora``/``hetlora``; empty
+means every client has ``rank``), ``prune_gamma``, ``prune_lambda``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from fedjax_pfi.algorithms import client_updates
+from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import hetero_lora
+from fedjax_pfi.algorithms import partitioned
+from fedjax_pfi.algorithms import scaffold
+from fedjax_pfi.algorithms import server_optimizers
+from fedjax_pfi.models import base
+from fedjax_pfi.peft import lora
+
+# (frozen, personal) regexes over the params {'base': ..., 'lora': ...}.
+LORA_PARTITIONS = {
+    'fedit': (r'^base/', None),
+    'ffa_lora': (r'^base/|^lora/.*/a$', None),
+    'fedsa_lora': (r'^base/', r'^lora/.*/b$'),
+    'local_lora': (r'^base/', r'^lora/'),
+}
+HETERO_LORA = ('flora', 'hetlora')
+ALGORITHMS = (('fedavg', 'fedprox', 'scaffold') + tuple(LORA_PARTITIONS) +
+              HETERO_LORA)
+
+
+class Built(NamedTuple):
+  algorithm: core.FederatedAlgorithm
+  model: base.Model            # what the clients train
+  init_params: Callable[[Any], Any]  # key -> the params `algorithm.init` takes
+
+
+def parse_unroll(value) -> int | bool:
+  """``client.unroll``: ``'full'`` unrolls every local step, ``'K'`` K of them."""
+  value = str(value)
+  if value == 'full':
+    return True
+  if value.isdigit() and int(value) >= 1:
+    return int(value)
+  raise ValueError(f"client.unroll must be 'full' or a positive integer, got "
+                   f'{value!r}.')
+
+
+def lora_config(peft) -> lora.LoraConfig:
+  return lora.LoraConfig(rank=int(peft.rank), alpha=float(peft.alpha),
+                         dropout=float(peft.dropout), target=str(peft.target),
+                         mode=str(peft.mode))
+
+
+def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
+  spec = str(peft.client_ranks or '').strip()
+  if not spec:
+    return np.full(num_clients, int(peft.rank), np.int32)
+  try:
+    ranks = [int(r) for r in spec.split(',')]
+  except ValueError:
+    ranks = []
+  if not ranks or min(ranks) < 1:
+    raise ValueError(f"peft.client_ranks must be comma-separated positive "
+                     f"ints such as '2,4,8', got {spec!r}.")
+  return lora.assign_ranks(num_clients, ranks, seed)
+
+
+def build(config, base_model: base.Model, num_clients: int) -> Built:
+  """The algorithm a config names (errors before any tracing)."""
+  name = config.algorithm
+  if name not in ALGORITHMS:
+    raise ValueError(f'unknown algorithm {name!r}; accepted: '
+                     f'{", ".join(ALGORITHMS)}.')
+  cl, sv = config.client, config.server
+  server = server_optimizers.server_optimizer(
+      sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
+      b2=sv.b2, tau=sv.tau)
+  unroll = parse_unroll(cl.unroll)
+  if name == 'scaffold':
+    if cl.optimizer != 'sgd' or cl.momentum:
+      raise ValueError(
+          'scaffold needs plain client SGD (its control-variate update divides'
+          f' by K * lr); got client optimizer {cl.optimizer!r} with momentum '
+          f'{cl.momentum}.')
+    alg = scaffold.scaffold(base_model, cl.learning_rate, server, num_clients,
+                            unroll=unroll)
+    return Built(alg, base_model, base_model.init)
+  if name != 'fedprox' and cl.proximal_mu:
+    raise ValueError(
+        f'client.proximal_mu={cl.proximal_mu} is FedProx; set '
+        "--config.algorithm=fedprox (or proximal_mu=0).")
+  opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
+                                        momentum=cl.momentum)
+  if name in ('fedavg', 'fedprox'):
+    alg = fedavg.fed_opt(base_model, opt, server, proximal_mu=cl.proximal_mu,
+                         unroll=unroll, name=name)
+    return Built(alg, base_model, base_model.init)
+  cfg = lora_config(config.peft)
+  if name in LORA_PARTITIONS:
+    model = lora.lora_model(base_model, cfg)
+    frozen, personal = LORA_PARTITIONS[name]
+    alg = partitioned.fed_partitioned(
+        model, opt, server, frozen=frozen, personal=personal,
+        num_clients=num_clients, unroll=unroll, name=name)
+    return Built(alg, model, model.init)
+  ranks = client_ranks(config.peft, num_clients, config.seed)
+  if name == 'flora':
+    alg = hetero_lora.flora(base_model, cfg, opt, server, ranks,
+                            unroll=unroll)
+    return Built(alg, base_model, base_model.init)
+  cfg = cfg._replace(rank=int(ranks.max()))
+  model = lora.lora_model(base_model, cfg)
+  alg = hetero_lora.hetlora(
+      model, cfg, opt, server, ranks,
+      prune_gamma=float(config.peft.prune_gamma),
+      prune_lambda=float(config.peft.prune_lambda), unroll=unroll)
+  return Built(alg, model, model.init)

@@ -1,0 +1,97 @@
+"""Centralized pretraining of a foundation model, saved in the Hugging Face layout.
+
+`pretrain(config, workdir)` is what ``experiments/pretrain.py`` runs: it
+trains a `fedjax_pfi.models.transformer.Transformer` on a dataset's pooled
+examples (`fedjax_pfi.algorithms.centralized`) and writes
+
+- ``WORKDIR/metrics.jsonl``: training loss, validation loss and accuracy;
+- ``WORKDIR/model/``: ``config.json`` + ``model.safetensors`` in the GPT-2 or
+  Llama layout (`fedjax_pfi.models.hf_io`), loadable with
+  ``--config.model.pretrained`` and by Hugging Face ``transformers``.
+
+The model directory is written under a temporary name and renamed when
+complete. Re-running with the same config finds it and returns its metrics;
+a different config in the same workdir is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import optax
+
+from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import evaluation
+from fedjax_pfi.algorithms import centralized
+from fedjax_pfi.data import registry
+from fedjax_pfi.models import base
+from fedjax_pfi.models import hf_io
+from fedjax_pfi.models import transformer
+from fedjax_pfi.models import zoo
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pretrains and saves ``workdir/model``; returns the final metrics row."""
+  os.makedirs(workdir, exist_ok=True)
+  fp = checkpoint_lib.fingerprint(config.to_dict())
+  model_dir = os.path.join(workdir, 'model')
+  stamp = os.path.join(workdir, 'config_fingerprint.txt')
+  if os.path.exists(model_dir):
+    with open(stamp) as f:
+      if f.read().strip() != fp:
+        raise ValueError(
+            f'{model_dir} was pretrained with a different config; use a fresh '
+            '--workdir.')
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      return json.loads(f.read().strip().splitlines()[-1])
+  splits = registry.load_splits(config.data)
+  pooled, val = splits.train, splits.test
+  kwargs = config.model.to_dict()
+  style = kwargs.get('style', 'gpt2')
+  meta = dict(pooled.metadata)
+  module_cfg = zoo.transformer_config(meta, **kwargs)
+  model = base.classifier(transformer.Transformer(module_cfg),
+                          pooled.columns['x'][:2], 'transformer',
+                          pad_id=meta['pad_id'])
+  key = jax.random.key(config.seed)
+  params = model.init(key)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, max(config.steps, 1))
+  opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+  evaluator = evaluation.Evaluator(model, config.eval_batch_size)
+  rows = []
+  t0 = time.perf_counter()
+  log = open(os.path.join(workdir, 'metrics.jsonl'), 'w')
+
+  def report(step, p, loss):
+    row = {'step': step, 'train_loss': loss,
+           'time/elapsed_s': time.perf_counter() - t0}
+    if step % config.eval_every == 0 or step == config.steps:
+      row.update(evaluation.summarize(evaluator.evaluate(p, val), 'val/'))
+    rows.append(row)
+    log.write(json.dumps(row) + '\n')
+    log.flush()
+    logging.info('%s', row)
+
+  params = centralized.train(
+      model, params, pooled, optimizer=opt, batch_size=config.batch_size,
+      num_steps=config.steps, seed=config.seed, key=key, callback=report,
+      callback_every=min(config.eval_every, 50))
+  log.close()
+  tmp = model_dir + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf_io.save_pretrained(tmp, module_cfg, params, style)
+  with open(stamp, 'w') as f:
+    f.write(fp)
+  os.replace(tmp, model_dir)
+  final = dict(rows[-1])
+  final['val/majority_baseline'] = evaluation.majority_baseline(
+      pooled, val, pooled.metadata.get('pad_id'))
+  final['params'] = transformer.count_params(params)
+  return final
