@@ -8,9 +8,10 @@ r"""Federated PEFT on Shakespeare roles: every algorithm, one table.
 2. Runs ``experiments/configs/shakespeare_lora.py`` with every variant
    (FedIT, FFA-LoRA, FedSA-LoRA, local-only LoRA, FLoRA, HetLoRA, full
    fine-tuning) into ``WORKDIR/<variant>``; each run resumes from its workdir.
-3. Trains the centralized LoRA baseline: the same adapters on every training
-   client's windows pooled, with as many SGD steps of the same batch size as
-   FedIT's clients took in all, and evaluates it per client.
+3. Trains the centralized LoRA baseline: FedIT's adapters, from FedIT's
+   starting point, on every training client's windows pooled, with as many
+   SGD steps of the same batch size as FedIT's clients took in all, and
+   evaluates it per client.
 4. Evaluates the pretrained model untouched, per client.
 5. Writes ``WORKDIR/table.md``: per-client next-byte accuracy on each role's
    own held-out windows (mean, 10th percentile, worst), held-out roles'
@@ -118,14 +119,14 @@ def compare(workdir: str, variants, testing: bool = False, rounds=None
     rows.append(dict(
         method=v, **row_of(final),
         heldout=final.get('heldout/accuracy'),
-        trainable=trainable_params(exp, exp.init_params(jax.random.key(0))),
+        trainable=trainable_params(exp, training.initial_params(exp)),
         bytes=final['comm/download_bytes_cumulative'] +
         final['comm/upload_bytes_cumulative'],
         examples=sum(r['train_examples'] for r in history)))
   # Centralized LoRA and the untouched pretrained model.
   config = variant_config('fedit', pretrained, testing, rounds)
   exp = training.build(config)
-  params = exp.init_params(jax.random.key(config.seed))
+  params = training.initial_params(exp)  # FedIT's starting adapters
   base_model = exp.base_model
   base_eval = evaluate_params(exp, base_model, params['base'])
   rows.append(dict(method='pretrained', **row_of(base_eval),

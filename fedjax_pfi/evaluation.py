@@ -63,24 +63,20 @@ def _client_sums(model: base.Model):
   return sums
 
 
-def _take_personal(shared, personal):
-  del shared
-  return personal
-
-
 class Evaluator:
   """Evaluates params on a `FederatedDataset`, client by client.
 
   Args:
     combine: ``(shared, personal_i) -> params`` for personal evaluation
-      (default: the personal params alone).
+      (default None: the personal params alone).
   """
 
   def __init__(self, model: base.Model, batch_size: int = 64,
-               clients_per_chunk: int = 32, combine=_take_personal):
+               clients_per_chunk: int = 32, combine=None):
     self.batch_size = batch_size
     self.clients_per_chunk = clients_per_chunk
     sums = _client_sums(model)
+    combine = combine or (lambda shared, mine: mine)
     self._personal = jax.jit(jax.vmap(
         lambda shared, mine, b, m: sums(combine(shared, mine), b, m),
         in_axes=(None, 0, 0, 0)))

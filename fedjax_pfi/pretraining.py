@@ -7,7 +7,8 @@ examples (`fedjax_pfi.algorithms.centralized`) and writes
 - ``WORKDIR/metrics.jsonl``: training loss, validation loss and accuracy;
 - ``WORKDIR/model/``: ``config.json`` + ``model.safetensors`` in the GPT-2 or
   Llama layout (`fedjax_pfi.models.hf_io`), loadable with
-  ``--config.model.pretrained`` and by Hugging Face ``transformers``.
+  ``--config.model.pretrained`` and by Hugging Face ``transformers``, and
+  ``final.json`` (the last metrics row, the majority baseline, the size).
 
 The model directory is written under a temporary name and renamed when
 complete. Re-running with the same config finds it and returns its metrics;
@@ -48,8 +49,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(
             f'{model_dir} was pretrained with a different config; use a fresh '
             '--workdir.')
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      return json.loads(f.read().strip().splitlines()[-1])
+    with open(os.path.join(model_dir, 'final.json')) as f:
+      return json.load(f)
   splits = registry.load_splits(config.data)
   pooled, val = splits.train, splits.test
   kwargs = config.model.to_dict()
@@ -84,14 +85,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       num_steps=config.steps, seed=config.seed, key=key, callback=report,
       callback_every=min(config.eval_every, 50))
   log.close()
-  tmp = model_dir + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  hf_io.save_pretrained(tmp, module_cfg, params, style)
-  with open(stamp, 'w') as f:
-    f.write(fp)
-  os.replace(tmp, model_dir)
   final = dict(rows[-1])
   final['val/majority_baseline'] = evaluation.majority_baseline(
       pooled, val, pooled.metadata.get('pad_id'))
   final['params'] = transformer.count_params(params)
+  tmp = model_dir + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf_io.save_pretrained(tmp, module_cfg, params, style)
+  with open(os.path.join(tmp, 'final.json'), 'w') as f:
+    json.dump(final, f, indent=1)
+  with open(stamp, 'w') as f:
+    f.write(fp)
+  os.replace(tmp, model_dir)
   return final

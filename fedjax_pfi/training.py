@@ -175,6 +175,13 @@ def build(config) -> Experiment:
                     built.init_params, base_model)
 
 
+def initial_params(exp: Experiment):
+  """The params a run starts from: the pretrained weights where there are
+  some, the rest from ``fold_in(key(seed), 2**31 - 1)``."""
+  return exp.init_params(jax.random.fold_in(jax.random.key(exp.config.seed),
+                                            2**31 - 1))
+
+
 def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
   """Round ``round_idx``'s cohort: ids, straggler work, stacked batches."""
   c = exp.config
@@ -247,17 +254,16 @@ def evaluate_all(exp: Experiment, evaluator, view) -> dict[str, float]:
   ``view`` is the algorithm's `EvalView`; held-out clients, who never
   trained, get ``view.params``.
   """
-  if view.personal is None:
-    test = evaluator.evaluate(view.params, exp.splits.test)
-  else:
-    test = evaluator.evaluate(view.shared, exp.splits.test,
-                              personal_params=view.personal)
-  out = evaluation.summarize(test, 'test/')
+  def own(ds):  # the training population, each client with its own params
+    if view.personal is None:
+      return evaluator.evaluate(view.params, ds)
+    return evaluator.evaluate(view.shared, ds, personal_params=view.personal)
+
+  out = evaluation.summarize(own(exp.splits.test), 'test/')
   out['test/majority_baseline'] = evaluation.majority_baseline(
       exp.splits.train, exp.splits.test, exp.splits.metadata.get('pad_id'))
   if exp.config.eval_train:  # the FedProx paper's "training loss"
-    out.update(evaluation.summarize(
-        evaluator.evaluate(view.params, exp.splits.train), 'trainset/'))
+    out.update(evaluation.summarize(own(exp.splits.train), 'trainset/'))
   if exp.splits.heldout_test is not None:
     out.update(evaluation.summarize(
         evaluator.evaluate(view.params, exp.splits.heldout_test), 'heldout/'))
@@ -286,7 +292,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
 
   apply = jax.jit(counted_apply, donate_argnums=0)
   root = jax.random.key(config.seed)
-  params = exp.init_params(jax.random.fold_in(root, 2**31 - 1))
+  params = initial_params(exp)
   state = exp.algorithm.init(params)
   # The frozen part (a pretrained base) is an argument of every round, shared
   # by all clients and never part of the state or the checkpoints.

@@ -104,6 +104,10 @@ def test_every_peft_variant_runs(tmp_path, variant):
   config.progress = False
   final = training.run(config, str(tmp_path))
   assert np.isfinite(final['train_loss'])
-  assert final['comm/upload_bytes_cumulative'] >= 0
+  rows = training.read_metrics(str(tmp_path))
+  assert final['comm/upload_bytes_cumulative'] == sum(
+      r['comm/upload_bytes'] for r in rows)
+  assert (final['comm/upload_bytes_cumulative'] == 0) == (
+      variant == 'local_lora')
   with pytest.raises(ValueError, match="unknown variant 'fedx'"):
     module.get_config('fedx')

@@ -13,7 +13,7 @@ so it is shared unbatched, never donated and never checkpointed.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +69,6 @@ def _global_view(state, frozen):
   return EvalView(state.params)
 
 
-def _take_personal(shared, personal):
-  del shared
-  return personal
-
-
 class FederatedAlgorithm(NamedTuple):
   """``init(params) -> ServerState``; ``apply(state, cohort, key, frozen=None)
   -> (state, metrics)``.
@@ -92,7 +87,7 @@ class FederatedAlgorithm(NamedTuple):
   name: str
   frozen_part: Callable[[Params], Params] = _no_frozen
   eval_view: Callable[[ServerState, Params], EvalView] = _global_view
-  combine: Callable[[Params, Params], Params] = _take_personal
+  combine: Optional[Callable[[Params, Params], Params]] = None
   eval_model: Any = None  # the Model to evaluate with, if not the trained one
 
 
@@ -149,13 +144,14 @@ def comm_metrics(cohort: Cohort, download, upload) -> dict:
 def make_algorithm(init, apply, name, **fields) -> FederatedAlgorithm:
   """Jits ``apply`` with the state donated.
 
-  ``init`` copies the params it is given: the state owns its buffers, so
-  donating it never invalidates the caller's arrays. ``fields`` are the
-  optional `FederatedAlgorithm` fields.
+  ``init``'s state is copied: the state owns its buffers, so donating it
+  never invalidates the caller's arrays (only the state is copied, not a
+  frozen base the params may hold). ``fields`` are the optional
+  `FederatedAlgorithm` fields.
   """
 
   def owning_init(params):
-    return init(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), init(params))
 
   return FederatedAlgorithm(owning_init, jax.jit(apply, donate_argnums=0),
                             apply, name, **fields)

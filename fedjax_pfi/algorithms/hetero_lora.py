@@ -15,8 +15,10 @@ Heterogeneous Low-Rank Adaptations", NeurIPS 2024):
   p_K s_K A_K]`` and ``B_stack = [B_1; ...; B_K]``, so ``A_stack B_stack =
   sum_k p_k s_k A_k B_k`` exactly (`lora.stack`), and merges that product
   into the base weights: the base is the global state and changes;
-- clients download the stacked modules (``sum_k r_k`` components) and upload
-  their own (``r_k``).
+- clients upload their own modules (``r_k`` components); a sampled client
+  downloads the stacks of every round since it last synced, or the adapted
+  kernels outright if that is smaller (at round 0 everyone has the
+  pretrained base).
 
 HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of
 On-Device Foundation Models", EMNLP 2024):
@@ -55,12 +57,6 @@ def _adapter_bytes_per_rank(adapters) -> int:
                  for a, b in lora.pairs(adapters)))
 
 
-def _check_ranks(ranks: np.ndarray, cfg: lora.LoraConfig, base_params):
-  r_max = int(np.max(ranks))
-  lora.targets(base_params, cfg, r_max)  # rank <= kernel dims, target valid
-  return r_max
-
-
 def flora(model: base.Model, cfg: lora.LoraConfig,
           client_optimizer: optax.GradientTransformation,
           server_optimizer: optax.GradientTransformation,
@@ -78,14 +74,20 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
                                         unroll=unroll)
 
   def init(params):
-    r_max = _check_ranks(ranks, cfg, params)
+    r_max = int(ranks.max())
+    kernels = lora.targets(params, cfg, r_max)  # valid target, rank <= dims
     probe = lora.init_adapters(params, cfg, jax.random.key(0), r_max)
     return core.ServerState(
         params, server_optimizer.init(params), (), jnp.zeros([], jnp.int32),
-        extra={'last_stack_bytes': jnp.zeros([], jnp.float32),
-               'bytes_per_rank': jnp.asarray(
-                   _adapter_bytes_per_rank(probe), jnp.float32)},
-        client_states={'rank': jnp.asarray(ranks)})
+        extra={
+            # Bytes of all stacks sent so far, and of the adapted kernels.
+            'stack_bytes_total': jnp.zeros([], jnp.float32),
+            'kernel_bytes': jnp.asarray(4 * sum(
+                i * o for i, o in kernels.values()), jnp.float32),
+            'bytes_per_rank': jnp.asarray(
+                _adapter_bytes_per_rank(probe), jnp.float32)},
+        client_states={'rank': jnp.asarray(ranks),
+                       'synced': jnp.zeros([ranks.size], jnp.float32)})
 
   def apply(state: core.ServerState, cohort, key, frozen=None):
     if frozen is not None:
@@ -93,10 +95,14 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
                        'params.')
     ids = cohort.client_ids
     r_max = int(ranks.max())
-    r = store.gather(state.client_states, ids)['rank']
+    mine = store.gather(state.client_states, ids)
+    r = mine['rank']
     keys = core.client_keys(key, ids)
+    # Adapter initialisation draws from its own branch of the round key, so
+    # it never coincides with a training step's key.
+    init_keys = core.client_keys(jax.random.split(key)[1], ids)
     fresh = jax.vmap(lambda k, rk: lora.truncate(lora.init_adapters(
-        state.params, cfg, jax.random.fold_in(k, 0x10A), r_max), rk))(keys, r)
+        state.params, cfg, k, r_max), rk))(init_keys, r)
     scale = cfg.alpha / jnp.maximum(r, 1).astype(jnp.float32)
     out = train({'lora': fresh}, cohort.batches, cohort.mask, keys,
                 frozen={'base': state.params}, aux={'lora_scale': scale})
@@ -123,15 +129,19 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, {})
     metrics['delta_norm'] = jnp.sqrt(delta_norm_sq)
-    per_rank = state.extra['bytes_per_rank']
-    # Each client uploads its own modules; next round's clients download the
-    # stack of all of them.
-    metrics.update(core.comm_metrics(cohort, state.extra['last_stack_bytes'],
-                                     per_rank * r))
-    stack_bytes = metrics['comm/upload_bytes']
+    extra = state.extra
+    total = extra['stack_bytes_total']
+    download = jnp.minimum(total - mine['synced'], extra['kernel_bytes'])
+    metrics.update(core.comm_metrics(cohort, download,
+                                     extra['bytes_per_rank'] * r))
+    client_states = store.scatter(
+        state.client_states, ids,
+        {'rank': r, 'synced': jnp.full(r.shape, total)}, ids >= 0)
     return state._replace(
         params=params, opt_state=opt_state, round=state.round + 1,
-        extra={**state.extra, 'last_stack_bytes': stack_bytes}), metrics
+        extra={**extra, 'stack_bytes_total': total +
+               metrics['comm/upload_bytes']},
+        client_states=client_states), metrics
 
   return core.make_algorithm(init, apply, name, eval_model=model)
 
@@ -146,15 +156,16 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
   ``client_ranks[k]``.
 
   ``model`` is the LoRA model (`lora.lora_model`, params ``{'base', 'lora'}``
-  with the adapters at the largest rank, scale ``alpha / r_max``); the base is
+  with the adapters at rank ``cfg.rank >= max(client_ranks)``, scale
+  ``alpha / cfg.rank``); the base is
   frozen. ``prune_lambda = 0`` turns self-pruning's penalty off; pruning then
   happens only where training itself shrinks the tail.
   """
   ranks = np.asarray(client_ranks, np.int32)
-  r_max = int(ranks.max())
-  if cfg.rank != r_max:
-    raise ValueError(f'hetlora allocates the largest client rank ({r_max}); '
-                     f'got lora rank {cfg.rank}.')
+  r_max = cfg.rank
+  if ranks.max() > r_max:
+    raise ValueError(f'client ranks reach {int(ranks.max())}, above the '
+                     f'adapters\' rank {r_max}.')
   if not 0.0 < prune_gamma <= 1.0:
     raise ValueError(f'prune_gamma must lie in (0, 1], got {prune_gamma}.')
   if prune_lambda < 0:

@@ -26,20 +26,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
+from fedjax_pfi.tree_util import leaf_paths  # pylint: disable=unused-import
+
 Params = Any
-
-
-def path_str(path) -> str:
-  """``'base/block_0/attn/q/kernel'`` for a `jax.tree_util` key path."""
-  parts = []
-  for k in path:
-    parts.append(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name',
-                                                                   k)))))
-  return '/'.join(parts)
-
-
-def leaf_paths(tree: Params) -> list[str]:
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def select(tree: Params, keep) -> Params:

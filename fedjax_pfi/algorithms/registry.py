@@ -1,7 +1,7 @@
 """Algorithms by name, as the entry point's configs name them.
 
-``build(config, base_model, num_clients, seed)`` returns the algorithm, the
-model it trains and the function that makes its initial params. Names:
+``build(config, base_model, num_clients)`` returns the algorithm, the model
+it trains and the function that makes its initial params. Names:
 
 - ``fedavg``, ``fedprox``: the FedAvg family (every parameter trained; with
   a pretrained model this is full fine-tuning);
@@ -14,7 +14,9 @@ model it trains and the function that makes its initial params. Names:
 LoRA options live in ``config.peft``: ``rank``, ``alpha``, ``dropout``,
 ``target`` (regex over ``nn.Dense`` paths), ``mode``, ``client_ranks``
 (comma-separated ranks drawn per client, for ``flora``/``hetlora``; empty
-means every client has ``rank``), ``prune_gamma``, ``prune_lambda``.
+means every client has ``rank``; the largest must equal ``rank``),
+``prune_gamma``, ``prune_lambda`` (HetLoRA's self-pruning). Options an
+algorithm does not use are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def lora_config(peft) -> lora.LoraConfig:
 
 
 def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
+  """Each client's rank: drawn from ``peft.client_ranks``, or ``peft.rank``."""
   spec = str(peft.client_ranks or '').strip()
   if not spec:
     return np.full(num_clients, int(peft.rank), np.int32)
@@ -79,6 +82,11 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
   if not ranks or min(ranks) < 1:
     raise ValueError(f"peft.client_ranks must be comma-separated positive "
                      f"ints such as '2,4,8', got {spec!r}.")
+  if max(ranks) != int(peft.rank):
+    raise ValueError(
+        f'peft.client_ranks={spec!r} reaches rank {max(ranks)} but peft.rank='
+        f'{peft.rank}; set peft.rank to the largest client rank (every client '
+        'is allocated it, the extra components zeroed).')
   return lora.assign_ranks(num_clients, ranks, seed)
 
 
@@ -113,6 +121,14 @@ def build(config, base_model: base.Model, num_clients: int) -> Built:
                          unroll=unroll, name=name)
     return Built(alg, base_model, base_model.init)
   cfg = lora_config(config.peft)
+  if str(config.peft.client_ranks or '') and name not in HETERO_LORA:
+    raise ValueError(
+        f'peft.client_ranks={config.peft.client_ranks!r} gives clients '
+        f'different ranks, which only {", ".join(HETERO_LORA)} support; '
+        f'algorithm {name!r} gives every client rank {cfg.rank}.')
+  if config.peft.prune_lambda and name != 'hetlora':
+    raise ValueError(f'peft.prune_lambda={config.peft.prune_lambda} is '
+                     f"HetLoRA's self-pruning; algorithm {name!r} has none.")
   if name in LORA_PARTITIONS:
     model = lora.lora_model(base_model, cfg)
     frozen, personal = LORA_PARTITIONS[name]
@@ -125,7 +141,6 @@ def build(config, base_model: base.Model, num_clients: int) -> Built:
     alg = hetero_lora.flora(base_model, cfg, opt, server, ranks,
                             unroll=unroll)
     return Built(alg, base_model, base_model.init)
-  cfg = cfg._replace(rank=int(ranks.max()))
   model = lora.lora_model(base_model, cfg)
   alg = hetero_lora.hetlora(
       model, cfg, opt, server, ranks,

@@ -37,11 +37,13 @@ class Model(NamedTuple):
     example_stats: ``(params, batch, rng, train) -> ExampleStats`` of shape
       ``[B]`` each.
     name: registry name, for messages and checkpoints.
+    sample_x: an input batch of the right shape (or None).
   """
   init: Callable[[jax.Array], Params]
   apply: Callable[..., jax.Array]
   example_stats: Callable[..., ExampleStats]
   name: str = 'model'
+  sample_x: Any = None  # one input batch, for abstract traces (shapes only)
 
 
 def masked_mean_loss(model: Model, params: Params, batch: Batch,
@@ -80,11 +82,12 @@ def classifier(module: nn.Module, sample_x: jax.Array, name: str,
     rngs = {'dropout': rng} if (train and rng is not None) else {}
     return module.apply({'params': params}, x, train=train, rngs=rngs)
 
-  return from_apply(init, apply, name, pad_id)
+  return from_apply(init, apply, name, pad_id, sample_x)
 
 
 def from_apply(init: Callable[[jax.Array], Params], apply: Callable[..., jax.Array],
-               name: str, pad_id: Optional[int] = None) -> Model:
+               name: str, pad_id: Optional[int] = None,
+               sample_x: Any = None) -> Model:
   """A softmax-cross-entropy `Model` from ``init`` and ``apply(params, x, rng,
   train) -> logits`` (see `classifier` for the shapes and ``pad_id``)."""
 
@@ -101,4 +104,4 @@ def from_apply(init: Callable[[jax.Array], Params], apply: Callable[..., jax.Arr
     return ExampleStats(jnp.sum(losses * valid, axes),
                         jnp.sum(correct * valid, axes), jnp.sum(valid, axes))
 
-  return Model(init, apply, example_stats, name)
+  return Model(init, apply, example_stats, name, sample_x)

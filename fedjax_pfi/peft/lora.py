@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_pfi import tree_util
 from fedjax_pfi.models import base
 
 Params = Any
@@ -62,12 +63,9 @@ class LoraConfig(NamedTuple):
 
 def dense_kernels(base_params: Params) -> dict[str, tuple[int, ...]]:
   """``{module path: kernel shape}`` for every leaf named ``kernel``."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(base_params)[0]:
-    names = [str(getattr(k, 'key', k)) for k in path]
-    if names and names[-1] == 'kernel':
-      out['/'.join(names[:-1])] = tuple(leaf.shape)
-  return out
+  return {path[:-len('/kernel')]: tuple(leaf.shape)
+          for path, leaf in tree_util.named_leaves(base_params)
+          if path.endswith('/kernel')}
 
 
 def targets(base_params: Params, cfg: LoraConfig,
@@ -147,12 +145,8 @@ def init_adapters(base_params: Params, cfg: LoraConfig, key: jax.Array,
 
 def adapter_paths(adapters: Params) -> list[str]:
   """Module paths of the adapted kernels, sorted (``'block_0/attn/q'``)."""
-  out = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]:
-    names = [str(getattr(k, 'key', k)) for k in path]
-    if names[-1] == 'a':
-      out.append('/'.join(names[:-1]))
-  return sorted(out)
+  return sorted(p[:-len('/a')] for p in tree_util.leaf_paths(adapters)
+                if p.endswith('/a'))
 
 
 def _lookup(adapters: Params, path: tuple[str, ...]):
@@ -166,12 +160,14 @@ def _lookup(adapters: Params, path: tuple[str, ...]):
 
 @contextlib.contextmanager
 def adapted(adapters: Params, scale, *, dropout: float = 0.0,
-            rng: Optional[jax.Array] = None, train: bool = False):
+            rng: Optional[jax.Array] = None, train: bool = False,
+            hits: Optional[set] = None):
   """Within this context every targeted ``nn.Dense`` call adds ``s (x A) B``.
 
   ``scale`` may be a traced scalar (heterogeneous ranks give each client its
   own). Dropout applies to the adapter's input in training when ``rng`` is
   given; adapter ``i`` (in `adapter_paths` order) uses ``fold_in(rng, i)``.
+  ``hits``, if given, collects the paths of the adapters applied.
   """
   index = {tuple(p.split('/')): i for i, p in enumerate(adapter_paths(
       adapters))}
@@ -184,7 +180,9 @@ def adapted(adapters: Params, scale, *, dropout: float = 0.0,
     ab = _lookup(adapters, tuple(module.path))
     if ab is None:
       return out
-    x = args[0]
+    if hits is not None:
+      hits.add('/'.join(module.path))
+    x = args[0] if args else kwargs['inputs']
     if dropout and train and rng is not None:
       keep = jax.random.bernoulli(
           jax.random.fold_in(rng, index[tuple(module.path)]), 1.0 - dropout,
@@ -240,8 +238,11 @@ def _wrap(model: base.Model, cfg: LoraConfig, scale_key: Optional[str]):
 
   def init(key):
     b = model.init(key)
-    return {'base': b, 'lora': init_adapters(b, cfg, jax.random.fold_in(key,
-                                                                          1))}
+    params = {'base': b, 'lora': init_adapters(b, cfg, jax.random.fold_in(
+        key, 1))}
+    if model.sample_x is not None:
+      check_applied(model, params)
+    return params
 
   def apply(params, x, rng=None, train=False):
     return run(model.apply, params, x, rng, train)
@@ -249,7 +250,8 @@ def _wrap(model: base.Model, cfg: LoraConfig, scale_key: Optional[str]):
   def example_stats(params, batch, rng=None, train=False):
     return run(model.example_stats, params, batch, rng, train)
 
-  return base.Model(init, apply, example_stats, f'{model.name}+lora')
+  return base.Model(init, apply, example_stats, f'{model.name}+lora',
+                    model.sample_x)
 
 
 def lora_model_with_scale(model: base.Model, cfg: LoraConfig) -> base.Model:
@@ -259,8 +261,27 @@ def lora_model_with_scale(model: base.Model, cfg: LoraConfig) -> base.Model:
   return _wrap(model, cfg, 'lora_scale')
 
 
-def num_adapter_params(adapters: Params) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(adapters)))
+def check_applied(model: base.Model, params: Params) -> None:
+  """Raises unless every adapter is applied by a forward pass of ``model``
+  on its ``sample_x`` (an abstract trace, nothing computed).
+
+  Activation-level LoRA adapts ``nn.Dense`` calls; a 2-D kernel of another
+  module (an LSTM cell's, an ``nn.Einsum``'s) would otherwise carry adapters
+  that change nothing and train to nothing.
+  """
+  hits = set()
+
+  def forward(p):
+    with adapted(p['lora'], 1.0, hits=hits):
+      return model.apply(p['base'], model.sample_x)
+
+  jax.eval_shape(forward, params)
+  missed = sorted(set(adapter_paths(params['lora'])) - hits)
+  if missed:
+    raise ValueError(
+        f'LoRA targets {missed} are kernels of modules that are not '
+        'flax.linen.Dense; activation-level LoRA adapts nn.Dense calls only. '
+        'Narrow peft.target.')
 
 
 # -- heterogeneous ranks -------------------------------------------------------

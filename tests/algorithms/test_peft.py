@@ -269,8 +269,9 @@ def test_flora_matches_reference_loop(setup):
     for j, cid in enumerate(ids):
       ck = jax.random.fold_in(key, int(cid))
       rk = int(ranks[cid])
-      fresh = lora.init_adapters(ref_base, CFG, jax.random.fold_in(ck, 0x10A),
-                                 rank=3)
+      fresh = lora.init_adapters(
+          ref_base, CFG, jax.random.fold_in(jax.random.split(key)[1],
+                                            int(cid)), rank=3)
       fresh = jax.tree.map(lambda x: x, fresh)  # copy
       for node in fresh.values():  # keep the first r_k components only
         node['a'] = node['a'].at[:, rk:].set(0.0)
@@ -285,13 +286,16 @@ def test_flora_matches_reference_loop(setup):
         delta_w[name]['kernel'] = delta_w[name]['kernel'] + (
             ws[j] / ws.sum()) * s * (node['a'] @ node['b'])
     ref_base = jax.tree.map(jnp.add, ref_base, delta_w)
-    assert float(metrics['comm/upload_bytes']) == 4 * (
-        (6 + 5) + (5 + 4)) * ranks[ids].sum()
+    # A client uploads r_k components of (6 + 5) + (5 + 4) floats.
+    assert float(metrics['comm/upload_bytes']) == 4 * 20 * ranks[ids].sum()
+    if r == 0:  # everyone starts from the pretrained base
+      assert float(metrics['comm/download_bytes']) == 0
   chex.assert_trees_all_close(state.params, ref_base, atol=2e-5, rtol=2e-5)
-  # Round 2 downloads round 1's stack to each of the 4 clients.
+  # Round 1: each of the 4 clients fetches round 0's stack, or the adapted
+  # kernels (6*5 + 5*4 floats) if those are smaller.
   ids0, _ = cohort_for(ds, 0)
-  assert float(metrics['comm/download_bytes']) == 4 * 4 * 20 * ranks[
-      ids0].sum()
+  assert float(metrics['comm/download_bytes']) == 4 * min(
+      4 * 20 * ranks[ids0].sum(), 4 * 50)
 
 
 def test_hetlora_matches_reference_loop(setup):
@@ -344,3 +348,101 @@ def test_hetlora_matches_reference_loop(setup):
   np.testing.assert_array_equal(state.client_states['rank'],
                                 [cur[i] for i in range(ds.num_clients)])
   assert any(cur[i] != ranks[i] for i in cur)  # pruning happened
+
+
+def test_non_dense_kernels_are_rejected():
+  """An LSTM cell's 2-D kernels are not nn.Dense calls: adapters there would
+  change nothing, so building the model refuses them."""
+  model = zoo.build_model('char_lstm', np.zeros((1, 5), np.int32),
+                          {'vocab_size': 7, 'pad_id': 0}, hidden=4)
+  with pytest.raises(ValueError, match=r"LoRA targets "
+                     r"\['OptimizedLSTMCell_0/hi'\] are kernels of modules "
+                     'that are not flax.linen.Dense'):
+    lora.lora_model(model, lora.LoraConfig(
+        rank=2, target='OptimizedLSTMCell_0/hi$')).init(jax.random.key(0))
+
+
+def test_lora_on_the_transformer_blocks():
+  """Nested module paths: adapters on every block's q and v and the MLP; the
+  activation route equals the merged one, and A starts within 1/sqrt(in)."""
+  meta = {'vocab_size': 11, 'pad_id': 0, 'seq_len': 6}
+  base_model = zoo.build_model('transformer', np.ones((2, 6), np.int32), meta,
+                               dim=16, num_layers=2, num_heads=2)
+  cfg = lora.LoraConfig(rank=4, alpha=8.0, target=r'attn/(q|v)$|mlp/fc$')
+  model = lora.lora_model(base_model, cfg)
+  params = model.init(jax.random.key(0))
+  assert lora.adapter_paths(params['lora']) == [
+      f'block_{i}/{m}' for i in range(2)
+      for m in ('attn/q', 'attn/v', 'mlp/fc')]
+  for a, _ in lora.pairs(params['lora']):
+    assert float(jnp.max(jnp.abs(a))) <= 1.0 / np.sqrt(a.shape[0])
+  params['lora'] = jax.tree.map(
+      lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape),
+      params['lora'])
+  x = jnp.asarray(np.random.default_rng(0).integers(1, 11, (3, 6)))
+  merged = lora.lora_model(base_model, cfg._replace(mode='merge'))
+  np.testing.assert_allclose(model.apply(params, x), merged.apply(params, x),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(model.apply(params, x),
+                         base_model.apply(params['base'], x))
+
+
+def test_fedsa_with_stragglers_and_its_evaluation(setup):
+  """A dropped straggler (weight 0, no steps) adds nothing and keeps its
+  personal B; one with partial work is averaged after its own steps; the
+  evaluation view gives each client the base, the global A and its own B."""
+  from fedjax_pfi import evaluation  # pylint: disable=g-import-not-at-top
+  ds, base_model, model, params = setup
+  frozen_re, personal_re = PARTITIONS['fedsa_lora']
+  alg = partitioned.fed_partitioned(
+      model, optax.sgd(LR), server_optimizers.server_optimizer('fedavg'),
+      frozen=frozen_re, personal=personal_re, num_clients=ds.num_clients)
+  state, frozen = alg.init(params), alg.frozen_part(params)
+  ids = cohort_lib.sample_cohort(ds.num_clients, 4, SEED, 0)
+  steps = cohort_lib.client_steps(ds.client_sizes[ids], B, 1)
+  steps[0], steps[1] = 0, max(1, steps[1] // 2)
+  weights = ds.client_sizes[ids].astype(np.float32)
+  weights[0] = 0.0
+  cohort = cohort_lib.stack_cohort(
+      ds, ids, batch_size=B, num_slots=6, steps_override=steps,
+      weight_override=weights, seed=SEED, round_idx=0)
+  key = jax.random.key(8)
+  state, metrics = alg.apply(state, cohort, key, frozen)
+  assert int(metrics['clients']) == 3
+  assert float(metrics['comm/upload_bytes']) == 3 * 4 * 33  # A: 33 floats
+  # Reference: per client, A global and B personal.
+  a0 = {k: {'a': n['a']} for k, n in params['lora'].items()}
+  b0 = {k: {'b': n['b']} for k, n in params['lora'].items()}
+  loss = reference.lm_loss(reference.merged_apply(base_model, CFG.scale),
+                           {'base': params['base']})
+  deltas, bs = [], {}
+  for j, cid in enumerate(ids):
+    start = {'lora': param_groups.merge(a0, b0)}
+    end = reference.sgd_steps(
+        loss, start, reference.client_batches(ds, cid, B, 1, SEED, 0,
+                                              steps[j]),
+        jax.random.fold_in(key, int(cid)), LR)['lora']
+    bs[int(cid)] = {k: n['b'] for k, n in end.items()}
+    deltas.append({k: n['a'] - a0[k]['a'] for k, n in end.items()})
+  new_a = {k: a0[k]['a'] + sum(w * d[k] for w, d in zip(weights, deltas)) /
+           weights.sum() for k in a0}
+  for k in new_a:
+    np.testing.assert_allclose(state.params['lora'][k]['a'], new_a[k],
+                               rtol=2e-5, atol=2e-6)
+    for j, cid in enumerate(ids):
+      np.testing.assert_allclose(state.client_states['lora'][k]['b'][cid],
+                                 bs[int(cid)][k], rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(  # the dropped client's B never moved
+      state.client_states['lora']['Dense_0']['b'][ids[0]],
+      params['lora']['Dense_0']['b'])
+  view = alg.eval_view(state, frozen)
+  got = evaluation.Evaluator(model, 4, 3, combine=alg.combine).evaluate(
+      view.shared, ds, personal_params=view.personal)
+  for cid, acc in zip(got.client_ids, got.accuracy):
+    mine = {'base': params['base'], 'lora': {
+        k: {'a': new_a[k], 'b': state.client_states['lora'][k]['b'][cid]}
+        for k in new_a}}
+    c = ds.client(cid)
+    want = np.mean(np.argmax(model.apply(mine, jnp.asarray(c['x'])), -1) ==
+                   c['y'])
+    np.testing.assert_allclose(acc, want, rtol=1e-6)
