@@ -107,8 +107,7 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
     out = train({'lora': fresh}, cohort.batches, cohort.mask, keys,
                 frozen={'base': state.params}, aux={'lora_scale': scale})
     trained = jax.tree.map(jnp.add, fresh, out.delta['lora'])
-    total = jnp.maximum(jnp.sum(cohort.weight), 1e-12)
-    p = cohort.weight / total
+    p = cohort.weight / jnp.maximum(jnp.sum(cohort.weight), 1e-12)
     # Merge the stacked product into each adapted kernel of the base.
     pseudo_grad = jax.tree.map(jnp.zeros_like, state.params)
     delta_norm_sq = jnp.zeros([], jnp.float32)

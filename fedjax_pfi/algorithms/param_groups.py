@@ -26,13 +26,13 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from fedjax_pfi.tree_util import leaf_paths  # pylint: disable=unused-import
+from fedjax_pfi.tree_util import leaf_paths
 
 Params = Any
 
 
 def select(tree: Params, keep) -> Params:
-  """The nested dict of the leaves whose path ``keep(path) `` accepts."""
+  """The nested dict of the leaves whose path ``keep(path)`` accepts."""
 
   def rec(node, prefix):
     if isinstance(node, dict):
