@@ -7,7 +7,7 @@ mean without touching the algorithms that call it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,17 @@ class Aggregator(NamedTuple):
 
   ``deltas`` carry a leading client axis ``[C, ...]``; ``weights`` are ``[C]``
   (0 for padded clients).
+
+  ``finalize(weighted_sum, total_weight, state) -> (mean, state)``, where
+  the aggregate is one, computes it from ``sum_c w_c delta_c`` and ``sum_c
+  w_c`` alone, which is what a chunked, packed or sharded round has (the
+  clients' deltas never exist together). None for rules that need every
+  delta at once (a median); such aggregators run unchunked only.
   """
   init: Callable[[Params], Any]
   aggregate: Callable[[Params, jax.Array, Any], tuple[Params, Any]]
+  finalize: Optional[Callable[[Params, jax.Array, Any],
+                              tuple[Params, Any]]] = None
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:
@@ -42,13 +50,15 @@ def weighted_mean() -> Aggregator:
     del params
     return ()
 
-  def aggregate(deltas, weights, state):
-    total = jnp.sum(weights)
+  def finalize(sums, total, state):
     mean = jax.tree.map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype),
-                        weighted_sum(deltas, weights))
+                        sums)
     return mean, state
 
-  return Aggregator(init, aggregate)
+  def aggregate(deltas, weights, state):
+    return finalize(weighted_sum(deltas, weights), jnp.sum(weights), state)
+
+  return Aggregator(init, aggregate, finalize)
 
 
 AGGREGATORS = {'mean': weighted_mean}

@@ -172,3 +172,122 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     return ClientOutput(delta, steps, loss_sum, count)
 
   return train
+
+
+class PackedOutput(NamedTuple):
+  """What a packed cohort's lanes send back: sums over their clients.
+
+  Attributes:
+    weighted_delta: ``sum_c weight[c] * delta_c`` (no client axis).
+    num_steps, loss_sum, count, examples: per cohort slot ``[C]``.
+  """
+  weighted_delta: Params
+  num_steps: jax.Array
+  loss_sum: jax.Array
+  count: jax.Array
+  examples: jax.Array
+
+
+def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
+                    *, proximal_mu: float = 0.0,
+                    unroll: Union[int, bool] = 1):
+  """Builds ``train(init_params, lanes, keys, weight, frozen=None)`` for a
+  `fedjax_pfi.data.cohort.PackedCohort`'s lanes.
+
+  Every lane runs its clients one after another: where ``first`` is set the
+  lane's params and optimizer state reset to ``init_params`` (the broadcast
+  model, unbatched), each step is the client step of `local_training` with
+  the client's own key ``fold_in(keys[slot], local_step)``, and at ``last``
+  the client's ``weight[slot] * (params - init_params)`` is added to the
+  round's sum. The reset and the sum run only at steps where some lane needs
+  them, and steps that are padding in every lane are skipped, as in
+  `local_training`. The per-client result is that of `local_training` for
+  the same clients (up to float summation order).
+
+  ``lanes`` holds ``batches`` (column -> ``[L, T, B, ...]``), ``mask``
+  ``[L, T, B]`` and ``slot``, ``local_step``, ``first``, ``last`` ``[L, T]``;
+  ``keys`` and ``weight`` are per cohort slot ``[C]``. Returns a
+  `PackedOutput` whose per-client leaves are ``[C]``.
+  """
+  if proximal_mu < 0:
+    raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
+
+  def loss_fn(params, batch, mask, rng, frozen):
+    full = params if frozen is None else param_groups.merge(frozen, params)
+    return base.masked_mean_loss(model, full, batch, mask, rng, train=True)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train(init_params, lanes, keys, weight, frozen=None):
+    mask = lanes['mask']
+    num_lanes, num_steps = mask.shape[:2]
+    num_slots = weight.shape[0]
+    opt0 = optimizer.init(init_params)
+
+    def lane_step(params, opt_state, batch, m, slot, local_step):
+      key = jax.random.fold_in(keys[jnp.maximum(slot, 0)], local_step)
+      (_, stats), grads = grad_fn(params, batch, m, key, frozen)
+      if proximal_mu:
+        grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
+                             grads, params, init_params)
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      active = jnp.any(m)
+      return (tree_where(active, new_params, params),
+              tree_where(active, new_opt_state, opt_state),
+              jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
+
+    step_all = jax.vmap(lane_step)
+
+    def body(carry, t):
+      at = lambda x: jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False)
+      m, slot, local_step = at(mask), at(lanes['slot']), at(lanes['local_step'])
+      first, last = at(lanes['first']), at(lanes['last'])
+
+      def reset(c):
+        params, opt_state, acc = c
+        pick = lambda x0, x: jnp.where(
+            first.reshape((-1,) + (1,) * (x.ndim - 1)), x0[None], x)
+        return (jax.tree.map(pick, init_params, params),
+                jax.tree.map(pick, opt0, opt_state), acc)
+
+      carry = jax.lax.cond(jnp.any(first), reset, lambda c: c, carry)
+      zeros = jnp.zeros([num_lanes], jnp.float32)
+
+      def run(c):
+        params, opt_state, acc = c
+        params, opt_state, l, n, active = step_all(
+            params, opt_state, jax.tree.map(at, lanes['batches']), m, slot,
+            local_step)
+        return (params, opt_state, acc), (l, n, active)
+
+      carry, (l, n, active) = jax.lax.cond(
+          jnp.any(m), run,
+          lambda c: (c, (zeros, zeros, jnp.zeros([num_lanes], bool))), carry)
+      w = jnp.where(last & (slot >= 0), weight[jnp.maximum(slot, 0)], 0.0)
+
+      def accumulate(c):
+        params, opt_state, acc = c
+        return params, opt_state, jax.tree.map(
+            lambda a, p, p0: a + jnp.tensordot(w.astype(p.dtype), p - p0[None],
+                                               axes=1), acc, params,
+            init_params)
+
+      carry = jax.lax.cond(jnp.any(w != 0), accumulate, lambda c: c, carry)
+      return carry, (l, n, active, jnp.sum(m, axis=1))
+
+    params0 = jax.tree.map(
+        lambda p: jnp.broadcast_to(p, (num_lanes,) + p.shape), init_params)
+    opt_lanes = jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (num_lanes,) + jnp.shape(x)), opt0)
+    acc0 = jax.tree.map(jnp.zeros_like, init_params)
+    (_, _, acc), (l, n, active, ex) = jax.lax.scan(
+        body, (params0, opt_lanes, acc0), jnp.arange(num_steps), unroll=unroll)
+    # [T, L] per-step values -> per cohort slot [C].
+    seg = jnp.where(lanes['slot'] >= 0, lanes['slot'], num_slots).T.reshape(-1)
+    per_slot = lambda v: jax.ops.segment_sum(
+        v.reshape(-1).astype(jnp.float32), seg, num_slots + 1)[:num_slots]
+    return PackedOutput(acc, per_slot(active).astype(jnp.int32), per_slot(l),
+                        per_slot(n), per_slot(ex))
+
+  return train

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fedjax_pfi.data.cohort import Cohort
 
@@ -91,6 +92,82 @@ class FederatedAlgorithm(NamedTuple):
   eval_model: Any = None  # the Model to evaluate with, if not the trained one
 
 
+class Execution(NamedTuple):
+  """How a round's clients are laid out on the hardware; never what it
+  computes (results agree to float tolerance whatever these are).
+
+  Attributes:
+    chunk_size: clients (or packed lanes) per chunk *per device*: the round
+      runs its clients in a ``lax.scan`` over chunks that adds up their
+      weighted deltas, so device memory is O(chunk) and not O(cohort).
+      None: one chunk.
+    mesh: a `jax.sharding.Mesh` whose axis ``axis`` the client (lane) axis
+      is sharded over (``jax.shard_map``); each device runs its share and
+      the sums are ``psum``-reduced across devices inside the same program.
+      None: one device.
+    axis: the mesh axis name.
+  """
+  chunk_size: Optional[int] = None
+  mesh: Any = None
+  axis: str = 'clients'
+
+  @property
+  def num_shards(self) -> int:
+    return 1 if self.mesh is None else int(self.mesh.shape[self.axis])
+
+  def slots(self, num_clients: int) -> int:
+    """The padded size of a client (lane) axis of ``num_clients``: a
+    multiple of ``num_shards * chunk_size``."""
+    per = self.num_shards * (self.chunk_size or 1)
+    return -(-num_clients // per) * per
+
+
+def sum_over_clients(fn: Callable, lanes: Any, shared: Any,
+                     execution: Execution = Execution()) -> Any:
+  """``fn(lanes, shared)`` summed over chunks of ``lanes`` (and devices).
+
+  ``lanes`` leaves share a leading client (or lane) axis; ``fn`` maps a
+  slice of them and the unsliced ``shared`` to a pytree of sums (per-client
+  results as ``[C]``-indexed sums). The slices are the chunks of
+  ``execution.chunk_size`` of each device's shard; chunks run in a
+  ``lax.scan`` and devices under ``jax.shard_map``, their sums added.
+  """
+  def local(lanes, shared):
+    n = jax.tree.leaves(lanes)[0].shape[0]
+    k = execution.chunk_size
+    if k is None or k >= n:
+      out = fn(lanes, shared)
+    else:
+      if n % k:
+        raise ValueError(f'{n} clients (lanes) per device do not split into '
+                         f'chunks of {k}; pad them to a multiple '
+                         '(Execution.slots).')
+      chunks = jax.tree.map(lambda x: x.reshape((n // k, k) + x.shape[1:]),
+                            lanes)
+      first = jax.tree.map(lambda x: x[0], chunks)
+      zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                          jax.eval_shape(fn, first, shared))
+
+      def body(acc, chunk):
+        return jax.tree.map(jnp.add, acc, fn(chunk, shared)), None
+
+      out, _ = jax.lax.scan(body, zero, chunks)
+    if execution.mesh is not None:
+      out = jax.lax.psum(out, execution.axis)
+    return out
+
+  if execution.mesh is None:
+    return local(lanes, shared)
+  n = jax.tree.leaves(lanes)[0].shape[0]
+  if n % execution.num_shards:
+    raise ValueError(f'{n} clients (lanes) do not split over '
+                     f'{execution.num_shards} devices; pad them to a '
+                     'multiple (Execution.slots).')
+  return jax.shard_map(local, mesh=execution.mesh,
+                       in_specs=(P(execution.axis), P()), out_specs=P(),
+                       check_vma=False)(lanes, shared)
+
+
 def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
   """Per-client keys ``fold_in(key, id)``; padded clients (id -1) get id 0's."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(
@@ -98,16 +175,23 @@ def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
 
 
 def round_metrics(cohort: Cohort, loss_sum: jax.Array, count: jax.Array,
-                  num_steps: jax.Array, mean_delta: Params) -> dict:
-  """Scalar and per-client metrics of a round (all on device)."""
+                  num_steps: jax.Array, mean_delta: Params,
+                  examples: Optional[jax.Array] = None) -> dict:
+  """Scalar and per-client metrics of a round (all on device).
+
+  ``examples``: each client's training examples seen ``[C]`` (default: read
+  from the ``[C, S, B]`` mask).
+  """
   real = cohort.weight > 0  # not padded, not a dropped straggler
+  if examples is None:
+    examples = jnp.sum(cohort.mask, (1, 2))
   client_loss = loss_sum / jnp.maximum(count, 1.0)
   total = jnp.sum(jnp.where(real, count, 0.0))
   return {
       'train_loss': jnp.sum(jnp.where(real, loss_sum, 0.0)) /
                     jnp.maximum(total, 1.0),
-      'train_examples': jnp.sum(jnp.where(real, jnp.sum(cohort.mask, (1, 2)),
-                                          0)),
+      'train_examples': jnp.sum(jnp.where(real, examples, 0)).astype(
+          jnp.int32),
       'clients': jnp.sum(real.astype(jnp.int32)),
       'delta_norm': jnp.sqrt(sum(jnp.sum(jnp.square(x))
                                  for x in jax.tree.leaves(mean_delta))),

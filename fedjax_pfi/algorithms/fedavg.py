@@ -28,6 +28,7 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
             server_optimizer: optax.GradientTransformation,
             aggregator: aggregators_lib.Aggregator | None = None, *,
             proximal_mu: float = 0.0, unroll=1,
+            execution: core.Execution = core.Execution(),
             name: str = 'fedavg') -> core.FederatedAlgorithm:
   """Builds a FedAvg-family algorithm (every parameter trained and averaged).
 
@@ -39,8 +40,9 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
     aggregator: combines client deltas (default: example-weighted mean).
     proximal_mu: FedProx's mu; 0 gives FedAvg/FedOpt.
     unroll: ``lax.scan`` unroll of the local steps.
+    execution: chunking and sharding of the round (`core.Execution`).
     name: for metrics and checkpoints.
   """
   return partitioned.fed_partitioned(
       model, client_optimizer, server_optimizer, aggregator,
-      proximal_mu=proximal_mu, unroll=unroll, name=name)
+      proximal_mu=proximal_mu, unroll=unroll, execution=execution, name=name)

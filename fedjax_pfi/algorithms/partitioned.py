@@ -28,6 +28,7 @@ FFA-LoRA's ``A`` regenerated from a shared seed).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -39,6 +40,7 @@ from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import store
+from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.models import base
 
 
@@ -50,6 +52,7 @@ def fed_partitioned(model: base.Model,
                     personal: Optional[str] = None,
                     num_clients: Optional[int] = None,
                     proximal_mu: float = 0.0, unroll=1,
+                    execution: core.Execution = core.Execution(),
                     name: str = 'fedavg') -> core.FederatedAlgorithm:
   """Builds FedAvg over the ``global`` part of a params partition.
 
@@ -67,11 +70,21 @@ def fed_partitioned(model: base.Model,
     num_clients: the population size (needed with ``personal``).
     proximal_mu: FedProx's mu; 0 gives FedAvg/FedOpt.
     unroll: ``lax.scan`` unroll of the local steps.
+    execution: chunking and sharding of the round's clients
+      (`core.Execution`); a `fedjax_pfi.data.cohort.PackedCohort` (clients
+      packed into lanes) is accepted whenever nothing is personal.
     name: for metrics and checkpoints.
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
+  if aggregator.finalize is None:
+    raise ValueError(
+        f'{name} aggregates the sums of weighted deltas (chunked, packed or '
+        'sharded); its aggregator has no finalize(weighted_sum, total, '
+        'state).')
   train = client_updates.local_training(model, client_optimizer,
                                         proximal_mu=proximal_mu, unroll=unroll)
+  packed_train = client_updates.packed_training(
+      model, client_optimizer, proximal_mu=proximal_mu, unroll=unroll)
   partitioned = frozen is not None or personal is not None
   if personal is not None and (num_clients is None or num_clients < 1):
     raise ValueError(f'personal state needs num_clients >= 1, got '
@@ -92,33 +105,74 @@ def fed_partitioned(model: base.Model,
         client_states=(store.init(parts.personal, num_clients)
                        if has_personal else {}))
 
+  def unpacked_sums(lanes, shared, num_slots):
+    """A chunk of an unpacked cohort's clients -> the round's sums (the
+    per-client ones indexed by cohort slot, ``[num_slots]``)."""
+    params, client_states, frozen_params, key = shared
+    ids, slot, weight = lanes['ids'], lanes['slot'], lanes['weight']
+    start = store.broadcast(params, ids.shape[0])
+    has_personal = bool(jax.tree.leaves(client_states))
+    if has_personal:
+      mine = store.gather(client_states, ids)
+      start = param_groups.merge(start, mine)
+    out = train(start, lanes['batches'], lanes['mask'],
+                core.client_keys(key, ids), frozen=frozen_params)
+    global_paths = set(param_groups.leaf_paths(params))
+    delta = param_groups.select(out.delta, global_paths.__contains__)
+    to_slots = lambda v: jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[
+        slot].add(v)
+    sums = {'delta': aggregators_lib.weighted_sum(delta, weight),
+            'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
+            'num_steps': to_slots(out.num_steps),
+            'examples': to_slots(jnp.sum(lanes['mask'], (1, 2)))}
+    if has_personal:
+      sums['personal'] = jax.tree.map(to_slots, jax.tree.map(
+          jnp.add, mine, param_groups.select(
+              out.delta, lambda p: p not in global_paths)))
+    return sums
+
+  def packed_sums(lanes, shared):
+    params, _, frozen_params, key, ids, weight = shared
+    out = packed_train(params, lanes, core.client_keys(key, ids), weight,
+                       frozen=frozen_params)
+    return {'delta': out.weighted_delta, 'loss_sum': out.loss_sum,
+            'count': out.count, 'num_steps': out.num_steps,
+            'examples': out.examples}
+
   def apply(state: core.ServerState, cohort, key, frozen_params=None):
     ids = cohort.client_ids
     has_personal = bool(jax.tree.leaves(state.client_states))
-    start = store.broadcast(state.params, ids.shape[0])
+    if isinstance(cohort, cohort_lib.PackedCohort):
+      if has_personal:
+        raise ValueError(
+            f'{name} keeps personal state per client, which packed cohorts '
+            'do not carry; run it unpacked (execution.pack_lanes=0).')
+      lanes = {k: getattr(cohort, k) for k in (
+          'batches', 'mask', 'slot', 'local_step', 'first', 'last')}
+      sums = core.sum_over_clients(
+          packed_sums, lanes, (state.params, (), frozen_params, key, ids,
+                               cohort.weight), execution)
+    else:
+      num_slots = ids.shape[0]
+      lanes = {'ids': ids, 'slot': jnp.arange(num_slots),
+               'weight': cohort.weight, 'batches': cohort.batches,
+               'mask': cohort.mask}
+      sums = core.sum_over_clients(
+          functools.partial(unpacked_sums, num_slots=num_slots), lanes, (state.params, state.client_states,
+                                 frozen_params, key), execution)
     if has_personal:
-      mine = store.gather(state.client_states, ids)
-      start = param_groups.merge(start, mine)
-    out = train(start, cohort.batches, cohort.mask,
-                core.client_keys(key, ids), frozen=frozen_params)
-    delta = out.delta
-    if has_personal:
-      global_paths = set(param_groups.leaf_paths(state.params))
-      delta = param_groups.select(out.delta, global_paths.__contains__)
-      new_rows = jax.tree.map(
-          jnp.add, mine, param_groups.select(
-              out.delta, lambda p: p not in global_paths))
-      client_states = store.scatter(state.client_states, ids, new_rows,
-                                    ids >= 0)
+      client_states = store.scatter(state.client_states, ids,
+                                    sums['personal'], ids >= 0)
     else:
       client_states = state.client_states
-    mean_delta, agg_state = aggregator.aggregate(delta, cohort.weight,
-                                                 state.agg_state)
+    mean_delta, agg_state = aggregator.finalize(
+        sums['delta'], jnp.sum(cohort.weight), state.agg_state)
     updates, opt_state = server_optimizer.update(
         jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, out.loss_sum, out.count,
-                                 out.num_steps, mean_delta)
+    metrics = core.round_metrics(cohort, sums['loss_sum'], sums['count'],
+                                 sums['num_steps'], mean_delta,
+                                 sums['examples'])
     size = param_groups.num_bytes(state.params)
     metrics.update(core.comm_metrics(cohort, size, size))
     return state._replace(params=params, opt_state=opt_state,

@@ -96,6 +96,39 @@ def client_batch_index(n: int, batch_size: int, num_epochs: int, steps: int,
   return out[:steps]
 
 
+def _client_batches(ds: FederatedDataset, client_ids, *, batch_size: int,
+                    num_epochs: int, max_steps, steps_override, seed: int,
+                    round_idx: int, shuffle: bool):
+  """Each client's batches as global row indices ``[steps_i, B]`` (-1 pads)."""
+  client_ids = np.asarray(client_ids, dtype=np.int64)
+  sizes = ds.client_sizes[client_ids]
+  if np.any(sizes == 0):
+    bad = client_ids[sizes == 0]
+    raise ValueError(
+        f'clients {bad[:10].tolist()} (names {ds.client_names[bad[:10]].tolist()})'
+        ' have no training examples; drop them (e.g. '
+        'FederatedDataset.drop_small_clients(1)) before sampling.')
+  full = client_steps(sizes, batch_size, num_epochs, max_steps)
+  steps = full if steps_override is None else np.minimum(
+      np.asarray(steps_override, np.int64), full)
+  rows = []
+  for cid, n, k in zip(client_ids, sizes, steps):
+    rng = (np.random.default_rng([seed, round_idx, int(cid)])
+           if shuffle else None)
+    idx = client_batch_index(int(n), batch_size, num_epochs, int(k), rng)
+    rows.append(np.where(idx >= 0, idx + ds.offsets[cid], -1))
+  return client_ids, sizes, steps, rows
+
+
+def _cohort_ids_weights(client_ids, sizes, c, weight_override):
+  ids = np.full([c], -1, np.int32)
+  ids[:len(client_ids)] = client_ids
+  weight = np.zeros([c], np.float32)
+  weight[:len(client_ids)] = (sizes if weight_override is None else
+                              weight_override)
+  return ids, weight
+
+
 def stack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
                  batch_size: int, num_epochs: int = 1,
                  max_steps: Optional[int] = None,
@@ -121,17 +154,10 @@ def stack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
       stragglers); each must be <= the client's full number of steps.
     weight_override: optional per-client weights (default: example counts).
   """
-  client_ids = np.asarray(client_ids, dtype=np.int64)
-  sizes = ds.client_sizes[client_ids]
-  if np.any(sizes == 0):
-    bad = client_ids[sizes == 0]
-    raise ValueError(
-        f'clients {bad[:10].tolist()} (names {ds.client_names[bad[:10]].tolist()})'
-        ' have no training examples; drop them (e.g. '
-        'FederatedDataset.drop_small_clients(1)) before sampling.')
-  full = client_steps(sizes, batch_size, num_epochs, max_steps)
-  steps = full if steps_override is None else np.minimum(
-      np.asarray(steps_override, np.int64), full)
+  client_ids, sizes, steps, rows_per_client = _client_batches(
+      ds, client_ids, batch_size=batch_size, num_epochs=num_epochs,
+      max_steps=max_steps, steps_override=steps_override, seed=seed,
+      round_idx=round_idx, shuffle=shuffle)
   longest = int(steps.max()) if steps.size else 1
   s = longest if step_buckets is None else bucket_for(longest, step_buckets)
   c = len(client_ids) if num_slots is None else num_slots
@@ -140,19 +166,133 @@ def stack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
                      f'({len(client_ids)} clients).')
   rows = np.zeros([c, s, batch_size], np.int64)
   mask = np.zeros([c, s, batch_size], bool)
-  for slot, (cid, n, k) in enumerate(zip(client_ids, sizes, steps)):
-    rng = (np.random.default_rng([seed, round_idx, int(cid)])
-           if shuffle else None)
-    idx = client_batch_index(int(n), batch_size, num_epochs, int(k), rng)
+  for slot, (idx, k) in enumerate(zip(rows_per_client, steps)):
     mask[slot, :k] = idx >= 0
-    rows[slot, :k] = np.where(idx >= 0, idx + ds.offsets[cid], 0)
+    rows[slot, :k] = np.maximum(idx, 0)
   batches = {name: col[rows] for name, col in ds.columns.items()}
-  ids = np.full([c], -1, np.int32)
-  ids[:len(client_ids)] = client_ids
-  weight = np.zeros([c], np.float32)
-  weight[:len(client_ids)] = (sizes if weight_override is None else
-                              weight_override)
+  ids, weight = _cohort_ids_weights(client_ids, sizes, c, weight_override)
   return Cohort(ids, batches, mask, weight)
+
+
+class PackedCohort(NamedTuple):
+  """One round's clients packed one after another into ``L`` vmap lanes.
+
+  A lane runs its clients sequentially: where a client starts (``first``)
+  the lane's params and optimizer state reset to the broadcast model, and
+  at its last step (``last``) its weighted delta joins the round's sum. The
+  cohort-level arrays are those of `Cohort`; the lane arrays replace its
+  ``[C, S, B]`` layout, so the computed examples approach the real ones.
+
+  Attributes:
+    client_ids: int32 ``[C]``; -1 for padded clients.
+    weight: float32 ``[C]``; aggregation weights (0 for padded or dropped).
+    batches: column -> ``[L, T, B, ...]``.
+    mask: bool ``[L, T, B]``.
+    slot: int32 ``[L, T]``; the cohort slot (index into ``client_ids``) the
+      lane's step ``t`` belongs to, -1 for padding.
+    local_step: int32 ``[L, T]``; that client's own step index.
+    first: bool ``[L, T]``; the client's first step.
+    last: bool ``[L, T]``; the client's last step.
+  """
+  client_ids: np.ndarray
+  weight: np.ndarray
+  batches: dict
+  mask: np.ndarray
+  slot: np.ndarray
+  local_step: np.ndarray
+  first: np.ndarray
+  last: np.ndarray
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.mask.shape)
+
+
+def assign_lanes(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
+  """Longest-processing-time-first packing of clients into lanes.
+
+  Clients (indices into ``steps``) go in decreasing order of steps to the
+  lane with the least work so far (ties: the lowest lane), so lanes end up
+  within one client's work of each other. Clients with 0 steps are left out.
+  Deterministic.
+  """
+  if num_lanes < 1:
+    raise ValueError(f'num_lanes must be >= 1, got {num_lanes}.')
+  load = np.zeros(num_lanes, np.int64)
+  lanes: list[list[int]] = [[] for _ in range(num_lanes)]
+  for i in sorted(range(len(steps)), key=lambda i: (-int(steps[i]), i)):
+    if steps[i] <= 0:
+      continue
+    lane = int(np.argmin(load))
+    lanes[lane].append(i)
+    load[lane] += int(steps[i])
+  return lanes
+
+
+def pack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
+                num_lanes: int, batch_size: int, num_epochs: int = 1,
+                max_steps: Optional[int] = None,
+                step_buckets: Optional[Sequence[int]] = None,
+                num_slots: Optional[int] = None,
+                steps_override: Optional[np.ndarray] = None,
+                weight_override: Optional[np.ndarray] = None,
+                seed: int = 0, round_idx: int = 0) -> PackedCohort:
+  """Packs the cohort's clients into ``num_lanes`` lanes (`assign_lanes`).
+
+  Same arguments and the same batches as `stack_cohort`; ``step_buckets``
+  bound the lane length ``T`` instead of ``S``.
+  """
+  client_ids, sizes, steps, rows_per_client = _client_batches(
+      ds, client_ids, batch_size=batch_size, num_epochs=num_epochs,
+      max_steps=max_steps, steps_override=steps_override, seed=seed,
+      round_idx=round_idx, shuffle=True)
+  c = len(client_ids) if num_slots is None else num_slots
+  if c < len(client_ids):
+    raise ValueError(f'num_slots={c} is smaller than the cohort '
+                     f'({len(client_ids)} clients).')
+  lanes = assign_lanes(steps, num_lanes)
+  longest = max([int(sum(steps[i] for i in lane)) for lane in lanes] + [1])
+  t = longest if step_buckets is None else bucket_for(longest, step_buckets)
+  rows = np.zeros([num_lanes, t, batch_size], np.int64)
+  mask = np.zeros([num_lanes, t, batch_size], bool)
+  slot = np.full([num_lanes, t], -1, np.int32)
+  local_step = np.zeros([num_lanes, t], np.int32)
+  first = np.zeros([num_lanes, t], bool)
+  last = np.zeros([num_lanes, t], bool)
+  for lane, members in enumerate(lanes):
+    pos = 0
+    for i in members:
+      k = int(steps[i])
+      idx = rows_per_client[i]
+      mask[lane, pos:pos + k] = idx >= 0
+      rows[lane, pos:pos + k] = np.maximum(idx, 0)
+      slot[lane, pos:pos + k] = i
+      local_step[lane, pos:pos + k] = np.arange(k)
+      first[lane, pos] = True
+      last[lane, pos + k - 1] = True
+      pos += k
+  batches = {name: col[rows] for name, col in ds.columns.items()}
+  ids, weight = _cohort_ids_weights(client_ids, sizes, c, weight_override)
+  return PackedCohort(ids, weight, batches, mask, slot, local_step, first,
+                      last)
+
+
+def padding_efficiency(cohort, chunk_size: Optional[int] = None) -> float:
+  """Real examples / examples computed.
+
+  The round runs its clients (or lanes) in consecutive chunks of
+  ``chunk_size`` (default: all at once); a chunk computes only the steps at
+  which at least one of its clients has a real example (the rest are
+  skipped at run time), each costing ``chunk_size * B`` examples.
+  """
+  mask = np.asarray(cohort.mask)
+  n, _, b = mask.shape
+  k = n if chunk_size is None else chunk_size
+  computed = 0
+  for lo in range(0, n, k):
+    part = mask[lo:lo + k]
+    computed += int(np.any(part, axis=(0, 2)).sum()) * part.shape[0] * b
+  return float(mask.sum()) / max(computed, 1)
 
 
 def stack_eval(ds: FederatedDataset, client_ids: Sequence[int], *,

@@ -1,0 +1,78 @@
+"""Runs the same rounds on 1, 2, 4 and 8 devices; prints their max differences.
+
+Run as a subprocess by `test_sharding.py` (the device count is fixed when JAX
+starts): ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+
+from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import partitioned
+from fedjax_pfi.algorithms import server_optimizers
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.models import zoo
+from tests.algorithms.test_rounds import toy_dataset
+
+B = 4
+SEED = 3
+
+
+def run(ds, model, params0, layout, execution):
+  server_opt = server_optimizers.server_optimizer('fedavgm', 0.5)
+  if layout == 'personal':
+    alg = partitioned.fed_partitioned(
+        model, optax.adam(0.01), server_opt, personal=r'Dense_1/',
+        num_clients=ds.num_clients, execution=execution)
+  else:
+    alg = fedavg.fed_opt(model, optax.sgd(0.1), server_opt, proximal_mu=0.1,
+                         execution=execution)
+  state = alg.init(params0)
+  metrics = None
+  for r in range(2):
+    ids = cohort_lib.sample_cohort(ds.num_clients, 7, SEED, r)
+    kw = dict(batch_size=B, seed=SEED, round_idx=r, step_buckets=(8, 16, 32))
+    if layout == 'packed':
+      lanes = execution.slots(5)
+      cohort = cohort_lib.pack_cohort(ds, ids, num_lanes=lanes,
+                                      num_slots=execution.slots(7), **kw)
+    else:
+      cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(7),
+                                       **kw)
+    state, metrics = alg.apply(state, cohort, jax.random.fold_in(
+        jax.random.key(4), r))
+  return jax.device_get((state.params, state.client_states,
+                         metrics['client_loss'][:7]))
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  ds = toy_dataset(num_clients=12)
+  model = zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
+                          hidden=(5,))
+  params0 = model.init(jax.random.key(0))
+  out = {}
+  for layout in ('stacked', 'packed', 'personal'):
+    results = {}
+    for n in (1, 2, 4, 8):
+      mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('clients',))
+      for chunk in (None, 1):
+        results[(n, chunk)] = run(ds, model, params0, layout,
+                                  core.Execution(chunk_size=chunk, mesh=mesh))
+    ref = run(ds, model, params0, layout, core.Execution())
+    out[layout] = {
+        f'{n}x{chunk}': max(float(np.max(np.abs(a - b))) for a, b in zip(
+            jax.tree.leaves(ref), jax.tree.leaves(res)))
+        for (n, chunk), res in results.items()}
+    out[layout + '_param_scale'] = max(
+        float(np.max(np.abs(a))) for a in jax.tree.leaves(ref[0]))
+  json.dump(out, sys.stdout)
+
+
+if __name__ == '__main__':
+  main()

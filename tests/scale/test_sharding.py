@@ -1,0 +1,32 @@
+"""Rounds sharded over 1, 2, 4 and 8 (CPU) devices agree with one device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.fixture(scope='module')
+def diffs():
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', 'tests.scale.sharded_rounds'],
+                       cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize('layout', ['stacked', 'packed', 'personal'])
+def test_same_result_on_1_2_4_8_devices_chunked_or_not(diffs, layout):
+  got = diffs[layout]
+  assert sorted(got) == sorted(f'{n}x{c}' for n in (1, 2, 4, 8)
+                               for c in ('None', '1'))
+  assert diffs[layout + '_param_scale'] > 0.1  # the params did move
+  for name, d in got.items():
+    assert d < 2e-5, (layout, name, d)
