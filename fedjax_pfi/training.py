@@ -12,7 +12,8 @@ One call of `run(config, workdir)`:
 
 Because every random choice is a pure function of ``(seed, round)``, a run
 resumed from its workdir finishes with exactly the metrics of an uninterrupted
-run (timings aside, which live under ``time/``).
+run (performance figures aside -- timings, padding efficiency -- which live
+under ``time/``).
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ import numpy as np
 
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import evaluation
+from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
 from fedjax_pfi.models import zoo
 
 ALGORITHMS = algorithms.ALGORITHMS
-# Keys that may change between a run and its resumption.
-RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress')
+# Keys that may change between a run and its resumption: `execution` says how
+# a round is laid out on the hardware, never what it computes, so a run may
+# resume on another number of devices or chunk size.
+RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,6 +81,13 @@ def default_config() -> ml_collections.ConfigDict:
       tau=1e-3))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
   c.step_buckets = 'pow2'   # 'pow2', 'exact', or comma-separated ints '4,8'
+  # How rounds run on the hardware (results agree to float tolerance):
+  # devices: local devices the cohort is sharded over (0 = all of them);
+  # chunk_size: clients (lanes) per chunk per device, None = all at once;
+  # pack_lanes: pack the cohort's clients one after another into this many
+  # vmap lanes (0 = one lane per client, padded to the longest).
+  c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0))
+  c.execution.chunk_size = ml_collections.FieldReference(None, field_type=int)
   c.eval_every = 10
   c.eval_train = False      # also evaluate the global model on all train data
   c.eval_batch_size = 64
@@ -134,6 +145,30 @@ def validate(config, splits) -> None:
   for key in ('eval_every', 'checkpoint_every'):
     if int(config[key]) < 1:
       raise ValueError(f'{key} must be >= 1, got {config[key]}.')
+  ex = config.execution
+  if ex.chunk_size is not None and int(ex.chunk_size) < 1:
+    raise ValueError(f'execution.chunk_size must be >= 1 or None, got '
+                     f'{ex.chunk_size}.')
+  if int(ex.pack_lanes) < 0:
+    raise ValueError(f'execution.pack_lanes must be >= 0 (0: no packing), '
+                     f'got {ex.pack_lanes}.')
+  if int(ex.devices) < 0 or int(ex.devices) > jax.device_count():
+    raise ValueError(
+        f'execution.devices={ex.devices} but JAX sees {jax.device_count()} '
+        f'devices ({jax.devices()[0].platform}); choose 0 (all) to '
+        f'{jax.device_count()}.')
+
+
+def make_execution(config) -> core.Execution:
+  """The `core.Execution` of ``config.execution``: a one-axis mesh over
+  ``devices`` devices (all processes' devices in a multi-host run)."""
+  ex = config.execution
+  n = int(ex.devices) or jax.device_count()
+  mesh = None
+  if n > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('clients',))
+  chunk = None if ex.chunk_size is None else int(ex.chunk_size)
+  return core.Execution(chunk_size=chunk, mesh=mesh)
 
 
 def config_fingerprint(config) -> str:
@@ -157,6 +192,7 @@ class Experiment:
   max_steps: int
   init_params: Any  # key -> the initial params (pretrained weights, adapters)
   base_model: Any   # the model before PEFT wraps it (== model otherwise)
+  execution: core.Execution = core.Execution()
 
 
 def build(config) -> Experiment:
@@ -166,13 +202,20 @@ def build(config) -> Experiment:
                                splits.train.columns['x'][:2], splits.metadata,
                                pretrained=config.model.pretrained,
                                **config.model.kwargs.to_dict())
-  built = algorithms.build(config, base_model, splits.train.num_clients)
+  execution = make_execution(config)
+  built = algorithms.build(config, base_model, splits.train.num_clients,
+                           execution)
   max_steps = int(cohort_lib.client_steps(
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())
-  return Experiment(config, splits, built.model, built.algorithm,
-                    step_buckets(config, max_steps), max_steps,
-                    built.init_params, base_model)
+  lanes = int(config.execution.pack_lanes)
+  if lanes:  # LPT keeps every lane within one client of the mean load
+    per_lane = -(-config.clients_per_round // execution.slots(lanes))
+    buckets = step_buckets(config, (per_lane + 1) * max_steps)
+  else:
+    buckets = step_buckets(config, max_steps)
+  return Experiment(config, splits, built.model, built.algorithm, buckets,
+                    max_steps, built.init_params, base_model, execution)
 
 
 def initial_params(exp: Experiment):
@@ -199,11 +242,38 @@ def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
     partial = rng.integers(1, full + 1)
     steps = np.where(slow, 0 if c.stragglers.drop else partial, full)
     weights = np.where(slow & c.stragglers.drop, 0.0, weights)
-  return cohort_lib.stack_cohort(
-      ds, ids, batch_size=c.client.batch_size, num_epochs=c.client.epochs,
-      max_steps=c.client.max_steps, step_buckets=exp.buckets,
-      num_slots=c.clients_per_round, steps_override=steps,
-      weight_override=weights, seed=c.seed, round_idx=round_idx)
+  kw = dict(batch_size=c.client.batch_size, num_epochs=c.client.epochs,
+            max_steps=c.client.max_steps, step_buckets=exp.buckets,
+            num_slots=exp.execution.slots(c.clients_per_round),
+            steps_override=steps, weight_override=weights, seed=c.seed,
+            round_idx=round_idx)
+  if int(c.execution.pack_lanes):
+    return cohort_lib.pack_cohort(
+        ds, ids, num_lanes=exp.execution.slots(int(c.execution.pack_lanes)),
+        **kw)
+  if exp.execution.chunk_size is not None:
+    # Clients of similar length share a chunk, which then skips the steps
+    # none of them has; the order changes nothing else.
+    order = np.argsort(-steps, kind='stable')
+    ids, kw['steps_override'], kw['weight_override'] = (
+        ids[order], steps[order], weights[order])
+  return cohort_lib.stack_cohort(ds, ids, **kw)
+
+
+def cohort_sharding(exp: Experiment, cohort):
+  """Shardings for ``cohort``: the client (lane) axis split over the mesh,
+  cohort-level arrays of a packed cohort replicated."""
+  mesh = exp.execution.mesh
+  if mesh is None:
+    return None
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('clients'))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if isinstance(cohort, cohort_lib.PackedCohort):
+    return cohort._replace(
+        client_ids=whole, weight=whole,
+        batches={k: split for k in cohort.batches},
+        **{k: split for k in ('mask', 'slot', 'local_step', 'first', 'last')})
+  return jax.tree.map(lambda _: split, cohort)
 
 
 class MetricsWriter:
@@ -318,14 +388,23 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
     bar = tqdm(total=config.rounds, initial=start, unit='round',
                dynamic_ncols=True)
   row: dict = {}
-  pending = cohort_lib.to_device(make_cohort(exp, start)) if start < end else None
+  efficiency = {}
+
+  def prepare(r):  # sample, stack and start the transfer of round r's cohort
+    cohort = make_cohort(exp, r)
+    n = cohort.mask.shape[0]
+    efficiency[r] = cohort_lib.padding_efficiency(
+        cohort, exp.execution.chunk_size or n // exp.execution.num_shards)
+    return cohort_lib.to_device(cohort, cohort_sharding(exp, cohort))
+
+  pending = prepare(start) if start < end else None
   t_prev = time.perf_counter()
   try:
     for r in range(start, end):
       state, metrics = apply(state, pending, jax.random.fold_in(root, r),
                              frozen)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
-        pending = cohort_lib.to_device(make_cohort(exp, r + 1))
+        pending = prepare(r + 1)
       row = evaluation.flat_metrics(jax.device_get(metrics))
       if not math.isfinite(row['train_loss']):
         last = ckpt.latest_round()
@@ -346,6 +425,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       now = time.perf_counter()
       row['time/round_s'] = now - t_prev
       row['time/compilations'] = len(traces)
+      row['time/padding_efficiency'] = efficiency.pop(r)
       t_prev = now
       row = {'round': done, **row}
       writer.write(done, row)

@@ -90,12 +90,30 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
   return lora.assign_ranks(num_clients, ranks, seed)
 
 
-def build(config, base_model: base.Model, num_clients: int) -> Built:
+# Algorithms whose rounds run chunked, packed or sharded (`core.Execution`):
+# the rest aggregate something other than a weighted sum of deltas.
+SCALABLE = ('fedavg', 'fedprox') + tuple(LORA_PARTITIONS)
+
+
+def build(config, base_model: base.Model, num_clients: int,
+          execution: core.Execution = core.Execution()) -> Built:
   """The algorithm a config names (errors before any tracing)."""
   name = config.algorithm
   if name not in ALGORITHMS:
     raise ValueError(f'unknown algorithm {name!r}; accepted: '
                      f'{", ".join(ALGORITHMS)}.')
+  if name not in SCALABLE and (execution != core.Execution() or int(
+      config.get('execution', {}).get('pack_lanes', 0) or 0)):
+    raise ValueError(
+        f'algorithm {name!r} runs on one device, unchunked and unpacked (its '
+        'server step needs every client\'s update, not only their weighted '
+        f'sum); execution.* options work with {", ".join(SCALABLE)}.')
+  personal = name in LORA_PARTITIONS and LORA_PARTITIONS[name][1] is not None
+  if personal and int(config.get('execution', {}).get('pack_lanes', 0) or 0):
+    raise ValueError(
+        f'algorithm {name!r} keeps personal state per client, which packed '
+        'lanes do not carry; set execution.pack_lanes=0 (chunking and '
+        'sharding work).')
   cl, sv = config.client, config.server
   server = server_optimizers.server_optimizer(
       sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
@@ -118,7 +136,7 @@ def build(config, base_model: base.Model, num_clients: int) -> Built:
                                         momentum=cl.momentum)
   if name in ('fedavg', 'fedprox'):
     alg = fedavg.fed_opt(base_model, opt, server, proximal_mu=cl.proximal_mu,
-                         unroll=unroll, name=name)
+                         unroll=unroll, execution=execution, name=name)
     return Built(alg, base_model, base_model.init)
   cfg = lora_config(config.peft)
   if str(config.peft.client_ranks or '') and name not in HETERO_LORA:
@@ -134,7 +152,8 @@ def build(config, base_model: base.Model, num_clients: int) -> Built:
     frozen, personal = LORA_PARTITIONS[name]
     alg = partitioned.fed_partitioned(
         model, opt, server, frozen=frozen, personal=personal,
-        num_clients=num_clients, unroll=unroll, name=name)
+        num_clients=num_clients, unroll=unroll, execution=execution,
+        name=name)
     return Built(alg, model, model.init)
   ranks = client_ranks(config.peft, num_clients, config.seed)
   if name == 'flora':

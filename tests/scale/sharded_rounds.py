@@ -71,7 +71,33 @@ def main():
         for (n, chunk), res in results.items()}
     out[layout + '_param_scale'] = max(
         float(np.max(np.abs(a))) for a in jax.tree.leaves(ref[0]))
+  out['training'] = training_diffs()
   json.dump(out, sys.stdout)
+
+
+def training_diffs():
+  """The training loop on 1 device vs 4 (packed) and 2 (chunked) devices."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import small_config  # pylint: disable=g-import-not-at-top
+  rows = {}
+  for name, kw in [('one', {}),
+                   ('four_packed', {'execution.devices': 4,
+                                    'execution.pack_lanes': 4}),
+                   ('two_chunked', {'execution.devices': 2,
+                                    'execution.chunk_size': 1})]:
+    with tempfile.TemporaryDirectory() as d:
+      training.run(small_config(**kw), d)
+      rows[name] = training.read_metrics(d)
+  diffs = {}
+  for name in ('four_packed', 'two_chunked'):
+    diffs[name] = max(
+        abs(float(np.asarray(a[k], float).max() - np.asarray(b[k], float).max())
+            if np.ndim(a[k]) else float(a[k]) - float(b[k]))
+        for a, b in zip(rows['one'], rows[name]) for k in a
+        if not k.startswith('time/') and k != 'round')
+  diffs['rounds'] = len(rows['one'])
+  return diffs
 
 
 if __name__ == '__main__':

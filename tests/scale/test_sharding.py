@@ -30,3 +30,9 @@ def test_same_result_on_1_2_4_8_devices_chunked_or_not(diffs, layout):
   assert diffs[layout + '_param_scale'] > 0.1  # the params did move
   for name, d in got.items():
     assert d < 2e-5, (layout, name, d)
+
+
+def test_training_loop_on_4_and_2_devices_equals_one(diffs):
+  got = diffs['training']
+  assert got['rounds'] == 4
+  assert got['four_packed'] < 1e-4 and got['two_chunked'] < 1e-4, got
