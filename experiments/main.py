@@ -8,6 +8,10 @@ A config file may take a parameter after a colon: ``--config=...py:testing``
 selects its tiny testing variant. Re-running the same command resumes from the
 workdir's newest checkpoint and finishes with exactly the metrics of an
 uninterrupted run.
+
+Multi-host: ``python -m launch.local --num_processes=2 -- <this command>``
+(one machine) or ``launch/slurm.py`` (a cluster) start one such process per
+host; `fedjax_pfi.distributed` joins them.
 """
 
 from absl import app
@@ -15,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_pfi import distributed
 from fedjax_pfi import training
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,9 +36,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize()  # a multi-host run, if a launcher set one up
   config = _CONFIG.value
   logging.info('config:\n%s', config)
   final = training.run(config, _WORKDIR.value)
+  if not distributed.is_primary():
+    return
   keys = sorted(k for k in final if k.startswith(('test/', 'heldout/')) or
                 k == 'train_loss')
   print('final metrics (round {}):'.format(config.rounds))

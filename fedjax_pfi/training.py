@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import registry as algorithms
@@ -152,6 +153,12 @@ def validate(config, splits) -> None:
   if int(ex.pack_lanes) < 0:
     raise ValueError(f'execution.pack_lanes must be >= 0 (0: no packing), '
                      f'got {ex.pack_lanes}.')
+  if jax.process_count() > 1 and int(ex.devices) not in (
+      0, jax.device_count()):
+    raise ValueError(
+        f'a {jax.process_count()}-process run shards every round over all '
+        f'{jax.device_count()} devices; set execution.devices=0, got '
+        f'{ex.devices}.')
   if int(ex.devices) < 0 or int(ex.devices) > jax.device_count():
     raise ValueError(
         f'execution.devices={ex.devices} but JAX sees {jax.device_count()} '
@@ -225,8 +232,14 @@ def initial_params(exp: Experiment):
                                             2**31 - 1))
 
 
-def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
-  """Round ``round_idx``'s cohort: ids, straggler work, stacked batches."""
+def make_cohort(exp: Experiment, round_idx: int,
+                part: Optional[tuple[int, int]] = None):
+  """Round ``round_idx``'s cohort: ids, straggler work, stacked batches.
+
+  ``part=(lo, hi)``: only client slots (packed: lanes) ``lo:hi``, the share
+  of one host in a multi-host run (cohort-level arrays of a packed cohort
+  stay whole).
+  """
   c = exp.config
   ds = exp.splits.train
   ids = cohort_lib.sample_cohort(ds.num_clients, c.clients_per_round, c.seed,
@@ -242,22 +255,30 @@ def make_cohort(exp: Experiment, round_idx: int) -> cohort_lib.Cohort:
     partial = rng.integers(1, full + 1)
     steps = np.where(slow, 0 if c.stragglers.drop else partial, full)
     weights = np.where(slow & c.stragglers.drop, 0.0, weights)
+  num_slots = exp.execution.slots(c.clients_per_round)
   kw = dict(batch_size=c.client.batch_size, num_epochs=c.client.epochs,
             max_steps=c.client.max_steps, step_buckets=exp.buckets,
-            num_slots=exp.execution.slots(c.clients_per_round),
-            steps_override=steps, weight_override=weights, seed=c.seed,
-            round_idx=round_idx)
+            seed=c.seed, round_idx=round_idx)
   if int(c.execution.pack_lanes):
     return cohort_lib.pack_cohort(
         ds, ids, num_lanes=exp.execution.slots(int(c.execution.pack_lanes)),
-        **kw)
+        num_slots=num_slots, steps_override=steps, weight_override=weights,
+        lane_range=part, **kw)
   if exp.execution.chunk_size is not None:
     # Clients of similar length share a chunk, which then skips the steps
     # none of them has; the order changes nothing else.
     order = np.argsort(-steps, kind='stable')
-    ids, kw['steps_override'], kw['weight_override'] = (
-        ids[order], steps[order], weights[order])
-  return cohort_lib.stack_cohort(ds, ids, **kw)
+    ids, steps, weights = ids[order], steps[order], weights[order]
+  if part is not None:  # every host pads to the whole cohort's step bucket
+    longest = int(steps.max())
+    kw['step_buckets'] = (longest if exp.buckets is None else
+                          cohort_lib.bucket_for(longest, exp.buckets),)
+    lo, hi = part
+    ids, steps, weights = ids[lo:hi], steps[lo:hi], weights[lo:hi]
+    num_slots = hi - lo
+  return cohort_lib.stack_cohort(ds, ids, num_slots=num_slots,
+                                 steps_override=steps,
+                                 weight_override=weights, **kw)
 
 
 def cohort_sharding(exp: Experiment, cohort):
@@ -276,10 +297,42 @@ def cohort_sharding(exp: Experiment, cohort):
   return jax.tree.map(lambda _: split, cohort)
 
 
+def local_part(exp: Experiment) -> tuple[int, int, int]:
+  """``(lo, hi, n)``: this process feeds client slots (packed: lanes)
+  ``lo:hi`` of ``n`` (all of them in a one-process run)."""
+  c = exp.config
+  n = (exp.execution.slots(int(c.execution.pack_lanes))
+       if int(c.execution.pack_lanes) else
+       exp.execution.slots(c.clients_per_round))
+  if jax.process_count() == 1:
+    return 0, n, n
+  split = jax.sharding.NamedSharding(exp.execution.mesh,
+                                     jax.sharding.PartitionSpec('clients'))
+  idx = [i[0] for i in split.addressable_devices_indices_map((n,)).values()]
+  lo, hi = min(i.start or 0 for i in idx), max(i.stop or n for i in idx)
+  if sum((i.stop or n) - (i.start or 0) for i in idx) != hi - lo:
+    raise ValueError('this process\'s devices do not hold one contiguous '
+                     'block of the client axis; order the mesh by process.')
+  return lo, hi, n
+
+
+def to_global(cohort, shardings, full_rows: int):
+  """A process's share of a cohort -> global arrays over every host's
+  devices (``jax.make_array_from_process_local_data``); replicated
+  (cohort-level) arrays are whole on every process."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    if sharding.spec == jax.sharding.PartitionSpec():
+      return jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (full_rows,) + x.shape[1:])
+  return jax.tree.map(put, cohort, shardings)
+
+
 class MetricsWriter:
   """Appends one JSON object per line; TensorBoard scalars beside it."""
 
-  def __init__(self, workdir: str, resume_round: int):
+  def __init__(self, workdir: str, resume_round: int, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     kept = []
     if os.path.exists(self.path):  # drop rows past the restored checkpoint
@@ -287,6 +340,9 @@ class MetricsWriter:
         kept = [l for l in f if l.strip() and
                 json.loads(l)['round'] <= resume_round]
     self.last_row = json.loads(kept[-1]) if kept else {}
+    self.enabled = enabled  # a multi-host run's other processes write nothing
+    if not enabled:
+      return
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(kept)
@@ -299,6 +355,8 @@ class MetricsWriter:
       self._tb = None
 
   def write(self, round_idx: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
     self._file.write(json.dumps({'round': round_idx, **metrics}) + '\n')
     self._file.flush()
     if self._tb is not None:
@@ -307,6 +365,8 @@ class MetricsWriter:
           self._tb.add_scalar(k, v, round_idx)
 
   def close(self):
+    if not self.enabled:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()
@@ -351,8 +411,9 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   os.makedirs(workdir, exist_ok=True)
   exp = build(config)
   fp = config_fingerprint(config)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+  if distributed.is_primary():
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
 
   traces = []
 
@@ -360,21 +421,44 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
     traces.append(cohort.mask.shape)
     return exp.algorithm.apply_unjitted(state, cohort, key, frozen)
 
-  apply = jax.jit(counted_apply, donate_argnums=0)
+  multi = jax.process_count() > 1
+  replicated = None
+  if exp.execution.mesh is not None:
+    replicated = jax.sharding.NamedSharding(exp.execution.mesh,
+                                            jax.sharding.PartitionSpec())
+  # Metrics come back replicated: every process reads them whole.
+  apply = jax.jit(counted_apply, donate_argnums=0, out_shardings=replicated)
   root = jax.random.key(config.seed)
   params = initial_params(exp)
   state = exp.algorithm.init(params)
   # The frozen part (a pretrained base) is an argument of every round, shared
   # by all clients and never part of the state or the checkpoints.
-  frozen = jax.device_put(exp.algorithm.frozen_part(params))
+  def replicate(tree):
+    """On every device of the mesh, from host copies (which is what a
+    multi-host run accepts), or on the default device without a mesh."""
+    if replicated is None:
+      return jax.device_put(tree)
+    def put(x):
+      if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+          x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+      return jax.device_put(np.asarray(x), replicated)
+    return jax.tree.map(put, tree)
+
+  # One sharding from round 0: one trace.
+  state = replicate(state) if replicated is not None else state
+  frozen = replicate(exp.algorithm.frozen_part(params))
   del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
   start = 0
   latest = ckpt.latest_round()
   if latest is not None:
     state, _ = ckpt.restore(latest, state, fp)
+    if replicated is not None:
+      state = jax.device_put(state, replicated)
     start = latest
-  writer = MetricsWriter(workdir, start)
+  writer = MetricsWriter(workdir, start, enabled=distributed.is_primary())
   evaluator = evaluation.Evaluator(
       exp.algorithm.eval_model or exp.model, config.eval_batch_size,
       config.eval_clients_per_chunk, combine=exp.algorithm.combine)
@@ -390,19 +474,23 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   row: dict = {}
   efficiency = {}
 
+  lo, hi, rows = local_part(exp)
+
   def prepare(r):  # sample, stack and start the transfer of round r's cohort
-    cohort = make_cohort(exp, r)
-    n = cohort.mask.shape[0]
+    cohort = make_cohort(exp, r, (lo, hi) if multi else None)
+    # (multi-host: of this host's share)
     efficiency[r] = cohort_lib.padding_efficiency(
-        cohort, exp.execution.chunk_size or n // exp.execution.num_shards)
+        cohort, exp.execution.chunk_size or rows // exp.execution.num_shards)
+    if multi:
+      return to_global(cohort, cohort_sharding(exp, cohort), rows)
     return cohort_lib.to_device(cohort, cohort_sharding(exp, cohort))
 
   pending = prepare(start) if start < end else None
   t_prev = time.perf_counter()
   try:
     for r in range(start, end):
-      state, metrics = apply(state, pending, jax.random.fold_in(root, r),
-                             frozen)
+      state, metrics = apply(state, pending,
+                             replicate(jax.random.fold_in(root, r)), frozen)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = prepare(r + 1)
       row = evaluation.flat_metrics(jax.device_get(metrics))
@@ -417,8 +505,10 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
             f'server.learning_rate (now {config.server.learning_rate}).')
       done = r + 1
       if done % config.eval_every == 0 or done == config.rounds:
-        row.update(evaluate_all(
-            exp, evaluator, exp.algorithm.eval_view(state, frozen)))
+        view = exp.algorithm.eval_view(state, frozen)
+        if multi:  # evaluate on this process's devices, from host copies
+          view = jax.tree.map(np.asarray, view)
+        row.update(evaluate_all(exp, evaluator, view))
       for k in comm_total:
         comm_total[k] += row.get(k, 0.0)
         row[f'{k}_cumulative'] = comm_total[k]

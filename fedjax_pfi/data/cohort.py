@@ -236,11 +236,15 @@ def pack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
                 num_slots: Optional[int] = None,
                 steps_override: Optional[np.ndarray] = None,
                 weight_override: Optional[np.ndarray] = None,
-                seed: int = 0, round_idx: int = 0) -> PackedCohort:
+                seed: int = 0, round_idx: int = 0,
+                lane_range: Optional[tuple[int, int]] = None) -> PackedCohort:
   """Packs the cohort's clients into ``num_lanes`` lanes (`assign_lanes`).
 
   Same arguments and the same batches as `stack_cohort`; ``step_buckets``
-  bound the lane length ``T`` instead of ``S``.
+  bound the lane length ``T`` instead of ``S``. ``lane_range=(lo, hi)``
+  materialises only lanes ``lo:hi`` (a host's share in a multi-host run;
+  the lane arrays then have ``hi - lo`` rows, the cohort-level ones all
+  ``C``).
   """
   client_ids, sizes, steps, rows_per_client = _client_batches(
       ds, client_ids, batch_size=batch_size, num_epochs=num_epochs,
@@ -253,13 +257,14 @@ def pack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
   lanes = assign_lanes(steps, num_lanes)
   longest = max([int(sum(steps[i] for i in lane)) for lane in lanes] + [1])
   t = longest if step_buckets is None else bucket_for(longest, step_buckets)
-  rows = np.zeros([num_lanes, t, batch_size], np.int64)
-  mask = np.zeros([num_lanes, t, batch_size], bool)
-  slot = np.full([num_lanes, t], -1, np.int32)
-  local_step = np.zeros([num_lanes, t], np.int32)
-  first = np.zeros([num_lanes, t], bool)
-  last = np.zeros([num_lanes, t], bool)
-  for lane, members in enumerate(lanes):
+  lo, hi = (0, num_lanes) if lane_range is None else lane_range
+  rows = np.zeros([hi - lo, t, batch_size], np.int64)
+  mask = np.zeros([hi - lo, t, batch_size], bool)
+  slot = np.full([hi - lo, t], -1, np.int32)
+  local_step = np.zeros([hi - lo, t], np.int32)
+  first = np.zeros([hi - lo, t], bool)
+  last = np.zeros([hi - lo, t], bool)
+  for lane, members in enumerate(lanes[lo:hi]):
     pos = 0
     for i in members:
       k = int(steps[i])

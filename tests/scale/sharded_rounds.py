@@ -97,6 +97,8 @@ def training_diffs():
         for a, b in zip(rows['one'], rows[name]) for k in a
         if not k.startswith('time/') and k != 'round')
   diffs['rounds'] = len(rows['one'])
+  diffs['compilations'] = max(r['time/compilations'] for v in rows.values()
+                              for r in v)
   return diffs
 
 

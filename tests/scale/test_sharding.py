@@ -35,4 +35,5 @@ def test_same_result_on_1_2_4_8_devices_chunked_or_not(diffs, layout):
 def test_training_loop_on_4_and_2_devices_equals_one(diffs):
   got = diffs['training']
   assert got['rounds'] == 4
+  assert got['compilations'] == 1
   assert got['four_packed'] < 1e-4 and got['two_chunked'] < 1e-4, got

@@ -1,0 +1,290 @@
+r"""FedAvg rounds/s against a Python loop and the machine's centralized ceiling.
+
+  python -m experiments.benchmarks.fedavg_throughput --model=mlp --clients=50
+  python -m experiments.benchmarks.fedavg_throughput --model=cnn --clients=500
+
+The workload (issue 4): FedAvg over 1,000 clients with EMNIST-shaped data
+(28x28x1 pixels, 62 classes; the pixels are uniform noise, this measures
+speed), examples per client lognormal with mean 100 and sigma 0.7 clipped to
+10..400, each client's labels drawn from its own Dirichlet(0.3) over the
+classes; ``--clients`` clients per round sampled uniformly; one local epoch
+of batch 20 (last partial batch kept), client SGD lr 0.1, server SGD lr 1.0,
+example-weighted; the FedAvg paper's MLP (784-200-200-62) or CNN (two 5x5
+convolutions, 32 and 64 channels, each with 2x2 max-pooling, a 512 dense layer;
+`PatchConv`); ``--warmup`` untimed rounds, then ``--rounds`` timed ones.
+
+Three ways of doing the same rounds, in one process, interleaved round by
+round so they share the machine's noise:
+
+- ``simulator``: `fedjax_pfi`'s round, one jitted program for the whole run:
+  the clients packed into ``--lanes`` vmap lanes (0: one lane per client,
+  padded to the longest; see `cohort.pack_cohort`), optionally in chunks of
+  ``--chunk`` lanes, the next cohort stacked and transferred while the
+  current round computes;
+- ``python_loop``: a Python loop over clients and their batches with one
+  jitted per-step SGD function (fixed batch shape with a mask, so it
+  compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
+- ``centralized``: a jitted SGD step over batches of ``clients x 20``
+  examples, as many as it takes to see the round's examples: the practical
+  ceiling of this machine for this much work.
+
+Prints s/round, client updates/s, examples/s, padding efficiency (real
+examples / examples computed), the compiled round's memory (XLA's own
+figures: arguments + temporaries), the process's peak RSS, the number of
+compilations, and the ratios.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import server_optimizers
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.data.federated import FederatedDataset
+from fedjax_pfi.models import base
+from fedjax_pfi.models import zoo
+
+_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn'], 'The model.')
+_CLIENTS = flags.DEFINE_integer('clients', 50, 'Clients per round.')
+_POPULATION = flags.DEFINE_integer('population', 1000, 'Clients in all.')
+_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Timed rounds.')
+_WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed rounds (compilation).')
+_LANES = flags.DEFINE_integer('lanes', 0, 'Packed lanes (0: unpacked).')
+_CHUNK = flags.DEFINE_integer('chunk', 0, 'Lanes (clients) per chunk; 0: all.')
+_DEVICES = flags.DEFINE_integer(
+    'devices', 1, 'Devices the lanes are sharded over (on CPU: start with '
+    'XLA_FLAGS=--xla_force_host_platform_device_count=N, one per core).')
+_METHODS = flags.DEFINE_list('methods', 'simulator,python_loop,centralized',
+                             'Which methods to time.')
+B = 20
+CLIENT_LR = 0.1
+SERVER_LR = 1.0
+
+
+def emnist_shaped(num_clients: int, seed: int = 0) -> FederatedDataset:
+  """The benchmark population (see the module docstring)."""
+  rng = np.random.default_rng(seed)
+  sigma = 0.7
+  mu = np.log(100.0) - sigma**2 / 2  # so that the mean is 100
+  sizes = np.clip(np.round(rng.lognormal(mu, sigma, num_clients)), 10,
+                  400).astype(np.int64)
+  n = int(sizes.sum())
+  labels = np.concatenate([
+      rng.choice(62, size=k, p=rng.dirichlet(np.full(62, 0.3)))
+      for k in sizes]).astype(np.int32)
+  x = rng.random((n, 28, 28, 1), dtype=np.float32)
+  return FederatedDataset.from_client_index(
+      {'x': x, 'y': labels}, np.repeat(np.arange(num_clients), sizes),
+      metadata={'num_classes': 62})
+
+
+def build_model(ds):
+  if _MODEL.value == 'mlp':
+    return zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
+                           hidden=(200, 200))
+  return zoo.build_model('cnn', ds.columns['x'][:2], ds.metadata,
+                         conv='patches')
+
+
+def main(argv):
+  del argv
+  ds = emnist_shaped(_POPULATION.value)
+  model = build_model(ds)
+  params0 = model.init(jax.random.key(0))
+  c = _CLIENTS.value
+  lanes = _LANES.value
+  chunk = _CHUNK.value or None
+  max_steps = int(cohort_lib.client_steps(ds.client_sizes, B, 1).max())
+  # One step bucket, the longest any cohort can need, so the whole run
+  # compiles once; steps that are padding for every client (lane) of a chunk
+  # are skipped at run time, so the spare length costs memory, not time.
+  if lanes:  # LPT keeps every lane within one client of the mean load
+    buckets = ((-(-c // lanes) + 1) * max_steps,)
+  else:
+    buckets = (max_steps,)
+  mesh = None
+  if _DEVICES.value > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:_DEVICES.value]),
+                             ('clients',))
+  execution = core.Execution(chunk_size=chunk, mesh=mesh)
+  if lanes:
+    lanes = execution.slots(lanes)
+
+  def stack(r):
+    ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
+    kw = dict(batch_size=B, step_buckets=buckets, seed=0, round_idx=r)
+    if lanes:
+      return ids, cohort_lib.pack_cohort(ds, ids, num_lanes=lanes,
+                                         num_slots=execution.slots(c), **kw)
+    if chunk:  # clients of similar length share a chunk
+      ids = ids[np.argsort(-ds.client_sizes[ids], kind='stable')]
+    return ids, cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
+                                        **kw)
+
+  warm = list(range(1000, 1000 + _WARMUP.value))
+  timed = list(range(_ROUNDS.value))
+  cohorts = {r: stack(r) for r in warm + timed}
+
+  # -- simulator ----------------------------------------------------------------
+  alg = fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
+                       server_optimizers.server_optimizer('fedavg',
+                                                          SERVER_LR),
+                       execution=execution)
+  traces = []
+
+  def counted(state, cohort, key):
+    traces.append(1)
+    return alg.apply_unjitted(state, cohort, key)
+
+  apply = jax.jit(counted, donate_argnums=0)
+  sim = {'state': alg.init(params0)}
+  if mesh is not None:  # the state lives replicated on the mesh from round 0
+    sim['state'] = jax.device_put(sim['state'], jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+
+  def put(cohort):
+    if mesh is None:
+      return jax.device_put(cohort)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        'clients'))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shard = jax.tree.map(lambda _: split, cohort)
+    if lanes:
+      shard = shard._replace(client_ids=whole, weight=whole)
+    return jax.device_put(cohort, shard)
+
+  def run_simulator(rounds):
+    state = sim['state']
+    pending = put(stack(rounds[0])[1])
+    for i, r in enumerate(rounds):
+      state, m = apply(state, pending, jax.random.key(r))
+      if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
+        pending = put(stack(rounds[i + 1])[1])
+      jax.block_until_ready(m)
+    sim['state'] = state
+
+  # -- Python loop over clients -----------------------------------------------
+  opt = optax.sgd(CLIENT_LR)
+
+  @jax.jit
+  def step(params, opt_state, batch, mask):
+    grads = jax.grad(lambda p: base.masked_mean_loss(
+        model, p, batch, mask, None)[0])(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  @jax.jit
+  def server_update(params, deltas, weights):
+    mean = jax.tree.map(lambda *d: sum(w * x for w, x in zip(weights, d)) /
+                        sum(weights), *deltas)
+    return jax.tree.map(lambda p, d: p + SERVER_LR * d, params, mean)
+
+  loop = {'params': params0}
+
+  def run_loop(rounds):
+    params = loop['params']
+    for r in rounds:
+      ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
+      deltas, weights = [], []
+      for cid in ids:
+        n = int(ds.client_sizes[cid])
+        idx = cohort_lib.client_batch_index(
+            n, B, 1, -(-n // B), np.random.default_rng([0, r, int(cid)]))
+        data = ds.client(cid)
+        p, s = params, opt.init(params)
+        for rows in idx:
+          m = rows >= 0
+          batch = {k: v[np.maximum(rows, 0)] for k, v in data.items()}
+          p, s = step(p, s, batch, m)
+        deltas.append(jax.tree.map(jnp.subtract, p, params))
+        weights.append(float(n))
+      params = server_update(params, deltas, weights)
+    loop['params'] = jax.block_until_ready(params)
+
+  # -- centralized ceiling ------------------------------------------------------
+  @jax.jit
+  def central_step(params, opt_state, batch):
+    grads = jax.grad(lambda p: base.masked_mean_loss(
+        model, p, batch, jnp.ones(batch['y'].shape[0], bool), None)[0])(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  central = {'params': params0, 'opt': opt.init(params0)}
+
+  def run_central(rounds):
+    params, s = central['params'], central['opt']
+    big = c * B
+    for r in rounds:
+      n = int(ds.client_sizes[cohort_lib.sample_cohort(ds.num_clients, c, 0,
+                                                       r)].sum())
+      rows = np.random.default_rng(r).choice(ds.num_examples,
+                                             -(-n // big) * big)
+      for lo in range(0, rows.size, big):
+        batch = {k: v[rows[lo:lo + big]] for k, v in ds.columns.items()}
+        params, s = central_step(params, s, batch)
+    central['params'], central['opt'] = jax.block_until_ready((params, s))
+
+  methods = {'simulator': run_simulator, 'python_loop': run_loop,
+             'centralized': run_central}
+  methods = {k: methods[k] for k in _METHODS.value}
+  compile_s, times = {}, {k: [] for k in methods}
+  for name, fn in methods.items():
+    t = time.perf_counter()
+    fn(warm)
+    compile_s[name] = time.perf_counter() - t
+    print(f'{name}: {len(warm)} warm-up rounds (with compilation) '
+          f'{compile_s[name]:.1f} s', flush=True)
+  for r in timed:  # interleave methods round by round: shared noise
+    for name, fn in methods.items():
+      t = time.perf_counter()
+      fn([r])
+      times[name].append(time.perf_counter() - t)
+
+  examples = np.mean([cohorts[r][1].mask.sum() for r in timed])
+  eff = np.mean([cohort_lib.padding_efficiency(
+      cohorts[r][1], chunk or cohorts[r][1].mask.shape[0]) for r in timed])
+  print(f'jax {jax.__version__}, backend {jax.default_backend()}, '
+        f'{jax.device_count()} device(s), simulator on {_DEVICES.value}, '
+        f'{_MODEL.value}, {c} clients/round '
+        f'of {ds.num_clients}, lanes={lanes or "unpacked"}, '
+        f'chunk={chunk or "all"}')
+  print(f'{examples:.0f} examples per round on average; simulator padding '
+        f'efficiency {eff:.3f}; layout {cohorts[timed[0]][1].mask.shape}')
+  if 'simulator' in methods:
+    compiled = jax.jit(alg.apply_unjitted).lower(
+        sim['state'], put(cohorts[timed[0]][1]),
+        jax.random.key(0)).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      print(f'simulator round memory (XLA): arguments '
+            f'{mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries '
+            f'{mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs '
+            f'{mem.output_size_in_bytes / 2**20:.1f} MiB')
+    print(f'simulator compilations for the whole run: {len(traces)}')
+  print(f'process peak RSS: '
+        f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+  print(f'{"method":12s} {"s/round":>9s} {"client-upd/s":>13s} '
+        f'{"examples/s":>11s} {"warm-up s":>10s}')
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  for name in methods:
+    print(f'{name:12s} {med[name]:9.4f} {c / med[name]:13.1f} '
+          f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}')
+  if 'simulator' in med:
+    for other in ('python_loop', 'centralized'):
+      if other in med:
+        print(f'simulator / {other} throughput: '
+              f'{med[other] / med["simulator"]:.2f}x')
+
+
+if __name__ == '__main__':
+  app.run(main)
