@@ -1,0 +1,121 @@
+r"""Expands a grid of ``--config.*`` overrides into jobs, each with its own
+workdir, and runs them as local processes or writes a SLURM array.
+
+  python -m launch.sweep --workdir=/tmp/fedjax_pfi/sweep \
+      --config=experiments/configs/synthetic_fedprox.py \
+      --grid='client.learning_rate=0.01,0.03;clients_per_round=10,20' \
+      --parallel=2
+
+runs ``experiments.main`` once per point of the grid (here 4) with
+``--config.client.learning_rate=... --config.clients_per_round=...`` and
+``--workdir=<workdir>/client.learning_rate=0.01,clients_per_round=10`` and so
+on. ``--set`` adds overrides common to every job. Every job resumes from its
+workdir, so re-running the sweep finishes what is missing (finished jobs
+return at once). ``--slurm`` writes ``<workdir>/sweep.sbatch`` and
+``<workdir>/jobs.txt`` (one command per line) instead: an array job whose
+task ``$SLURM_ARRAY_TASK_ID`` runs line ``id + 1`` (submit it with
+``sbatch``). ``--dry_run`` prints the commands.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from launch import slurm
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the job workdirs.')
+_CONFIG = flags.DEFINE_string('config', None, 'The experiment config file.')
+_GRID = flags.DEFINE_string(
+    'grid', '', "Semicolon-separated 'key=v1,v2,...' axes over config fields.")
+_SET = flags.DEFINE_multi_string('set', [],
+                                 "'key=value' overrides for every job.")
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local jobs at a time.')
+_SLURM = flags.DEFINE_bool('slurm', False, 'Write a SLURM array instead.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
+_PARTITION = flags.DEFINE_string('partition', None, 'SLURM partition.')
+_TIME = flags.DEFINE_string('time', '24:00:00', 'SLURM time limit.')
+_GPUS = flags.DEFINE_integer('gpus', 0, 'GPUs per SLURM task.')
+
+
+def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
+  """``'a=1,2;b.c=x'`` -> ``[('a', ['1', '2']), ('b.c', ['x'])]``."""
+  axes = []
+  for part in filter(None, (p.strip() for p in spec.split(';'))):
+    key, sep, values = part.partition('=')
+    vals = [v.strip() for v in values.split(',') if v.strip()]
+    if not sep or not key.strip() or not vals:
+      raise ValueError(f"grid axis {part!r} is not 'key=v1,v2,...'.")
+    if key.strip() in [k for k, _ in axes]:
+      raise ValueError(f'grid key {key.strip()!r} appears twice.')
+    axes.append((key.strip(), vals))
+  return axes
+
+
+def expand(config: str, workdir: str, grid: str,
+           common: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+  """The jobs: ``[(workdir, command), ...]``, one per point of the grid."""
+  if not config or not workdir:
+    raise ValueError('--config and --workdir are required.')
+  for c in common:
+    if '=' not in c:
+      raise ValueError(f"--set {c!r} is not 'key=value'.")
+  axes = parse_grid(grid)
+  jobs = []
+  for values in itertools.product(*(v for _, v in axes)):
+    point = [f'{k}={v}' for (k, _), v in zip(axes, values)]
+    name = ','.join(point) or 'default'
+    job_dir = os.path.join(workdir, name.replace('/', '_'))
+    cmd = ([sys.executable, '-m', 'experiments.main', f'--config={config}',
+            f'--workdir={job_dir}'] +
+           [f'--config.{kv}' for kv in list(common) + point])
+    jobs.append((job_dir, cmd))
+  return jobs
+
+
+def run_local(jobs, parallel: int) -> int:
+  """Runs the jobs, ``parallel`` at a time; returns how many failed."""
+  if parallel < 1:
+    raise ValueError(f'--parallel must be >= 1, got {parallel}.')
+  pending, running, failed = list(jobs), [], 0
+  while pending or running:
+    while pending and len(running) < parallel:
+      job_dir, cmd = pending.pop(0)
+      os.makedirs(job_dir, exist_ok=True)
+      log = open(os.path.join(job_dir, 'sweep.log'), 'a')
+      running.append((job_dir, subprocess.Popen(cmd, stdout=log,
+                                                stderr=subprocess.STDOUT),
+                      log))
+    job_dir, proc, log = running.pop(0)
+    proc.wait()
+    log.close()
+    print(f'{"done" if proc.returncode == 0 else "FAILED"}: {job_dir}',
+          flush=True)
+    failed += proc.returncode != 0
+  return failed
+
+
+def main(argv):
+  del argv
+  jobs = expand(_CONFIG.value, _WORKDIR.value, _GRID.value, _SET.value)
+  if _DRY_RUN.value:
+    for _, cmd in jobs:
+      print(shlex.join(cmd))
+    return
+  if _SLURM.value:
+    path = slurm.write_array(jobs, _WORKDIR.value, partition=_PARTITION.value,
+                             time=_TIME.value, gpus=_GPUS.value)
+    print(f'{len(jobs)} jobs: sbatch {path}')
+    return
+  sys.exit(1 if run_local(jobs, _PARALLEL.value) else 0)
+
+
+if __name__ == '__main__':
+  app.run(main)
