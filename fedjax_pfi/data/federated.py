@@ -16,6 +16,8 @@ unseen users).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -112,6 +114,42 @@ class FederatedDataset:
     return cls(columns, np.concatenate([[0], np.cumsum(sizes)]),
                np.asarray(client_names), dict(metadata or {}))
 
+  # -- files --------------------------------------------------------------
+
+  def save(self, directory: str) -> None:
+    """Writes one ``.npy`` per column plus ``offsets.npy``,
+    ``client_names.npy`` and ``metadata.json``, so that `load` can
+    memory-map the columns."""
+    os.makedirs(directory, exist_ok=True)
+    for name, col in self.columns.items():
+      np.save(os.path.join(directory, f'column_{name}.npy'), np.asarray(col))
+    np.save(os.path.join(directory, 'offsets.npy'), self.offsets)
+    np.save(os.path.join(directory, 'client_names.npy'),
+            self.client_names.astype(str))
+    with open(os.path.join(directory, 'metadata.json'), 'w') as f:
+      json.dump(dict(self.metadata), f, default=str)
+
+  @classmethod
+  def load(cls, directory: str, mmap: bool = True) -> 'FederatedDataset':
+    """Reads a `save`d dataset; with ``mmap`` the columns stay on disk
+    (``np.load(mmap_mode='r')``) and stacking a cohort reads only its
+    clients' rows, so a population of millions of clients costs its
+    ``offsets`` array in memory."""
+    if not os.path.exists(os.path.join(directory, 'offsets.npy')):
+      raise FileNotFoundError(
+          f'{directory} is not a saved FederatedDataset (no offsets.npy); '
+          'write one with FederatedDataset.save.')
+    mode = 'r' if mmap else None
+    columns = {
+        f[len('column_'):-len('.npy')]: np.load(os.path.join(directory, f),
+                                                 mmap_mode=mode)
+        for f in sorted(os.listdir(directory))
+        if f.startswith('column_') and f.endswith('.npy')}
+    with open(os.path.join(directory, 'metadata.json')) as f:
+      metadata = json.load(f)
+    return cls(columns, np.load(os.path.join(directory, 'offsets.npy')),
+               np.load(os.path.join(directory, 'client_names.npy')), metadata)
+
   # -- queries --------------------------------------------------------------
 
   @property
@@ -207,6 +245,29 @@ class FederatedSplits:
   @property
   def metadata(self) -> Mapping[str, object]:
     return self.train.metadata
+
+  PARTS = ('train', 'val', 'test', 'heldout_train', 'heldout_test')
+
+  def save(self, directory: str) -> None:
+    """Each part in its own subdirectory (`FederatedDataset.save`)."""
+    for part in self.PARTS:
+      ds = getattr(self, part)
+      if ds is not None:
+        ds.save(os.path.join(directory, part))
+
+  @classmethod
+  def load(cls, directory: str, mmap: bool = True) -> 'FederatedSplits':
+    """Reads `save`d splits, memory-mapped: split once, offline, and every
+    run reads only the clients it samples."""
+    parts = {p: FederatedDataset.load(os.path.join(directory, p), mmap)
+             for p in cls.PARTS
+             if os.path.isdir(os.path.join(directory, p))}
+    missing = [p for p in ('train', 'val', 'test') if p not in parts]
+    if missing:
+      raise FileNotFoundError(
+          f'{directory} lacks the split(s) {missing}; FederatedSplits.save '
+          'writes train/, val/, test/ (and heldout_*/ if any).')
+    return cls(**parts)
 
   @classmethod
   def from_dataset(cls, ds: FederatedDataset, *, val_fraction: float,

@@ -18,6 +18,9 @@ Names:
     ``num_clients``, ``iid``).
   - ``tfds``: any prepared TFDS split (``tfds_name``, ``split``,
     ``client_key`` or ``partitioner`` + ``partitioner_kwargs``, ``data_dir``).
+  - ``saved``: splits written by `FederatedSplits.save` (``path``), with
+    memory-mapped columns: for populations of millions of clients, split
+    once offline; each round reads only its cohort's rows.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from fedjax_pfi.data import synthetic as synthetic_lib
 from fedjax_pfi.data import tfds_bridge
 from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 
-DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic', 'tfds')
+DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic', 'tfds',
+            'saved')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -115,6 +119,11 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
         num_clients=int(_get(cfg, 'num_clients', 30)),
         seed=int(_get(cfg, 'data_seed', 0)), iid=bool(_get(cfg, 'iid', False)))
     splits = _generic_splits(ds, cfg)
+  elif name == 'saved':  # FederatedSplits.save output, memory-mapped
+    if not _get(cfg, 'path'):
+      raise ValueError("data.name='saved' needs data.path, a directory "
+                       'written by FederatedSplits.save.')
+    splits = FederatedSplits.load(str(cfg['path']), mmap=True)
   elif name == 'tfds':
     ds = tfds_bridge.from_tfds(
         cfg['tfds_name'], _get(cfg, 'split', 'train'),
