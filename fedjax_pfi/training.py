@@ -81,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
       optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
       tau=1e-3))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
-  c.step_buckets = 'pow2'   # 'pow2', 'exact', or comma-separated ints '4,8'
+  # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
+  c.step_buckets = 'pow2'
   # How rounds run on the hardware (results agree to float tolerance):
   # devices: local devices the cohort is sharded over (0 = all of them);
   # chunk_size: clients (lanes) per chunk per device, None = all at once;
@@ -102,10 +103,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def step_buckets(config, max_steps: int):
-  """The allowed padded step counts: ``'pow2'``, ``'exact'`` or ``'4,8,16'``."""
+  """The allowed padded step counts: ``'pow2'``, ``'max'`` (one bucket, the
+  longest a round can need: one compilation per run; the steps no client of
+  a chunk needs are skipped at run time), ``'exact'`` or ``'4,8,16'``."""
   b = str(config.step_buckets)
   if b == 'pow2':
     return cohort_lib.power_of_two_buckets(max_steps)
+  if b == 'max':
+    return (max_steps,)
   if b == 'exact':
     return None
   try:
@@ -113,7 +118,7 @@ def step_buckets(config, max_steps: int):
   except ValueError:
     buckets = ()
   if not buckets or buckets[0] < 1:
-    raise ValueError(f"step_buckets must be 'pow2', 'exact' or comma-separated"
+    raise ValueError(f"step_buckets must be 'pow2', 'max', 'exact' or comma-separated"
                      f" positive ints such as '4,8,16', got {b!r}.")
   if buckets[-1] < max_steps:
     raise ValueError(f'step_buckets {b!r} cannot hold the longest client '

@@ -116,7 +116,7 @@ def test_rerun_of_finished_run_changes_nothing(tmp_path):
      "'vocab_size'"),
     ({'step_buckets': '1,2'}, "step_buckets '1,2' cannot hold the longest "
      'client'),
-    ({'step_buckets': 'big'}, "step_buckets must be 'pow2', 'exact' or "),
+    ({'step_buckets': 'big'}, "step_buckets must be 'pow2', 'max', 'exact' or "),
 ])
 def test_bad_config_gets_clear_error(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=re.escape(message)):

@@ -50,7 +50,7 @@ from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
-from fedjax_pfi.data.federated import FederatedDataset
+from fedjax_pfi.data import synthetic
 from fedjax_pfi.models import base
 from fedjax_pfi.models import zoo
 
@@ -71,23 +71,6 @@ CLIENT_LR = 0.1
 SERVER_LR = 1.0
 
 
-def emnist_shaped(num_clients: int, seed: int = 0) -> FederatedDataset:
-  """The benchmark population (see the module docstring)."""
-  rng = np.random.default_rng(seed)
-  sigma = 0.7
-  mu = np.log(100.0) - sigma**2 / 2  # so that the mean is 100
-  sizes = np.clip(np.round(rng.lognormal(mu, sigma, num_clients)), 10,
-                  400).astype(np.int64)
-  n = int(sizes.sum())
-  labels = np.concatenate([
-      rng.choice(62, size=k, p=rng.dirichlet(np.full(62, 0.3)))
-      for k in sizes]).astype(np.int32)
-  x = rng.random((n, 28, 28, 1), dtype=np.float32)
-  return FederatedDataset.from_client_index(
-      {'x': x, 'y': labels}, np.repeat(np.arange(num_clients), sizes),
-      metadata={'num_classes': 62})
-
-
 def build_model(ds):
   if _MODEL.value == 'mlp':
     return zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
@@ -98,7 +81,7 @@ def build_model(ds):
 
 def main(argv):
   del argv
-  ds = emnist_shaped(_POPULATION.value)
+  ds = synthetic.emnist_shaped(_POPULATION.value)
   model = build_model(ds)
   params0 = model.init(jax.random.key(0))
   c = _CLIENTS.value

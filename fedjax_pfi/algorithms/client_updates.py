@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms.core import take as core_take
+from fedjax_pfi.algorithms.core import window_at_step as core_window
 from fedjax_pfi.models import base
 
 Params = Any
@@ -102,7 +104,10 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
   - ``frozen``: optional params shared by every client and not trained (a
     foundation model's base), passed unbatched (``in_axes=None``);
   - ``aux``: optional per-client, untrained values ``[C, ...]`` (a client's
-    LoRA scale or rank).
+    LoRA scale or rank);
+  - ``window``: optional ``(lo, k)``: ``batches`` and ``mask`` hold more
+    clients than these, and clients ``lo:lo + k`` are trained, read step by
+    step in place (a chunk of a larger cohort, `core.sum_over_clients`).
 
   The loss sees ``param_groups.merge(frozen, params, aux)`` when ``frozen`` or
   ``aux`` is given (nested dicts), else ``params``. It returns a
@@ -141,8 +146,9 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
             jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
 
   def train(init_params, batches, mask, keys, correction=None, frozen=None,
-            aux=None):
-    num_clients, num_steps = mask.shape[:2]
+            aux=None, window=None):
+    num_steps = mask.shape[1]
+    num_clients = keys.shape[0]
     batched = lambda t: None if t is None else 0
     cohort_step = jax.vmap(
         client_step,
@@ -150,7 +156,7 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                  batched(aux)))
 
     def body(carry, s):
-      at_step = lambda x: jax.lax.dynamic_index_in_dim(x, s, 1, keepdims=False)
+      at_step = lambda x: core_window(x, s, window)
       m = at_step(mask)
 
       def run(carry):
@@ -206,8 +212,9 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
 
   ``lanes`` holds ``batches`` (column -> ``[L, T, B, ...]``), ``mask``
   ``[L, T, B]`` and ``slot``, ``local_step``, ``first``, ``last`` ``[L, T]``;
-  ``keys`` and ``weight`` are per cohort slot ``[C]``. Returns a
-  `PackedOutput` whose per-client leaves are ``[C]``.
+  ``keys`` and ``weight`` are per cohort slot ``[C]``; ``window=(lo, k)``
+  trains lanes ``lo:lo + k`` only (a chunk). Returns a `PackedOutput` whose
+  per-client leaves are ``[C]``.
   """
   if proximal_mu < 0:
     raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
@@ -218,9 +225,14 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train(init_params, lanes, keys, weight, frozen=None):
+  def train(init_params, lanes, keys, weight, frozen=None, window=None):
     mask = lanes['mask']
-    num_lanes, num_steps = mask.shape[:2]
+    num_steps = mask.shape[1]
+    lo, num_lanes = (0, mask.shape[0]) if window is None else window
+    # The small per-step arrays of this window's lanes; batches and mask are
+    # read step by step in place.
+    meta = {n: core_take(lanes[n], lo, num_lanes)
+            for n in ('slot', 'local_step', 'first', 'last')}
     num_slots = weight.shape[0]
     opt0 = optimizer.init(init_params)
 
@@ -241,8 +253,10 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
 
     def body(carry, t):
       at = lambda x: jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False)
-      m, slot, local_step = at(mask), at(lanes['slot']), at(lanes['local_step'])
-      first, last = at(lanes['first']), at(lanes['last'])
+      in_place = lambda x: core_window(x, t, window)
+      m, slot, local_step = in_place(mask), at(meta['slot']), at(
+          meta['local_step'])
+      first, last = at(meta['first']), at(meta['last'])
 
       def reset(c):
         params, opt_state, acc = c
@@ -257,8 +271,8 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
       def run(c):
         params, opt_state, acc = c
         params, opt_state, l, n, active = step_all(
-            params, opt_state, jax.tree.map(at, lanes['batches']), m, slot,
-            local_step)
+            params, opt_state, jax.tree.map(in_place, lanes['batches']), m,
+            slot, local_step)
         return (params, opt_state, acc), (l, n, active)
 
       carry, (l, n, active) = jax.lax.cond(
@@ -284,7 +298,7 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     (_, _, acc), (l, n, active, ex) = jax.lax.scan(
         body, (params0, opt_lanes, acc0), jnp.arange(num_steps), unroll=unroll)
     # [T, L] per-step values -> per cohort slot [C].
-    seg = jnp.where(lanes['slot'] >= 0, lanes['slot'], num_slots).T.reshape(-1)
+    seg = jnp.where(meta['slot'] >= 0, meta['slot'], num_slots).T.reshape(-1)
     per_slot = lambda v: jax.ops.segment_sum(
         v.reshape(-1).astype(jnp.float32), seg, num_slots + 1)[:num_slots]
     return PackedOutput(acc, per_slot(active).astype(jnp.int32), per_slot(l),

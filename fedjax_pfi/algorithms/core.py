@@ -122,36 +122,56 @@ class Execution(NamedTuple):
     return -(-num_clients // per) * per
 
 
+def take(x: jax.Array, lo, k: int) -> jax.Array:
+  """Rows ``lo:lo + k`` of ``x`` (``x`` itself when that is all of it)."""
+  if isinstance(lo, int) and lo == 0 and k == x.shape[0]:
+    return x
+  return jax.lax.dynamic_slice_in_dim(x, lo, k)
+
+
+def window_at_step(x: jax.Array, s, window=None) -> jax.Array:
+  """``x[lo:lo + k, s]`` of a ``[rows, steps, ...]`` array, or ``x[:, s]``
+  with ``window=None``: one step of a chunk, read in place (slicing the
+  chunk first would copy all its steps, O(chunk x steps) memory)."""
+  if window is None:
+    return jax.lax.dynamic_index_in_dim(x, s, 1, keepdims=False)
+  lo, k = window
+  starts = (lo, s) + (0,) * (x.ndim - 2)
+  out = jax.lax.dynamic_slice(x, starts, (k, 1) + x.shape[2:])
+  return out.reshape((k,) + x.shape[2:])
+
+
 def sum_over_clients(fn: Callable, lanes: Any, shared: Any,
                      execution: Execution = Execution()) -> Any:
-  """``fn(lanes, shared)`` summed over chunks of ``lanes`` (and devices).
+  """``fn(lanes, shared, lo, k)`` summed over chunks of ``lanes`` (and devices).
 
-  ``lanes`` leaves share a leading client (or lane) axis; ``fn`` maps a
-  slice of them and the unsliced ``shared`` to a pytree of sums (per-client
-  results as ``[C]``-indexed sums). The slices are the chunks of
-  ``execution.chunk_size`` of each device's shard; chunks run in a
-  ``lax.scan`` and devices under ``jax.shard_map``, their sums added.
+  ``lanes`` leaves share a leading client (or lane) axis of ``n`` rows (per
+  device); ``fn`` computes the pytree of sums (per-client results as
+  ``[C]``-indexed sums) of rows ``lo:lo + k`` (``k`` static; read them with
+  `take` or, step by step, `window_at_step`) given the unsliced ``shared``.
+  The rows are the chunks of ``execution.chunk_size`` of each device's
+  shard; chunks run in a ``lax.scan`` and devices under ``jax.shard_map``,
+  their sums added.
   """
   def local(lanes, shared):
     n = jax.tree.leaves(lanes)[0].shape[0]
     k = execution.chunk_size
     if k is None or k >= n:
-      out = fn(lanes, shared)
+      out = fn(lanes, shared, 0, n)
     else:
       if n % k:
         raise ValueError(f'{n} clients (lanes) per device do not split into '
                          f'chunks of {k}; pad them to a multiple '
                          '(Execution.slots).')
-      chunks = jax.tree.map(lambda x: x.reshape((n // k, k) + x.shape[1:]),
-                            lanes)
-      first = jax.tree.map(lambda x: x[0], chunks)
-      zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                          jax.eval_shape(fn, first, shared))
+      zero = jax.tree.map(
+          lambda a: jnp.zeros(a.shape, a.dtype),
+          jax.eval_shape(lambda l, s: fn(l, s, jnp.int32(0), k), lanes,
+                         shared))
 
-      def body(acc, chunk):
-        return jax.tree.map(jnp.add, acc, fn(chunk, shared)), None
+      def body(acc, i):
+        return jax.tree.map(jnp.add, acc, fn(lanes, shared, i * k, k)), None
 
-      out, _ = jax.lax.scan(body, zero, chunks)
+      out, _ = jax.lax.scan(body, zero, jnp.arange(n // k, dtype=jnp.int32))
     if execution.mesh is not None:
       out = jax.lax.psum(out, execution.axis)
     return out

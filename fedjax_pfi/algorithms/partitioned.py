@@ -105,18 +105,20 @@ def fed_partitioned(model: base.Model,
         client_states=(store.init(parts.personal, num_clients)
                        if has_personal else {}))
 
-  def unpacked_sums(lanes, shared, num_slots):
-    """A chunk of an unpacked cohort's clients -> the round's sums (the
+  def unpacked_sums(lanes, shared, lo, k, num_slots):
+    """Clients ``lo:lo + k`` of an unpacked cohort -> the round's sums (the
     per-client ones indexed by cohort slot, ``[num_slots]``)."""
     params, client_states, frozen_params, key = shared
-    ids, slot, weight = lanes['ids'], lanes['slot'], lanes['weight']
-    start = store.broadcast(params, ids.shape[0])
+    ids, slot, weight = (core.take(lanes[n], lo, k)
+                         for n in ('ids', 'slot', 'weight'))
+    start = store.broadcast(params, k)
     has_personal = bool(jax.tree.leaves(client_states))
     if has_personal:
       mine = store.gather(client_states, ids)
       start = param_groups.merge(start, mine)
     out = train(start, lanes['batches'], lanes['mask'],
-                core.client_keys(key, ids), frozen=frozen_params)
+                core.client_keys(key, ids), frozen=frozen_params,
+                window=(lo, k))
     global_paths = set(param_groups.leaf_paths(params))
     delta = param_groups.select(out.delta, global_paths.__contains__)
     to_slots = lambda v: jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[
@@ -124,17 +126,18 @@ def fed_partitioned(model: base.Model,
     sums = {'delta': aggregators_lib.weighted_sum(delta, weight),
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
-            'examples': to_slots(jnp.sum(lanes['mask'], (1, 2)))}
+            'examples': to_slots(jnp.sum(core.take(lanes['mask'], lo, k),
+                                         (1, 2)))}
     if has_personal:
       sums['personal'] = jax.tree.map(to_slots, jax.tree.map(
           jnp.add, mine, param_groups.select(
               out.delta, lambda p: p not in global_paths)))
     return sums
 
-  def packed_sums(lanes, shared):
+  def packed_sums(lanes, shared, lo, k):
     params, _, frozen_params, key, ids, weight = shared
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
-                       frozen=frozen_params)
+                       frozen=frozen_params, window=(lo, k))
     return {'delta': out.weighted_delta, 'loss_sum': out.loss_sum,
             'count': out.count, 'num_steps': out.num_steps,
             'examples': out.examples}

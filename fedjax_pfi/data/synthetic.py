@@ -116,3 +116,25 @@ def synthetic(alpha: float, beta: float, num_clients: int = 30,
   params = {'W': np.stack(ws), 'b': np.stack(bs), 'v': v, 'u': u,
             'B': b_mean, 'sigma_diag': sigma_diag}
   return ds, params
+
+
+def emnist_shaped(num_clients: int, seed: int = 0, *, mean_examples=100.0,
+                  sigma=0.7, min_examples=10, max_examples=400,
+                  label_alpha=0.3) -> FederatedDataset:
+  """The throughput benchmarks' population (issue 4): EMNIST-shaped inputs
+  (28x28x1 uniform noise, 62 classes), examples per client lognormal with
+  mean ``mean_examples`` and log-sd ``sigma``, rounded and clipped to
+  ``[min_examples, max_examples]``, each client's labels from its own
+  Dirichlet(``label_alpha``) over the classes. It measures speed, not
+  learning."""
+  rng = np.random.default_rng(seed)
+  mu = np.log(mean_examples) - sigma**2 / 2  # so that the mean is as asked
+  sizes = np.clip(np.round(rng.lognormal(mu, sigma, num_clients)),
+                  min_examples, max_examples).astype(np.int64)
+  labels = np.concatenate([
+      rng.choice(62, size=k, p=rng.dirichlet(np.full(62, label_alpha)))
+      for k in sizes]).astype(np.int32)
+  x = rng.random((int(sizes.sum()), 28, 28, 1), dtype=np.float32)
+  return FederatedDataset.from_client_index(
+      {'x': x, 'y': labels}, np.repeat(np.arange(num_clients), sizes),
+      metadata={'num_classes': 62})

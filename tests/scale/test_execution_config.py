@@ -24,7 +24,7 @@ def plain(tmp_path_factory):
 
 
 @pytest.mark.parametrize('execution', [
-    {'execution.pack_lanes': 2},
+    {'execution.pack_lanes': 2, 'step_buckets': 'max'},
     {'execution.chunk_size': 3},
     {'execution.pack_lanes': 2, 'execution.chunk_size': 1}])
 def test_packed_or_chunked_run_equals_plain(tmp_path, plain, execution):
