@@ -1,4 +1,4 @@
-"""The LoRA memory benchmark runs (tiny sizes) and shows the model term."""
+"""The benchmarks run at tiny sizes and print what they claim."""
 
 import os
 import re
@@ -22,3 +22,35 @@ def test_lora_memory_benchmark_runs():
   # with LoRA far less of it.
   assert float(slopes['full']) > 1.5
   assert float(slopes['lora']) < float(slopes['full']) / 3
+
+
+def test_fedavg_throughput_benchmark_runs():
+  """Tiny sizes; the printed padding efficiency and compilation count are
+  the packed layout's (no timing is asserted)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
+       '--population=40', '--clients=8', '--lanes=2', '--chunk=1',
+       '--rounds=2', '--warmup=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  eff = float(re.search(r'padding efficiency ([\d.]+)', out.stdout)[1])
+  assert 0.8 < eff <= 1.0, out.stdout
+  assert 'simulator compilations for the whole run: 1' in out.stdout
+  for name in ('simulator', 'python_loop', 'centralized'):
+    assert re.search(rf'^{name}\s+[\d.]+', out.stdout, re.M), out.stdout
+  assert 'simulator / centralized throughput' in out.stdout
+
+
+def test_large_cohort_benchmark_matches_unchunked():
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.large_cohort',
+       '--clients=60', '--lanes=6', '--chunk=2', '--compare_unchunked'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '60 clients, ' in out.stdout
+  diff = float(re.search(r'max \|param difference\| ([\d.e+-]+)',
+                         out.stdout)[1])
+  assert diff < 1e-5, out.stdout
+  temps = [float(t) for t in re.findall(r'XLA temporaries ([\d.]+) MiB',
+                                        out.stdout)]
+  assert len(temps) == 2 and temps[0] < temps[1], out.stdout  # chunk < all

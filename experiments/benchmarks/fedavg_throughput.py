@@ -64,6 +64,7 @@ _CHUNK = flags.DEFINE_integer('chunk', 0, 'Lanes (clients) per chunk; 0: all.')
 _DEVICES = flags.DEFINE_integer(
     'devices', 1, 'Devices the lanes are sharded over (on CPU: start with '
     'XLA_FLAGS=--xla_force_host_platform_device_count=N, one per core).')
+_UNROLL = flags.DEFINE_integer('unroll', 1, 'lax.scan unroll of local steps.')
 _METHODS = flags.DEFINE_list('methods', 'simulator,python_loop,centralized',
                              'Which methods to time.')
 B = 20
@@ -122,7 +123,7 @@ def main(argv):
   alg = fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
                        server_optimizers.server_optimizer('fedavg',
                                                           SERVER_LR),
-                       execution=execution)
+                       execution=execution, unroll=_UNROLL.value)
   traces = []
 
   def counted(state, cohort, key):
@@ -240,7 +241,7 @@ def main(argv):
         f'{jax.device_count()} device(s), simulator on {_DEVICES.value}, '
         f'{_MODEL.value}, {c} clients/round '
         f'of {ds.num_clients}, lanes={lanes or "unpacked"}, '
-        f'chunk={chunk or "all"}')
+        f'chunk={chunk or "all"}, unroll={_UNROLL.value}')
   print(f'{examples:.0f} examples per round on average; simulator padding '
         f'efficiency {eff:.3f}; layout {cohorts[timed[0]][1].mask.shape}')
   if 'simulator' in methods:
