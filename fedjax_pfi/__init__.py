@@ -8,8 +8,9 @@ and the server optimizer run in the same ``jax.jit``.
 The public API, re-exported here:
 
 - data: `FederatedDataset`, `FederatedSplits`, `Cohort`, `sample_cohort`,
-  `stack_cohort`, `load_splits` (datasets by name) and the `partition`
-  module;
+  `stack_cohort`, `PackedCohort`, `pack_cohort` (clients packed into vmap
+  lanes), `padding_efficiency`, `load_splits` (datasets by name) and the
+  `partition` module;
 - models: `Model`, `build_model` (the zoo by name), the `transformer`
   module (GPT-2 and Llama blocks) and `hf_io` (Hugging Face safetensors);
 - foundation-model adaptation: the `lora` module (adapters as pytrees),
@@ -17,7 +18,8 @@ The public API, re-exported here:
 - algorithms: `FederatedAlgorithm`, `ServerState`, `fed_opt` (FedAvg, FedOpt,
   FedProx), `fed_partitioned` (FedIT, FFA-LoRA, FedSA-LoRA, local-only:
   frozen / global / personal parts), `flora`, `hetlora`, `scaffold`,
-  `client_optimizer`, `server_optimizer`, `weighted_mean`;
+  `client_optimizer`, `server_optimizer`, `weighted_mean`, `Execution`
+  (chunking and sharding a round's clients);
 - evaluation: `Evaluator`, `summarize`;
 - the loop: `default_config`, `run` (what ``experiments/main.py`` calls).
 """
@@ -27,6 +29,7 @@ from fedjax_pfi import training
 from fedjax_pfi.algorithms.aggregators import Aggregator
 from fedjax_pfi.algorithms.aggregators import weighted_mean
 from fedjax_pfi.algorithms.client_updates import client_optimizer
+from fedjax_pfi.algorithms.core import Execution
 from fedjax_pfi.algorithms.core import FederatedAlgorithm
 from fedjax_pfi.algorithms.core import ServerState
 from fedjax_pfi.algorithms.fedavg import fed_opt
@@ -37,6 +40,9 @@ from fedjax_pfi.algorithms.scaffold import scaffold
 from fedjax_pfi.algorithms.server_optimizers import server_optimizer
 from fedjax_pfi.data import partition
 from fedjax_pfi.data.cohort import Cohort
+from fedjax_pfi.data.cohort import PackedCohort
+from fedjax_pfi.data.cohort import pack_cohort
+from fedjax_pfi.data.cohort import padding_efficiency
 from fedjax_pfi.data.cohort import sample_cohort
 from fedjax_pfi.data.cohort import stack_cohort
 from fedjax_pfi.data.federated import FederatedDataset

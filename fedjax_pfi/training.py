@@ -118,8 +118,9 @@ def step_buckets(config, max_steps: int):
   except ValueError:
     buckets = ()
   if not buckets or buckets[0] < 1:
-    raise ValueError(f"step_buckets must be 'pow2', 'max', 'exact' or comma-separated"
-                     f" positive ints such as '4,8,16', got {b!r}.")
+    raise ValueError(f"step_buckets must be 'pow2', 'max', 'exact' or "
+                     f"comma-separated positive ints such as '4,8,16', got "
+                     f'{b!r}.')
   if buckets[-1] < max_steps:
     raise ValueError(f'step_buckets {b!r} cannot hold the longest client '
                      f'({max_steps} local steps).')
@@ -436,8 +437,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   root = jax.random.key(config.seed)
   params = initial_params(exp)
   state = exp.algorithm.init(params)
-  # The frozen part (a pretrained base) is an argument of every round, shared
-  # by all clients and never part of the state or the checkpoints.
+
   def replicate(tree):
     """On every device of the mesh, from host copies (which is what a
     multi-host run accepts), or on the default device without a mesh."""
@@ -453,6 +453,8 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
 
   # One sharding from round 0: one trace.
   state = replicate(state) if replicated is not None else state
+  # The frozen part (a pretrained base) is an argument of every round, shared
+  # by all clients and never part of the state or the checkpoints.
   frozen = replicate(exp.algorithm.frozen_part(params))
   del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
