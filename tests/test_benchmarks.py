@@ -54,3 +54,14 @@ def test_large_cohort_benchmark_matches_unchunked():
   temps = [float(t) for t in re.findall(r'XLA temporaries ([\d.]+) MiB',
                                         out.stdout)]
   assert len(temps) == 2 and temps[0] < temps[1], out.stdout  # chunk < all
+
+
+def test_step_floor_benchmark_runs():
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.step_floor',
+       '--steps=10', '--lanes=2', '--central_batch=100', '--repeats=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  names = re.findall(r'^(\w+)\s+[\d.]+\s+[\d.]+x$', out.stdout, re.M)
+  assert names == ['python_loop', 'scan_1_lane', 'scan_2_lanes',
+                   'centralized'], out.stdout
