@@ -31,20 +31,6 @@ from absl import flags
 
 from launch import slurm
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the job workdirs.')
-_CONFIG = flags.DEFINE_string('config', None, 'The experiment config file.')
-_GRID = flags.DEFINE_string(
-    'grid', '', "Semicolon-separated 'key=v1,v2,...' axes over config fields.")
-_SET = flags.DEFINE_multi_string('set', [],
-                                 "'key=value' overrides for every job.")
-_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Local jobs at a time.')
-_SLURM = flags.DEFINE_bool('slurm', False, 'Write a SLURM array instead.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
-_PARTITION = flags.DEFINE_string('partition', None, 'SLURM partition.')
-_TIME = flags.DEFINE_string('time', '24:00:00', 'SLURM time limit.')
-_GPUS = flags.DEFINE_integer('gpus', 0, 'GPUs per SLURM task.')
-
-
 def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
   """``'a=1,2;b.c=x'`` -> ``[('a', ['1', '2']), ('b.c', ['x'])]``."""
   axes = []
@@ -102,20 +88,38 @@ def run_local(jobs, parallel: int) -> int:
   return failed
 
 
-def main(argv):
+def main(argv, f):
   del argv
-  jobs = expand(_CONFIG.value, _WORKDIR.value, _GRID.value, _SET.value)
-  if _DRY_RUN.value:
+  jobs = expand(f.config, f.workdir, f.grid, f.set)
+  if f.dry_run:
     for _, cmd in jobs:
       print(shlex.join(cmd))
     return
-  if _SLURM.value:
-    path = slurm.write_array(jobs, _WORKDIR.value, partition=_PARTITION.value,
-                             time=_TIME.value, gpus=_GPUS.value)
+  if f.slurm:
+    path = slurm.write_array(jobs, f.workdir, partition=f.partition,
+                             time=f.time, gpus=f.gpus)
     print(f'{len(jobs)} jobs: sbatch {path}')
     return
-  sys.exit(1 if run_local(jobs, _PARALLEL.value) else 0)
+  sys.exit(1 if run_local(jobs, f.parallel) else 0)
+
+
+def _define_flags():
+  """The command line's flags (defined only when run as a script, so the
+  module imports beside other absl programs)."""
+  flags.DEFINE_string('workdir', None, 'Root of the job workdirs.')
+  flags.DEFINE_string('config', None, 'The experiment config file.')
+  flags.DEFINE_string(
+      'grid', '', "Semicolon-separated 'key=v1,v2,...' axes over config "
+      'fields.')
+  flags.DEFINE_multi_string('set', [], "'key=value' overrides for every job.")
+  flags.DEFINE_integer('parallel', 1, 'Local jobs at a time.')
+  flags.DEFINE_bool('slurm', False, 'Write a SLURM array instead.')
+  flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
+  flags.DEFINE_string('partition', None, 'SLURM partition.')
+  flags.DEFINE_string('time', '24:00:00', 'SLURM time limit.')
+  flags.DEFINE_integer('gpus', 0, 'GPUs per SLURM task.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _define_flags()
+  app.run(lambda argv: main(argv, flags.FLAGS))

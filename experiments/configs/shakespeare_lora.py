@@ -7,8 +7,10 @@ r"""Personalise the pretrained byte-level GPT-2 to Shakespeare roles with LoRA.
   python -m experiments.peft_compare --workdir=/tmp/fedjax_pfi/peft_compare  # all, one table
 
 Expected (BUILD_NOTES.md, "Federated PEFT on Shakespeare roles", has the
-measured table): every method lifts the roles' own next-byte accuracy above
-the pretrained model's; LoRA sends a few percent of full fine-tuning's bytes.
+measured table): small gains over the pretrained model (0.461 per-client
+mean accuracy) for full fine-tuning (0.472) and FedIT (0.465); personal
+adapters (FedSA-LoRA, local-only) fall slightly below it on the roles' own
+held-out text; LoRA sends 1-2% of full fine-tuning's bytes.
 
 The foundation model was pretrained on the 11 history plays
 (``pretrain_shakespeare.py``); the federated clients are the speaking roles
@@ -16,8 +18,8 @@ of the other 27 plays with at least 5,000 characters (193 roles; UTF-8 bytes,
 windows of 64), each split 80/20 into its own training and test windows, 10%
 of the roles held out as unseen users. The base is frozen; LoRA rank 8 (alpha
 16) adapts the attention's q and v. 10 roles per round, 100 rounds, client
-SGD (lr 1.0 for adapters, 0.05 for full fine-tuning; chosen by the 20-round
-sweeps in BUILD_NOTES.md), batch 8, at most 16 local steps.
+SGD (lr 1.0 for adapters, 0.25 for FLoRA, 0.05 for full fine-tuning; chosen
+by the short sweeps in BUILD_NOTES.md), batch 8, at most 16 local steps.
 
 Variants (the algorithm; append ``,testing`` for a tiny run in seconds with a
 random, untrained base): ``fedit`` (default), ``ffa_lora``, ``fedsa_lora``,
@@ -68,6 +70,12 @@ def get_config(variant: str = 'fedit'):
     c.client.learning_rate = 0.05
   if name in ('flora', 'hetlora'):
     c.peft.client_ranks = '2,4,8'
+  if name == 'flora':
+    # FLoRA scales client k's adapter by alpha / r_k, so a rank-2 client's
+    # step changes the model 16x as much as a rank-8 one's: at lr 1.0 the
+    # rank-2 and rank-4 clients diverged in round 1 and the merged base
+    # collapsed to the majority baseline (BUILD_NOTES.md).
+    c.client.learning_rate = 0.25
   if name == 'hetlora':
     c.peft.prune_gamma = 0.99
     c.peft.prune_lambda = 0.01
