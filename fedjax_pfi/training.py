@@ -222,9 +222,12 @@ def build(config) -> Experiment:
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())
   lanes = int(config.execution.pack_lanes)
-  if lanes:  # LPT keeps every lane within one client of the mean load
-    per_lane = -(-config.clients_per_round // execution.slots(lanes))
-    buckets = step_buckets(config, (per_lane + 1) * max_steps)
+  if lanes:
+    buckets = step_buckets(config, cohort_lib.lane_length_bound(
+        cohort_lib.client_steps(splits.train.client_sizes,
+                                config.client.batch_size, config.client.epochs,
+                                config.client.max_steps),
+        config.clients_per_round, execution.slots(lanes)))
   else:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,

@@ -13,8 +13,8 @@ example-weighted; the FedAvg paper's MLP (784-200-200-62) or CNN (two 5x5
 convolutions, 32 and 64 channels, each with 2x2 max-pooling, a 512 dense layer;
 `PatchConv`); ``--warmup`` untimed rounds, then ``--rounds`` timed ones.
 
-Three ways of doing the same rounds, in one process, interleaved round by
-round so they share the machine's noise:
+Three ways of doing the same rounds, in one process, each method's timed
+rounds back to back (s/round is their mean):
 
 - ``simulator``: `fedjax_pfi`'s round, one jitted program for the whole run:
   the clients packed into ``--lanes`` vmap lanes (0: one lane per client,
@@ -89,13 +89,6 @@ def main(argv):
   lanes = _LANES.value
   chunk = _CHUNK.value or None
   max_steps = int(cohort_lib.client_steps(ds.client_sizes, B, 1).max())
-  # One step bucket, the longest any cohort can need, so the whole run
-  # compiles once; steps that are padding for every client (lane) of a chunk
-  # are skipped at run time, so the spare length costs memory, not time.
-  if lanes:  # LPT keeps every lane within one client of the mean load
-    buckets = ((-(-c // lanes) + 1) * max_steps,)
-  else:
-    buckets = (max_steps,)
   mesh = None
   if _DEVICES.value > 1:
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:_DEVICES.value]),
@@ -103,6 +96,15 @@ def main(argv):
   execution = core.Execution(chunk_size=chunk, mesh=mesh)
   if lanes:
     lanes = execution.slots(lanes)
+  # One step bucket, the longest any cohort can need, so the whole run
+  # compiles once; steps that are padding for every client (lane) of a chunk
+  # are skipped at run time, so the spare length costs memory, not time.
+  if lanes:
+    buckets = (cohort_lib.lane_length_bound(
+        cohort_lib.client_steps(ds.client_sizes, B, 1), c,
+        execution.slots(lanes)),)
+  else:
+    buckets = (max_steps,)
 
   def stack(r):
     ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
@@ -117,7 +119,9 @@ def main(argv):
 
   warm = list(range(1000, 1000 + _WARMUP.value))
   timed = list(range(_ROUNDS.value))
-  cohorts = {r: stack(r) for r in warm + timed}
+  # Only the masks are kept for the statistics (the simulator stacks each
+  # round's cohort as it goes, inside its timing).
+  masks = {r: stack(r)[1].mask for r in timed}
 
   # -- simulator ----------------------------------------------------------------
   alg = fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
@@ -228,25 +232,33 @@ def main(argv):
     compile_s[name] = time.perf_counter() - t
     print(f'{name}: {len(warm)} warm-up rounds (with compilation) '
           f'{compile_s[name]:.1f} s', flush=True)
-  for r in timed:  # interleave methods round by round: shared noise
-    for name, fn in methods.items():
-      t = time.perf_counter()
-      fn([r])
-      times[name].append(time.perf_counter() - t)
+  for name, fn in methods.items():
+    # Each method's timed rounds back to back, as a run does them: the
+    # simulator's pipeline stacks round r+1 while round r computes (timing
+    # rounds one call at a time would put every stacking on the clock).
+    t = time.perf_counter()
+    fn(timed)
+    times[name] = [(time.perf_counter() - t) / len(timed)]
 
-  examples = np.mean([cohorts[r][1].mask.sum() for r in timed])
+  examples = np.mean([masks[r].sum() for r in timed])
+
+  class _Masked:  # what padding_efficiency reads
+    def __init__(self, mask):
+      self.mask = mask
+
   eff = np.mean([cohort_lib.padding_efficiency(
-      cohorts[r][1], chunk or cohorts[r][1].mask.shape[0]) for r in timed])
+      _Masked(masks[r]), chunk or masks[r].shape[0] // _DEVICES.value)
+                 for r in timed])
   print(f'jax {jax.__version__}, backend {jax.default_backend()}, '
         f'{jax.device_count()} device(s), simulator on {_DEVICES.value}, '
         f'{_MODEL.value}, {c} clients/round '
         f'of {ds.num_clients}, lanes={lanes or "unpacked"}, '
         f'chunk={chunk or "all"}, unroll={_UNROLL.value}')
   print(f'{examples:.0f} examples per round on average; simulator padding '
-        f'efficiency {eff:.3f}; layout {cohorts[timed[0]][1].mask.shape}')
+        f'efficiency {eff:.3f}; layout {masks[timed[0]].shape}')
   if 'simulator' in methods:
     compiled = jax.jit(alg.apply_unjitted).lower(
-        sim['state'], put(cohorts[timed[0]][1]),
+        sim['state'], put(stack(timed[0])[1]),
         jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
     if mem is not None:

@@ -258,37 +258,39 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
           meta['local_step'])
       first, last = at(meta['first']), at(meta['last'])
 
-      def reset(c):
-        params, opt_state, acc = c
+      # Each lax.cond carries only what it may change.
+      def reset(po):
+        params, opt_state = po
         pick = lambda x0, x: jnp.where(
             first.reshape((-1,) + (1,) * (x.ndim - 1)), x0[None], x)
         return (jax.tree.map(pick, init_params, params),
-                jax.tree.map(pick, opt0, opt_state), acc)
+                jax.tree.map(pick, opt0, opt_state))
 
-      carry = jax.lax.cond(jnp.any(first), reset, lambda c: c, carry)
+      params, opt_state, acc = carry
+      params, opt_state = jax.lax.cond(jnp.any(first), reset, lambda po: po,
+                                       (params, opt_state))
       zeros = jnp.zeros([num_lanes], jnp.float32)
 
-      def run(c):
-        params, opt_state, acc = c
+      def run(po):
         params, opt_state, l, n, active = step_all(
-            params, opt_state, jax.tree.map(in_place, lanes['batches']), m,
-            slot, local_step)
-        return (params, opt_state, acc), (l, n, active)
+            *po, jax.tree.map(in_place, lanes['batches']), m, slot,
+            local_step)
+        return (params, opt_state), (l, n, active)
 
-      carry, (l, n, active) = jax.lax.cond(
+      (params, opt_state), (l, n, active) = jax.lax.cond(
           jnp.any(m), run,
-          lambda c: (c, (zeros, zeros, jnp.zeros([num_lanes], bool))), carry)
+          lambda po: (po, (zeros, zeros, jnp.zeros([num_lanes], bool))),
+          (params, opt_state))
       w = jnp.where(last & (slot >= 0), weight[jnp.maximum(slot, 0)], 0.0)
 
-      def accumulate(c):
-        params, opt_state, acc = c
-        return params, opt_state, jax.tree.map(
+      def accumulate(acc):
+        return jax.tree.map(
             lambda a, p, p0: a + jnp.tensordot(w.astype(p.dtype), p - p0[None],
                                                axes=1), acc, params,
             init_params)
 
-      carry = jax.lax.cond(jnp.any(w != 0), accumulate, lambda c: c, carry)
-      return carry, (l, n, active, jnp.sum(m, axis=1))
+      acc = jax.lax.cond(jnp.any(w != 0), accumulate, lambda a: a, acc)
+      return (params, opt_state, acc), (l, n, active, jnp.sum(m, axis=1))
 
     params0 = jax.tree.map(
         lambda p: jnp.broadcast_to(p, (num_lanes,) + p.shape), init_params)

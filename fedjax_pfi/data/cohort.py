@@ -208,6 +208,16 @@ class PackedCohort(NamedTuple):
     return tuple(self.mask.shape)
 
 
+def lane_length_bound(population_steps: np.ndarray, cohort_size: int,
+                      num_lanes: int) -> int:
+  """The most steps `assign_lanes` can put in one lane for any cohort of
+  ``cohort_size`` clients from a population with these step counts: LPT
+  keeps every lane within one client of the mean, so a lane holds at most
+  ``ceil(sum of the cohort_size largest / num_lanes) + the largest``."""
+  top = np.sort(np.asarray(population_steps))[::-1][:cohort_size]
+  return int(-(-int(top.sum()) // num_lanes) + (top[0] if top.size else 0))
+
+
 def assign_lanes(steps: np.ndarray, num_lanes: int) -> list[list[int]]:
   """Longest-processing-time-first packing of clients into lanes.
 

@@ -184,3 +184,17 @@ def test_layout_errors(setup):
   assert core.Execution(chunk_size=2).slots(5) == 6
   with pytest.raises(ValueError, match='num_lanes'):
     cohort_lib.assign_lanes(np.array([1]), 0)
+
+
+def test_lane_length_bound_holds_for_every_cohort():
+  rng = np.random.default_rng(0)
+  population = rng.integers(1, 21, 300)
+  for cohort_size, lanes in [(50, 1), (50, 2), (50, 7), (300, 16)]:
+    bound = cohort_lib.lane_length_bound(population, cohort_size, lanes)
+    for r in range(20):
+      ids = rng.choice(population.size, cohort_size, replace=False)
+      packed = cohort_lib.assign_lanes(population[ids], lanes)
+      longest = max(int(population[ids][l].sum()) for l in packed)
+      assert longest <= bound
+  # By hand: the 3 largest of [5, 1, 3, 3] sum to 11; 2 lanes: 6 + 5 = 11.
+  assert cohort_lib.lane_length_bound(np.array([5, 1, 3, 3]), 3, 2) == 11
