@@ -10,7 +10,7 @@ Expected (BUILD_NOTES.md, "Federated PEFT on Shakespeare roles", has the
 measured table): small gains over the pretrained model (0.461 per-client
 mean accuracy) for full fine-tuning (0.472) and FedIT (0.465); personal
 adapters (FedSA-LoRA, local-only) fall slightly below it on the roles' own
-held-out text; LoRA sends 1-2% of full fine-tuning's bytes.
+held-out text; LoRA sends 1-2% of full fine-tuning's bytes (FLoRA 8%).
 
 The foundation model was pretrained on the 11 history plays
 (``pretrain_shakespeare.py``); the federated clients are the speaking roles
