@@ -65,6 +65,45 @@ def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
       f"unknown client optimizer {name!r}; accepted: 'sgd', 'adam'.")
 
 
+def _client_step(model: base.Model, optimizer: optax.GradientTransformation,
+                 proximal_mu: float, regularizer=None):
+  """One client's local step, shared by `local_training` and
+  `packed_training`: ``step(params, opt_state, init_params, batch, m, key,
+  s, correction, frozen, aux) -> (params, opt_state, loss_sum, count,
+  active)``, a no-op where the mask ``m`` is all False."""
+  if proximal_mu < 0:
+    raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
+
+  def loss_fn(params, batch, mask, rng, frozen, aux):
+    full = (params if frozen is None and aux is None else
+            param_groups.merge(frozen, params, aux))
+    loss, stats = base.masked_mean_loss(model, full, batch, mask, rng,
+                                        train=True)
+    if regularizer is not None:
+      loss = loss + regularizer(params, aux)
+    return loss, stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def client_step(params, opt_state, init_params, batch, m, key, s,
+                  correction, frozen, aux):
+    (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s),
+                                frozen, aux)
+    if proximal_mu:
+      grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
+                           grads, params, init_params)
+    if correction is not None:
+      grads = jax.tree.map(jnp.add, grads, correction)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    active = jnp.any(m)
+    return (tree_where(active, new_params, params),
+            tree_where(active, new_opt_state, opt_state),
+            jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
+
+  return client_step
+
+
 def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                    *, proximal_mu: float = 0.0,
                    unroll: Union[int, bool] = 1,
@@ -114,36 +153,7 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
   `ClientOutput` whose leaves have a leading ``[C]`` axis; ``delta`` is
   ``final - init_params``.
   """
-  if proximal_mu < 0:
-    raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
-
-  def loss_fn(params, batch, mask, rng, frozen, aux):
-    full = (params if frozen is None and aux is None else
-            param_groups.merge(frozen, params, aux))
-    loss, stats = base.masked_mean_loss(model, full, batch, mask, rng,
-                                        train=True)
-    if regularizer is not None:
-      loss = loss + regularizer(params, aux)
-    return loss, stats
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def client_step(params, opt_state, init_params, batch, m, key, s,
-                  correction, frozen, aux):
-    """One client's step ``s``; a no-op where its mask ``m`` is all False."""
-    (_, stats), grads = grad_fn(params, batch, m, jax.random.fold_in(key, s),
-                                frozen, aux)
-    if proximal_mu:
-      grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
-                           grads, params, init_params)
-    if correction is not None:
-      grads = jax.tree.map(jnp.add, grads, correction)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    active = jnp.any(m)
-    return (tree_where(active, new_params, params),
-            tree_where(active, new_opt_state, opt_state),
-            jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
+  client_step = _client_step(model, optimizer, proximal_mu, regularizer)
 
   def train(init_params, batches, mask, keys, correction=None, frozen=None,
             aux=None, window=None):
@@ -216,14 +226,7 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
   trains lanes ``lo:lo + k`` only (a chunk). Returns a `PackedOutput` whose
   per-client leaves are ``[C]``.
   """
-  if proximal_mu < 0:
-    raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
-
-  def loss_fn(params, batch, mask, rng, frozen):
-    full = params if frozen is None else param_groups.merge(frozen, params)
-    return base.masked_mean_loss(model, full, batch, mask, rng, train=True)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  client_step = _client_step(model, optimizer, proximal_mu)
 
   def train(init_params, lanes, keys, weight, frozen=None, window=None):
     mask = lanes['mask']
@@ -237,17 +240,9 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     opt0 = optimizer.init(init_params)
 
     def lane_step(params, opt_state, batch, m, slot, local_step):
-      key = jax.random.fold_in(keys[jnp.maximum(slot, 0)], local_step)
-      (_, stats), grads = grad_fn(params, batch, m, key, frozen)
-      if proximal_mu:
-        grads = jax.tree.map(lambda g, w, w0: g + proximal_mu * (w - w0),
-                             grads, params, init_params)
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      active = jnp.any(m)
-      return (tree_where(active, new_params, params),
-              tree_where(active, new_opt_state, opt_state),
-              jnp.sum(stats.loss_sum), jnp.sum(stats.count), active)
+      return client_step(params, opt_state, init_params, batch, m,
+                         keys[jnp.maximum(slot, 0)], local_step, None, frozen,
+                         None)
 
     step_all = jax.vmap(lane_step)
 
