@@ -46,12 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks import baselines
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import synthetic
-from fedjax_pfi.models import base
 from fedjax_pfi.models import zoo
 
 _MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn'], 'The model.')
@@ -164,18 +164,8 @@ def main(argv):
   # -- Python loop over clients -----------------------------------------------
   opt = optax.sgd(CLIENT_LR)
 
-  @jax.jit
-  def step(params, opt_state, batch, mask):
-    grads = jax.grad(lambda p: base.masked_mean_loss(
-        model, p, batch, mask, None)[0])(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  @jax.jit
-  def server_update(params, deltas, weights):
-    mean = jax.tree.map(lambda *d: sum(w * x for w, x in zip(weights, d)) /
-                        sum(weights), *deltas)
-    return jax.tree.map(lambda p, d: p + SERVER_LR * d, params, mean)
+  step = baselines.sgd_step(model, opt)
+  server_update = baselines.server_update(SERVER_LR)
 
   loop = {'params': params0}
 
@@ -200,12 +190,7 @@ def main(argv):
     loop['params'] = jax.block_until_ready(params)
 
   # -- centralized ceiling ------------------------------------------------------
-  @jax.jit
-  def central_step(params, opt_state, batch):
-    grads = jax.grad(lambda p: base.masked_mean_loss(
-        model, p, batch, jnp.ones(batch['y'].shape[0], bool), None)[0])(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  central_step = baselines.central_step(model, opt)
 
   central = {'params': params0, 'opt': opt.init(params0)}
 

@@ -37,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments.benchmarks import baselines
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
-from fedjax_pfi.models import base
 from fedjax_pfi.models import zoo
 
 _CLIENTS = flags.DEFINE_integer('clients', 50, 'Clients per round.')
@@ -96,18 +96,8 @@ def main(argv):
   # -- Python loop over clients -----------------------------------------------
   opt = optax.sgd(LR)
 
-  @jax.jit
-  def step(params, opt_state, batch, mask):
-    grads = jax.grad(lambda p: base.masked_mean_loss(
-        model, p, batch, mask, None)[0])(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  @jax.jit
-  def server_update(params, deltas, weights):
-    mean = jax.tree.map(lambda *d: sum(w * x for w, x in zip(weights, d)) /
-                        sum(weights), *deltas)
-    return jax.tree.map(jnp.add, params, mean)
+  step = baselines.sgd_step(model, opt)
+  server_update = baselines.server_update()
 
   def run_loop(rounds):
     params = params0
@@ -128,12 +118,7 @@ def main(argv):
     return jax.block_until_ready(params)
 
   # -- centralized ceiling ------------------------------------------------------
-  @jax.jit
-  def central_step(params, opt_state, batch):
-    grads = jax.grad(lambda p: base.masked_mean_loss(
-        model, p, batch, jnp.ones(batch['y'].shape[0], bool), None)[0])(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  central_step = baselines.central_step(model, opt)
 
   def run_central(rounds):
     params, s = params0, opt.init(params0)
