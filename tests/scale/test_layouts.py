@@ -198,3 +198,25 @@ def test_lane_length_bound_holds_for_every_cohort():
       assert longest <= bound
   # By hand: the 3 largest of [5, 1, 3, 3] sum to 11; 2 lanes: 6 + 5 = 11.
   assert cohort_lib.lane_length_bound(np.array([5, 1, 3, 3]), 3, 2) == 11
+
+
+def test_cohort_batches_are_aligned_zero_padded_and_not_copied(setup):
+  ds, _, _ = setup
+  ids = np.array([1, 2, 6])
+  for cohort in (cohort_lib.pack_cohort(ds, ids, num_lanes=2, batch_size=B,
+                                        seed=SEED),
+                 cohort_lib.stack_cohort(ds, ids, batch_size=B, seed=SEED,
+                                         num_slots=5)):
+    for name, col in cohort.batches.items():
+      assert col.ctypes.data % 64 == 0, name
+      # Padded examples are zeros; the real ones are the clients' rows.
+      assert not np.any(col[~cohort.mask])
+      real = np.sort(col[cohort.mask].reshape(int(cohort.mask.sum()), -1),
+                     axis=0)
+      rows = np.concatenate([np.arange(ds.offsets[c], ds.offsets[c + 1])
+                             for c in ids])
+      want = np.sort(ds.columns[name][rows].reshape(rows.size, -1), axis=0)
+      np.testing.assert_array_equal(real, want)
+    # On CPU the transfer aliases the host buffer instead of copying it.
+    on_device = jax.device_put(cohort.batches['x'])
+    assert on_device.unsafe_buffer_pointer() == cohort.batches['x'].ctypes.data
