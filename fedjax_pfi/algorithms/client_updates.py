@@ -104,6 +104,40 @@ def _client_step(model: base.Model, optimizer: optax.GradientTransformation,
   return client_step
 
 
+def _over_steps(body, carry, mask, unroll, ys=None):
+  """``lax.scan(body, carry, arange(S))`` for the local steps of ``mask``
+  ``[clients, S, B]``, stopping after the last step any client has examples.
+
+  With ``unroll == 1`` a ``lax.while_loop`` runs only up to that step: a
+  step bucket that holds every cohort (one compilation per run) leaves most
+  steps padding, and a skipped step still costs ~16 us on XLA:CPU
+  (BUILD_NOTES). ``ys=(dtypes, width)``: ``body`` returns one value ``[width]``
+  per dtype per step, stacked to ``[S, width]`` (zeros after the stop);
+  returns ``carry`` or ``(carry, ys)``.
+  """
+  num_steps = mask.shape[1]
+  if unroll != 1:
+    carry, out = jax.lax.scan(body, carry, jnp.arange(num_steps),
+                              unroll=unroll)
+    return carry if ys is None else (carry, out)
+  real = jnp.any(mask, axis=(0, 2))
+  stop = jnp.max(jnp.where(real, jnp.arange(num_steps) + 1, 0))
+  out0 = () if ys is None else tuple(jnp.zeros([num_steps, ys[1]], d)
+                                     for d in ys[0])
+
+  def step(state):
+    t, carry, out = state
+    carry, y = body(carry, t)
+    if ys is not None:
+      out = tuple(jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), t,
+                                                      0) for a, v in zip(out, y))
+    return t + 1, carry, out
+
+  _, carry, out = jax.lax.while_loop(lambda st: st[0] < stop, step,
+                                     (jnp.zeros([], jnp.int32), carry, out0))
+  return carry if ys is None else (carry, out)
+
+
 def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                    *, proximal_mu: float = 0.0,
                    unroll: Union[int, bool] = 1,
@@ -182,8 +216,9 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     zeros = jnp.zeros([num_clients], jnp.float32)
     init = (init_params, jax.vmap(optimizer.init)(init_params), zeros, zeros,
             jnp.zeros([num_clients], jnp.int32))
-    (params, _, loss_sum, count, steps), _ = jax.lax.scan(
-        body, init, jnp.arange(num_steps), unroll=unroll)
+    lo, k = (0, num_clients) if window is None else window
+    params, _, loss_sum, count, steps = _over_steps(
+        body, init, core_take(mask, lo, k), unroll)
     delta = jax.tree.map(jnp.subtract, params, init_params)
     return ClientOutput(delta, steps, loss_sum, count)
 
@@ -292,8 +327,9 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     opt_lanes = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_lanes,) + jnp.shape(x)), opt0)
     acc0 = jax.tree.map(jnp.zeros_like, init_params)
-    (_, _, acc), (l, n, active, ex) = jax.lax.scan(
-        body, (params0, opt_lanes, acc0), jnp.arange(num_steps), unroll=unroll)
+    (_, _, acc), (l, n, active, ex) = _over_steps(
+        body, (params0, opt_lanes, acc0), core_take(mask, lo, num_lanes),
+        unroll, ys=((jnp.float32,) * 2 + (bool, jnp.int32), num_lanes))
     # [T, L] per-step values -> per cohort slot [C].
     seg = jnp.where(meta['slot'] >= 0, meta['slot'], num_slots).T.reshape(-1)
     per_slot = lambda v: jax.ops.segment_sum(
