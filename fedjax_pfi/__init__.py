@@ -19,12 +19,17 @@ The public API, re-exported here:
   FedProx), `fed_partitioned` (FedIT, FFA-LoRA, FedSA-LoRA, local-only:
   frozen / global / personal parts), `flora`, `hetlora`, `scaffold`,
   `client_optimizer`, `server_optimizer`, `weighted_mean`, `Execution`
-  (chunking and sharding a round's clients);
-- evaluation: `Evaluator`, `summarize`;
+  (chunking and sharding a round's clients), `ditto`, `fedrep_training`
+  and the `personalized` module (FedPer, LG-FedAvg, FedRep, FedBABU,
+  FedAvg + FT, local-only as partitions);
+- evaluation: `Evaluator`, `summarize`, and the `personalization` module
+  (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
+  gains and silent-failure fractions; the report's files and plots);
 - the loop: `default_config`, `run` (what ``experiments/main.py`` calls).
 """
 
 from fedjax_pfi import evaluation
+from fedjax_pfi import personalization
 from fedjax_pfi import training
 from fedjax_pfi.algorithms.aggregators import Aggregator
 from fedjax_pfi.algorithms.aggregators import weighted_mean
@@ -35,7 +40,10 @@ from fedjax_pfi.algorithms.core import ServerState
 from fedjax_pfi.algorithms.fedavg import fed_opt
 from fedjax_pfi.algorithms.hetero_lora import flora
 from fedjax_pfi.algorithms.hetero_lora import hetlora
+from fedjax_pfi.algorithms import personalized
 from fedjax_pfi.algorithms.partitioned import fed_partitioned
+from fedjax_pfi.algorithms.personalized import ditto
+from fedjax_pfi.algorithms.personalized import fedrep_training
 from fedjax_pfi.algorithms.scaffold import scaffold
 from fedjax_pfi.algorithms.server_optimizers import server_optimizer
 from fedjax_pfi.data import partition

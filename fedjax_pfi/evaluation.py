@@ -51,7 +51,7 @@ class ClientMetrics(NamedTuple):
     return self.loss_sum / np.maximum(self.count, 1)
 
 
-def _client_sums(model: base.Model):
+def client_sums(model: base.Model):
 
   def sums(params, batches, mask):
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batches)
@@ -75,7 +75,7 @@ class Evaluator:
                clients_per_chunk: int = 32, combine=None):
     self.batch_size = batch_size
     self.clients_per_chunk = clients_per_chunk
-    sums = _client_sums(model)
+    sums = client_sums(model)
     combine = combine or (lambda shared, mine: mine)
     self._personal = jax.jit(jax.vmap(
         lambda shared, mine, b, m: sums(combine(shared, mine), b, m),

@@ -32,7 +32,10 @@ import numpy as np
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
+from fedjax_pfi import personalization
+from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
@@ -73,6 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
       rank=8, alpha=16.0, dropout=0.0, target=r'attn/(q|v)$',
       mode='activation', client_ranks='', prune_gamma=0.99,
       prune_lambda=0.0))
+  # Personalized FL (fedjax_pfi/algorithms/registry.py) and its evaluation
+  # (fedjax_pfi/personalization.py).
+  c.personalization = ml_collections.ConfigDict(dict(
+      head='', head_epochs=1, ditto_lambda=0.1, finetune_epochs=1,
+      local_epochs=0, hurt_margin=0.0))
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
@@ -386,27 +394,122 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def evaluate_all(exp: Experiment, evaluator, view) -> dict[str, float]:
-  """Test split (each client with its own params where it has personal
-  state), held-out clients and optionally the training data.
+class RunEvaluator:
+  """A run's evaluation: who personalization helps and whom it hurts.
 
-  ``view`` is the algorithm's `EvalView`; held-out clients, who never
-  trained, get ``view.params``.
+  Every evaluation reports, on each training client's own test data:
+
+  - ``test/``: the personalized model of each client (its personal state,
+    or the global model fine-tuned on its training data for algorithms with
+    ``finetune``; the global model for plain FedAvg);
+  - ``global/``: the global model, where the algorithm has one and
+    personalizes it, with ``vs_global/`` per-client gains and the fraction
+    of clients it hurts (`personalization.compare`);
+  - ``local/``: with ``personalization.local_epochs`` > 0, each client's
+    model trained on its own data alone from the initial params (computed
+    once, a pure function of the config), with ``vs_local/`` gains;
+  - ``heldout/``: clients never seen in training, with the model a new
+    client starts from, and ``heldout_adapted/`` after
+    ``personalization.finetune_epochs`` epochs on their own adaptation data;
+  - ``trainset/`` with ``eval_train``.
+
+  Each is the distribution of per-client accuracy (`evaluation.summarize`).
+  ``last`` keeps the per-client results of the latest evaluation for the
+  final report.
   """
-  def own(ds):  # the training population, each client with its own params
-    if view.personal is None:
-      return evaluator.evaluate(view.params, ds)
-    return evaluator.evaluate(view.shared, ds, personal_params=view.personal)
 
-  out = evaluation.summarize(own(exp.splits.test), 'test/')
-  out['test/majority_baseline'] = evaluation.majority_baseline(
-      exp.splits.train, exp.splits.test, exp.splits.metadata.get('pad_id'))
-  if exp.config.eval_train:  # the FedProx paper's "training loss"
-    out.update(evaluation.summarize(own(exp.splits.train), 'trainset/'))
-  if exp.splits.heldout_test is not None:
-    out.update(evaluation.summarize(
-        evaluator.evaluate(view.params, exp.splits.heldout_test), 'heldout/'))
-  return out
+  def __init__(self, exp: Experiment, initial_params, frozen):
+    c = exp.config
+    self.exp = exp
+    model = exp.algorithm.eval_model or exp.model
+    self.evaluator = evaluation.Evaluator(
+        model, c.eval_batch_size, c.eval_clients_per_chunk,
+        combine=exp.algorithm.combine)
+    pc = c.personalization
+    opt = client_updates.client_optimizer(
+        c.client.optimizer, c.client.learning_rate, momentum=c.client.momentum)
+    adapter = lambda epochs: personalization.Adapter(
+        model, opt, epochs=epochs, batch_size=c.client.batch_size,
+        clients_per_chunk=c.eval_clients_per_chunk,
+        eval_batch_size=c.eval_batch_size, seed=c.seed)
+    self.finetuner = adapter(int(pc.finetune_epochs))
+    self.local_epochs = int(pc.local_epochs)
+    self.margin = float(pc.hurt_margin)
+    self._local_adapter = adapter(self.local_epochs) if self.local_epochs \
+        else None
+    self._initial = initial_params if self.local_epochs else None
+    self._frozen = frozen
+    self._local = None
+    self.last: dict = {}
+
+  def _trainable(self, full, mode: str):
+    """``(start, frozen)``: what adaptation trains, and the rest."""
+    if mode == 'all' or self._frozen is None or not jax.tree.leaves(
+        self._frozen):
+      return full, None
+    paths = set(param_groups.leaf_paths(self._frozen))
+    return (param_groups.select(full, lambda p: p not in paths),
+            self._frozen)
+
+  def _adapt(self, adapter, full, mode, train, test):
+    start, frozen = self._trainable(full, mode)
+    if not jax.tree.leaves(start):  # nothing a client could adapt
+      return self.evaluator.evaluate(full, test)
+    return adapter.evaluate(start, train, test, frozen)
+
+  def __call__(self, view) -> dict[str, float]:
+    exp, ev, alg = self.exp, self.evaluator, self.exp.algorithm
+    splits = exp.splits
+    personalizes = view.personal is not None or bool(alg.finetune)
+
+    def own(ds):  # each training client with its own params
+      if alg.finetune:
+        return self._adapt(self.finetuner, view.params, alg.finetune,
+                           splits.train, ds)
+      if view.personal is None:
+        return ev.evaluate(view.params, ds)
+      return ev.evaluate(view.shared, ds, personal_params=view.personal)
+
+    mine = own(splits.test)
+    results = {'personalized': mine}
+    out = evaluation.summarize(mine, 'test/')
+    out['test/majority_baseline'] = evaluation.majority_baseline(
+        splits.train, splits.test, splits.metadata.get('pad_id'))
+    if personalizes and alg.has_global_model:
+      results['global'] = ev.evaluate(view.params, splits.test)
+      out.update(evaluation.summarize(results['global'], 'global/'))
+      out.update(personalization.compare(mine, results['global'], 'global',
+                                         self.margin)[0])
+    if self.local_epochs:
+      if self._local is None:  # depends on the config only: computed once
+        self._local = self._adapt(self._local_adapter, self._initial,
+                                  'trainable', splits.train, splits.test)
+      results['local'] = self._local
+      out.update(evaluation.summarize(self._local, 'local/'))
+      out.update(personalization.compare(mine, self._local, 'local',
+                                         self.margin)[0])
+    if exp.config.eval_train:  # the FedProx paper's "training loss"
+      out.update(evaluation.summarize(own(splits.train), 'trainset/'))
+    if splits.heldout_test is not None:
+      out.update(evaluation.summarize(
+          ev.evaluate(view.params, splits.heldout_test), 'heldout/'))
+      if self.finetuner.epochs and splits.heldout_train is not None:
+        adapted = self._adapt(self.finetuner, view.params,
+                              alg.finetune or 'trainable',
+                              splits.heldout_train, splits.heldout_test)
+        out.update(evaluation.summarize(adapted, 'heldout_adapted/'))
+    self.last = results
+    return out
+
+  def final_report(self, workdir: str, row: dict) -> None:
+    """Per-client results, ``report.json`` and the plots, in ``workdir``."""
+    personalization.save_clients(workdir, self.last,
+                                 self.exp.splits.train.client_sizes)
+    personalization.write_report(workdir, row)
+    personalization.plot_run(
+        workdir, read_metrics(workdir),
+        personalization.load_clients(workdir),
+        title=f'{self.exp.config.algorithm} on {self.exp.config.data.name}')
 
 
 def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
@@ -459,6 +562,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   # The frozen part (a pretrained base) is an argument of every round, shared
   # by all clients and never part of the state or the checkpoints.
   frozen = replicate(exp.algorithm.frozen_part(params))
+  evaluate = RunEvaluator(exp, params, frozen)
   del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
   start = 0
@@ -469,9 +573,6 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       state = jax.device_put(state, replicated)
     start = latest
   writer = MetricsWriter(workdir, start, enabled=distributed.is_primary())
-  evaluator = evaluation.Evaluator(
-      exp.algorithm.eval_model or exp.model, config.eval_batch_size,
-      config.eval_clients_per_chunk, combine=exp.algorithm.combine)
   comm_total = {k: writer.last_row.get(f'{k}_cumulative', 0.0)
                 for k in ('comm/download_bytes', 'comm/upload_bytes')}
   end = config.rounds if stop_after is None else min(config.rounds,
@@ -518,7 +619,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
         view = exp.algorithm.eval_view(state, frozen)
         if multi:  # evaluate on this process's devices, from host copies
           view = jax.tree.map(np.asarray, view)
-        row.update(evaluate_all(exp, evaluator, view))
+        row.update(evaluate(view))
       for k in comm_total:
         comm_total[k] += row.get(k, 0.0)
         row[f'{k}_cumulative'] = comm_total[k]
@@ -529,6 +630,8 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       t_prev = now
       row = {'round': done, **row}
       writer.write(done, row)
+      if done == config.rounds and distributed.is_primary():
+        evaluate.final_report(workdir, row)
       if done % config.checkpoint_every == 0 or done == config.rounds:
         ckpt.save(done, state, {'fingerprint': fp})
       if bar is not None:

@@ -159,7 +159,8 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     model: the model.
     optimizer: the client optimizer, re-initialised every round.
     proximal_mu: FedProx's mu (0 = plain local SGD): the gradient gains
-      ``mu (w - w_0)`` with ``w_0`` the client's starting point.
+      ``mu (w - w_0)`` with ``w_0`` the client's starting point (or
+      ``anchor``).
     unroll: ``lax.scan`` unroll over local steps (``True`` unrolls fully).
     regularizer: optional ``(params, aux) -> scalar`` added to each step's
       loss (HetLoRA's rank self-pruning penalty).
@@ -180,7 +181,9 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     LoRA scale or rank);
   - ``window``: optional ``(lo, k)``: ``batches`` and ``mask`` hold more
     clients than these, and clients ``lo:lo + k`` are trained, read step by
-    step in place (a chunk of a larger cohort, `core.sum_over_clients`).
+    step in place (a chunk of a larger cohort, `core.sum_over_clients`);
+  - ``anchor``: optional unbatched params that the proximal term pulls
+    towards instead of each client's starting point (Ditto's global model).
 
   The loss sees ``param_groups.merge(frozen, params, aux)`` when ``frozen`` or
   ``aux`` is given (nested dicts), else ``params``. It returns a
@@ -190,14 +193,14 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
   client_step = _client_step(model, optimizer, proximal_mu, regularizer)
 
   def train(init_params, batches, mask, keys, correction=None, frozen=None,
-            aux=None, window=None):
-    num_steps = mask.shape[1]
+            aux=None, window=None, anchor=None):
     num_clients = keys.shape[0]
     batched = lambda t: None if t is None else 0
     cohort_step = jax.vmap(
         client_step,
-        in_axes=(0, 0, 0, 0, 0, 0, None, batched(correction), None,
-                 batched(aux)))
+        in_axes=(0, 0, None if anchor is not None else 0, 0, 0, 0, None,
+                 batched(correction), None, batched(aux)))
+    prox_to = init_params if anchor is None else anchor
 
     def body(carry, s):
       at_step = lambda x: core_window(x, s, window)
@@ -206,7 +209,7 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
       def run(carry):
         params, opt_state, loss_sum, count, steps = carry
         params, opt_state, l, n, active = cohort_step(
-            params, opt_state, init_params, jax.tree.map(at_step, batches), m,
+            params, opt_state, prox_to, jax.tree.map(at_step, batches), m,
             keys, s, correction, frozen, aux)
         return (params, opt_state, loss_sum + l, count + n,
                 steps + active.astype(jnp.int32))
@@ -265,7 +268,6 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
 
   def train(init_params, lanes, keys, weight, frozen=None, window=None):
     mask = lanes['mask']
-    num_steps = mask.shape[1]
     lo, num_lanes = (0, mask.shape[0]) if window is None else window
     # The small per-step arrays of this window's lanes; batches and mask are
     # read step by step in place.

@@ -81,6 +81,15 @@ class FederatedAlgorithm(NamedTuple):
   frozen)`` and ``combine(shared, personal_row)`` say what to evaluate, and
   ``eval_model`` with which model when it is not the one trained (FLoRA
   merges its adapters into the base and evaluates the plain base model).
+
+  ``finetune``: how evaluation personalizes the global model for the
+  training population: ``''`` not at all (FedAvg, or algorithms whose
+  personal state already is the personalization), ``'trainable'`` each
+  client fine-tunes the leaves it trains (FedAvg + FT), ``'all'`` every leaf
+  including the frozen ones (FedBABU fine-tunes its fixed head).
+  ``has_global_model``: ``eval_view(...).params`` is a model worth
+  comparing each client with (False where it holds untrained personal
+  initialisations: FedPer's head, LG-FedAvg's body, local-only).
   """
   init: Callable[[Params], ServerState]
   apply: Callable[..., tuple[ServerState, dict]]
@@ -90,6 +99,8 @@ class FederatedAlgorithm(NamedTuple):
   eval_view: Callable[[ServerState, Params], EvalView] = _global_view
   combine: Optional[Callable[[Params, Params], Params]] = None
   eval_model: Any = None  # the Model to evaluate with, if not the trained one
+  finetune: str = ''
+  has_global_model: bool = True
 
 
 class Execution(NamedTuple):

@@ -53,7 +53,9 @@ def fed_partitioned(model: base.Model,
                     num_clients: Optional[int] = None,
                     proximal_mu: float = 0.0, unroll=1,
                     execution: core.Execution = core.Execution(),
-                    name: str = 'fedavg') -> core.FederatedAlgorithm:
+                    client_train=None,
+                    name: str = 'fedavg', **algorithm_fields
+                    ) -> core.FederatedAlgorithm:
   """Builds FedAvg over the ``global`` part of a params partition.
 
   Args:
@@ -73,7 +75,14 @@ def fed_partitioned(model: base.Model,
     execution: chunking and sharding of the round's clients
       (`core.Execution`); a `fedjax_pfi.data.cohort.PackedCohort` (clients
       packed into lanes) is accepted whenever nothing is personal.
+    client_train: optional local training that replaces `local_training`'s
+      (FedRep's two phases): ``client_train(global_params, personal_rows,
+      batches, mask, keys, frozen, window) -> ClientOutput`` whose ``delta``
+      covers the global and the personal leaves; ``global_params`` is
+      unbatched, ``personal_rows`` the cohort's rows ``[k, ...]``.
     name: for metrics and checkpoints.
+    **algorithm_fields: further `core.FederatedAlgorithm` fields
+      (``finetune``, ``has_global_model``).
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
   if aggregator.finalize is None:
@@ -111,14 +120,16 @@ def fed_partitioned(model: base.Model,
     params, client_states, frozen_params, key = shared
     ids, slot, weight = (core.take(lanes[n], lo, k)
                          for n in ('ids', 'slot', 'weight'))
-    start = store.broadcast(params, k)
     has_personal = bool(jax.tree.leaves(client_states))
-    if has_personal:
-      mine = store.gather(client_states, ids)
-      start = param_groups.merge(start, mine)
-    out = train(start, lanes['batches'], lanes['mask'],
-                core.client_keys(key, ids), frozen=frozen_params,
-                window=(lo, k))
+    mine = store.gather(client_states, ids) if has_personal else {}
+    keys = core.client_keys(key, ids)
+    if client_train is not None:
+      out = client_train(params, mine, lanes['batches'], lanes['mask'], keys,
+                         frozen_params, (lo, k))
+    else:
+      start = param_groups.merge(store.broadcast(params, k), mine)
+      out = train(start, lanes['batches'], lanes['mask'], keys,
+                  frozen=frozen_params, window=(lo, k))
     global_paths = set(param_groups.leaf_paths(params))
     delta = param_groups.select(out.delta, global_paths.__contains__)
     to_slots = lambda v: jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[
@@ -146,7 +157,7 @@ def fed_partitioned(model: base.Model,
     ids = cohort.client_ids
     has_personal = bool(jax.tree.leaves(state.client_states))
     if isinstance(cohort, cohort_lib.PackedCohort):
-      if has_personal:
+      if has_personal or client_train is not None:
         raise ValueError(
             f'{name} keeps personal state per client, which packed cohorts '
             'do not carry; run it unpacked (execution.pack_lanes=0).')
@@ -195,4 +206,5 @@ def fed_partitioned(model: base.Model,
     return core.EvalView(full, shared, state.client_states)
 
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
-                             eval_view=eval_view, combine=param_groups.merge)
+                             eval_view=eval_view, combine=param_groups.merge,
+                             **algorithm_fields)

@@ -9,7 +9,19 @@ it trains and the function that makes its initial params. Names:
 - ``fedit``, ``ffa_lora``, ``fedsa_lora``, ``local_lora``: LoRA on a frozen
   base (`partitioned`), the adapters averaged, only ``B`` averaged over a
   frozen random ``A``, ``A`` averaged and ``B`` personal, or personal only;
-- ``flora``, ``hetlora``: heterogeneous client ranks (`hetero_lora`).
+- ``flora``, ``hetlora``: heterogeneous client ranks (`hetero_lora`);
+- personalized (`personalized`): ``local_only``, ``fedavg_ft`` (FedAvg, then
+  every client fine-tunes at evaluation), ``fedper`` (head personal),
+  ``lg_fedavg`` (body personal), ``fedrep`` (head personal, trained first),
+  ``fedbabu`` (head frozen at its random init; fine-tuned at evaluation),
+  ``ditto`` (a personal model beside the global one).
+
+Personalization options live in ``config.personalization``: ``head`` (regex
+of the head's leaves; default the model's last layer), ``head_epochs``
+(FedRep: of ``client.epochs``, those that train the head),
+``ditto_lambda``, ``finetune_epochs`` (evaluation-time fine-tuning and
+held-out adaptation), ``local_epochs`` (the in-run local-only baseline; 0
+off) and ``hurt_margin``.
 
 LoRA options live in ``config.peft``: ``rank``, ``alpha``, ``dropout``,
 ``target`` (regex over ``nn.Dense`` paths), ``mode``, ``client_ranks``
@@ -23,13 +35,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import jax
 import numpy as np
 
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import hetero_lora
+from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
+from fedjax_pfi.algorithms import personalized
 from fedjax_pfi.algorithms import scaffold
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.models import base
@@ -43,8 +58,11 @@ LORA_PARTITIONS = {
     'local_lora': (r'^base/', r'^lora/'),
 }
 HETERO_LORA = ('flora', 'hetlora')
+# Personalized FL (`personalized`); those keeping per-client state:
+PERSONAL_STATE = ('local_only', 'fedper', 'lg_fedavg', 'fedrep', 'ditto')
+PERSONALIZED = ('fedavg_ft', 'fedbabu') + PERSONAL_STATE
 ALGORITHMS = (('fedavg', 'fedprox', 'scaffold') + tuple(LORA_PARTITIONS) +
-              HETERO_LORA)
+              HETERO_LORA + PERSONALIZED)
 
 
 class Built(NamedTuple):
@@ -92,7 +110,8 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
 
 # Algorithms whose rounds run chunked, packed or sharded (`core.Execution`):
 # the rest aggregate something other than a weighted sum of deltas.
-SCALABLE = ('fedavg', 'fedprox') + tuple(LORA_PARTITIONS)
+SCALABLE = (('fedavg', 'fedprox') + tuple(LORA_PARTITIONS) +
+            tuple(n for n in PERSONALIZED if n != 'ditto'))
 
 
 def build(config, base_model: base.Model, num_clients: int,
@@ -108,7 +127,8 @@ def build(config, base_model: base.Model, num_clients: int,
         f'algorithm {name!r} runs on one device, unchunked and unpacked (its '
         'server step needs every client\'s update, not only their weighted '
         f'sum); execution.* options work with {", ".join(SCALABLE)}.')
-  personal = name in LORA_PARTITIONS and LORA_PARTITIONS[name][1] is not None
+  personal = (name in LORA_PARTITIONS and LORA_PARTITIONS[name][1] is not None
+              or name in PERSONAL_STATE)
   if personal and int(config.get('execution', {}).get('pack_lanes', 0) or 0):
     raise ValueError(
         f'algorithm {name!r} keeps personal state per client, which packed '
@@ -134,6 +154,9 @@ def build(config, base_model: base.Model, num_clients: int,
         "--config.algorithm=fedprox (or proximal_mu=0).")
   opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
                                         momentum=cl.momentum)
+  if name in PERSONALIZED:
+    return _personalized(name, config, base_model, opt, server, num_clients,
+                         unroll, execution)
   if name in ('fedavg', 'fedprox'):
     alg = fedavg.fed_opt(base_model, opt, server, proximal_mu=cl.proximal_mu,
                          unroll=unroll, execution=execution, name=name)
@@ -166,3 +189,43 @@ def build(config, base_model: base.Model, num_clients: int,
       prune_gamma=float(config.peft.prune_gamma),
       prune_lambda=float(config.peft.prune_lambda), unroll=unroll)
   return Built(alg, model, model.init)
+
+
+def _personalized(name, config, base_model, opt, server, num_clients, unroll,
+                  execution) -> Built:
+  """The personalized algorithms (`personalized`) on the base model."""
+  pc = config.personalization
+  if name == 'ditto':
+    alg = personalized.ditto(base_model, opt, server, num_clients,
+                             lam=float(pc.ditto_lambda), unroll=unroll)
+    return Built(alg, base_model, base_model.init)
+  shapes = jax.eval_shape(base_model.init, jax.random.key(0))
+  head = str(pc.head or '') or personalized.head_pattern(
+      base_model, shapes)
+  param_groups.split(shapes, head)  # a head that matches nothing fails here
+  kw = dict(num_clients=num_clients, unroll=unroll, execution=execution,
+            name=name)
+  if name == 'fedavg_ft':
+    alg = partitioned.fed_partitioned(base_model, opt, server,
+                                      finetune='trainable', **kw)
+  elif name == 'fedbabu':
+    alg = partitioned.fed_partitioned(base_model, opt, server, frozen=head,
+                                      finetune='all', **kw)
+  elif name == 'local_only':
+    alg = partitioned.fed_partitioned(base_model, opt, server, personal='.',
+                                      has_global_model=False, **kw)
+  elif name == 'fedper':
+    alg = partitioned.fed_partitioned(base_model, opt, server, personal=head,
+                                      has_global_model=False, **kw)
+  elif name == 'lg_fedavg':
+    alg = partitioned.fed_partitioned(
+        base_model, opt, server, personal=personalized.body_pattern(head),
+        has_global_model=False, **kw)
+  else:  # fedrep
+    alg = partitioned.fed_partitioned(
+        base_model, opt, server, personal=head,
+        client_train=personalized.fedrep_training(
+            base_model, opt, head_epochs=int(pc.head_epochs),
+            epochs=int(config.client.epochs), unroll=unroll),
+        has_global_model=False, **kw)
+  return Built(alg, base_model, base_model.init)

@@ -16,6 +16,9 @@ Names:
     test data only are the held-out clients.
   - ``synthetic``: FedProx's Synthetic(alpha, beta) (``alpha``, ``beta``,
     ``num_clients``, ``iid``).
+  - ``cifar_shaped``: CIFAR-shaped mock images (class prototypes plus
+    noise) split by Dirichlet(``alpha``) over labels (``num_clients``,
+    ``data_seed``; `synthetic.cifar_shaped`).
   - ``tfds``: any prepared TFDS split (``tfds_name``, ``split``,
     ``client_key`` or ``partitioner`` + ``partitioner_kwargs``, ``data_dir``).
   - ``saved``: splits written by `FederatedSplits.save` (``path``), with
@@ -36,8 +39,8 @@ from fedjax_pfi.data import synthetic as synthetic_lib
 from fedjax_pfi.data import tfds_bridge
 from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 
-DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic', 'tfds',
-            'saved')
+DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic',
+            'cifar_shaped', 'tfds', 'saved')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -118,6 +121,11 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
         float(_get(cfg, 'alpha', 1.0)), float(_get(cfg, 'beta', 1.0)),
         num_clients=int(_get(cfg, 'num_clients', 30)),
         seed=int(_get(cfg, 'data_seed', 0)), iid=bool(_get(cfg, 'iid', False)))
+    splits = _generic_splits(ds, cfg)
+  elif name == 'cifar_shaped':
+    ds = synthetic_lib.cifar_shaped(
+        int(_get(cfg, 'num_clients', 20)), float(_get(cfg, 'alpha', 0.1)),
+        seed=int(_get(cfg, 'data_seed', 0)))
     splits = _generic_splits(ds, cfg)
   elif name == 'saved':  # FederatedSplits.save output, memory-mapped
     if not _get(cfg, 'path'):

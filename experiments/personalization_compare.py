@@ -1,0 +1,158 @@
+r"""Every personalization algorithm on every dataset, compared client by client.
+
+  python -m experiments.personalization_compare --workdir=/tmp/fedjax_pfi/pfl
+  python -m experiments.personalization_compare --workdir=/tmp/pfl_small \
+      --datasets=synthetic,cifar_shaped --testing
+
+Runs ``experiments/configs/personalization.py`` for each dataset and
+algorithm into ``WORKDIR/<dataset>/<algorithm>`` (each run resumes from its
+workdir), then joins their per-client results (``clients_final.npz``):
+
+- each client's personalized test accuracy under every algorithm;
+- its gain over FedAvg's global model and over its own local-only model
+  (the ``fedavg`` and ``local_only`` runs of the same dataset);
+- the silent-failure fractions: the clients an algorithm leaves worse off
+  than FedAvg, and than training alone.
+
+Writes ``WORKDIR/table.md`` (and ``table.json``): per dataset and algorithm
+the mean, 10th-percentile and worst per-client accuracy, the fractions
+hurt, held-out clients' accuracy after adaptation, and megabytes
+communicated; and per dataset ``WORKDIR/<dataset>/gain_vs_fedavg.png``
+(each client's gain over FedAvg against its training-set size) and
+``accuracy_by_algorithm.png`` (the per-client accuracy distributions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from experiments.configs import personalization as pfl_config
+from fedjax_pfi import personalization
+from fedjax_pfi import training
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+_DATASETS = flags.DEFINE_list('datasets', list(pfl_config.DATASETS),
+                              'Datasets to run.')
+_ALGORITHMS = flags.DEFINE_list('algorithms', list(pfl_config.ALGORITHMS),
+                                'Algorithms to run.')
+_TESTING = flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
+
+NAMES = {'local_only': 'local-only', 'fedavg': 'FedAvg',
+         'fedavg_ft': 'FedAvg + FT', 'fedper': 'FedPer',
+         'lg_fedavg': 'LG-FedAvg', 'fedrep': 'FedRep', 'fedbabu': 'FedBABU',
+         'ditto': 'Ditto'}
+
+
+def run_all(workdir: str, datasets, algorithms, testing: bool = False
+            ) -> list[dict]:
+  """Runs (or resumes) every run and returns the table's rows."""
+  for name in ('fedavg', 'local_only'):
+    if name not in algorithms:  # the baselines every gain is measured against
+      algorithms = [name] + list(algorithms)
+  rows = []
+  for dataset in datasets:
+    finals, clients = {}, {}
+    for alg in algorithms:
+      config = pfl_config.get_config(
+          f'{dataset},{alg}' + (',testing' if testing else ''))
+      wd = os.path.join(workdir, dataset, alg)
+      finals[alg] = training.run(config, wd)
+      clients[alg] = personalization.load_clients(wd)['personalized']
+    rows += dataset_rows(dataset, finals, clients)
+    plot_dataset(os.path.join(workdir, dataset), dataset, clients)
+  write_table(workdir, rows)
+  return rows
+
+
+def dataset_rows(dataset, finals, clients) -> list[dict]:
+  glob, local = clients['fedavg'], clients['local_only']
+  rows = []
+  for alg, mine in clients.items():
+    for base in (glob, local):
+      if not np.array_equal(mine['client_ids'], base['client_ids']):
+        raise ValueError(f'{dataset}/{alg}: evaluated other clients than the '
+                         'baselines.')
+    acc = mine['accuracy']
+    f = finals[alg]
+    rows.append(dict(
+        dataset=dataset, algorithm=alg, clients=int(acc.size),
+        mean=float(acc.mean()), p10=float(np.percentile(acc, 10)),
+        worst=float(acc.min()),
+        gain_vs_fedavg=float(np.mean(acc - glob['accuracy'])),
+        hurt_vs_fedavg=float(np.mean(acc < glob['accuracy'])),
+        hurt_vs_local=float(np.mean(acc < local['accuracy'])),
+        heldout=f.get('heldout_adapted/client_accuracy_mean'),
+        mb=(f.get('comm/download_bytes_cumulative', 0.0) +
+            f.get('comm/upload_bytes_cumulative', 0.0)) / 1e6))
+  return rows
+
+
+def plot_dataset(directory: str, dataset: str, clients) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  glob = clients['fedavg']
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for alg, mine in clients.items():
+    if alg == 'fedavg':
+      continue
+    ax.scatter(mine['train_size'], mine['accuracy'] - glob['accuracy'], s=9,
+               label=NAMES.get(alg, alg))
+  ax.axhline(0.0, color='k', linewidth=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('client training examples')
+  ax.set_ylabel('accuracy gain over FedAvg')
+  ax.set_title(f'{dataset}: per-client gain over FedAvg')
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(os.path.join(directory, 'gain_vs_fedavg.png'), dpi=110)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  names = list(clients)
+  ax.boxplot([clients[a]['accuracy'] for a in names], whis=(10, 90))
+  ax.set_xticks(range(1, len(names) + 1),
+                [NAMES.get(a, a) for a in names], rotation=30, fontsize=8)
+  ax.set_ylabel('per-client test accuracy (whiskers: p10, p90)')
+  ax.set_title(f'{dataset}: per-client accuracy')
+  fig.tight_layout()
+  fig.savefig(os.path.join(directory, 'accuracy_by_algorithm.png'), dpi=110)
+  plt.close(fig)
+
+
+def write_table(workdir: str, rows: list[dict]) -> None:
+  fmt = lambda v: '-' if v is None else f'{v:.3f}'
+  lines = ['| dataset | algorithm | client mean | client p10 | worst | gain vs '
+           'FedAvg | hurt vs FedAvg | hurt vs local-only | held-out adapted | '
+           'MB sent+received |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    lines.append(
+        f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])} | '
+        f'{fmt(r["mean"])} | {fmt(r["p10"])} | {fmt(r["worst"])} | '
+        f'{r["gain_vs_fedavg"]:+.3f} | {fmt(r["hurt_vs_fedavg"])} | '
+        f'{fmt(r["hurt_vs_local"])} | {fmt(r["heldout"])} | {r["mb"]:.1f} |')
+  text = '\n'.join(lines) + '\n'
+  with open(os.path.join(workdir, 'table.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(workdir, 'table.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  print(text)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  run_all(_WORKDIR.value, _DATASETS.value, _ALGORITHMS.value, _TESTING.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

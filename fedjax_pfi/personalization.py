@@ -1,0 +1,264 @@
+"""Who personalization helps, and whom it silently hurts: per-client reports.
+
+An average over clients can rise while a tenth of them get worse, and in
+federated learning nobody sees those clients' data to notice. This module
+compares each client's personalized test accuracy with what the same client
+gets from a baseline (the global model, or a model trained on its data alone)
+and reports the distribution of the gains and the fraction of clients hurt.
+
+- `Adapter`: each client trains a copy of a model on its own training data
+  (vmapped over chunks of clients) and is evaluated on its own test data:
+  fine-tuning the global model (FedAvg + FT, FedBABU), adapting held-out
+  clients, and the local-only baseline (training from the initial params).
+- `compare`: per-client gains over a baseline and the silent-failure
+  fractions.
+- `save_clients` / `load_clients`: per-client results kept in the workdir,
+  so runs can be compared client by client afterwards.
+- `plot_run`: accuracy curves, the per-client accuracy distribution and the
+  gain against client data size, as PNGs in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import optax
+
+from fedjax_pfi.algorithms import client_updates
+from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import store
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.data.federated import FederatedDataset
+from fedjax_pfi.evaluation import ClientMetrics, client_sums
+from fedjax_pfi.models import base
+
+
+class Adapter:
+  """Each client adapts ``start`` on its own training data, then is tested.
+
+  Client ``i`` runs ``epochs`` epochs of ``optimizer`` (batches of
+  ``batch_size``, shuffled by ``(seed, client id)``) from ``start`` on
+  ``train_ds`` client ``i``, and is evaluated on ``test_ds`` client ``i``
+  (the same user). Clients are sorted by size and run in chunks of
+  ``clients_per_chunk``, stacked with power-of-two step buckets, so a few
+  shapes compile. ``frozen`` params (a foundation model's base) are shared
+  unbatched and not adapted. With ``epochs=0`` this is plain evaluation of
+  ``start``.
+
+  Memory: one chunk of adapted models at a time, never the population's.
+  """
+
+  def __init__(self, model: base.Model, optimizer: optax.GradientTransformation,
+               *, epochs: int, batch_size: int, clients_per_chunk: int = 32,
+               eval_batch_size: int = 64, seed: int = 0):
+    if epochs < 0:
+      raise ValueError(f'adaptation epochs must be >= 0, got {epochs}.')
+    self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+    self.clients_per_chunk, self.eval_batch_size = (clients_per_chunk,
+                                                    eval_batch_size)
+    train = client_updates.local_training(model, optimizer)
+    sums = client_sums(model)
+
+    def adapt_and_test(start, batches, mask, keys, test_batches, test_mask,
+                       frozen):
+      init = store.broadcast(start, keys.shape[0])
+      out = train(init, batches, mask, keys, frozen=frozen)
+      mine = jax.tree.map(lambda p, d: p + d, init, out.delta)
+      full = jax.vmap(lambda p: param_groups.merge(frozen, p))(mine) \
+          if frozen is not None else mine
+      return jax.vmap(sums)(full, test_batches, test_mask)
+
+    self._run = jax.jit(adapt_and_test)
+
+  def evaluate(self, start, train_ds: FederatedDataset,
+               test_ds: FederatedDataset, frozen=None) -> ClientMetrics:
+    """Per-client test sums of the adapted models (clients with test data)."""
+    if train_ds.num_clients != test_ds.num_clients:
+      raise ValueError(
+          f'train ({train_ds.num_clients} clients) and test '
+          f'({test_ds.num_clients}) must hold the same clients in order.')
+    ids = np.flatnonzero(test_ds.client_sizes > 0)
+    if not ids.size:
+      raise ValueError('no client of this dataset has test examples.')
+    steps = cohort_lib.client_steps(train_ds.client_sizes[ids],
+                                    self.batch_size, max(self.epochs, 1))
+    ids = ids[np.argsort(steps, kind='stable')]
+    k = self.clients_per_chunk
+    parts = []
+    for lo in range(0, ids.size, k):
+      chunk = ids[lo:lo + k]
+      trains = train_ds.client_sizes[chunk] > 0
+      if self.epochs and np.any(trains):
+        # Clients without training examples are evaluated unadapted.
+        tr = cohort_lib.stack_cohort(
+            train_ds, chunk[trains], batch_size=self.batch_size,
+            num_epochs=self.epochs, num_slots=k, seed=self.seed,
+            round_idx=0, step_buckets=cohort_lib.power_of_two_buckets(
+                int(cohort_lib.client_steps(train_ds.client_sizes[chunk],
+                                            self.batch_size,
+                                            self.epochs).max())))
+        order = np.concatenate([np.flatnonzero(trains),
+                                np.flatnonzero(~trains)])
+        chunk = chunk[order]
+        batches, mask = tr.batches, tr.mask
+      else:
+        batches = {n: np.zeros((k, 1, self.batch_size) + c.shape[1:], c.dtype)
+                   for n, c in train_ds.columns.items()}
+        mask = np.zeros((k, 1, self.batch_size), bool)
+      largest = int(test_ds.client_sizes[chunk].max())
+      b = min(self.eval_batch_size, 1 << max(0, (largest - 1).bit_length()))
+      te = cohort_lib.stack_eval(
+          test_ds, chunk, batch_size=b, num_slots=k,
+          step_buckets=cohort_lib.power_of_two_buckets(-(-largest // b)))
+      slots = np.zeros(k, np.int64)
+      slots[:chunk.size] = chunk
+      keys = jax.vmap(lambda c: jax.random.fold_in(
+          jax.random.key(self.seed), c))(slots)
+      out = self._run(start, batches, mask, keys, te.batches, te.mask, frozen)
+      parts.append((chunk, *(np.asarray(o)[:chunk.size] for o in out)))
+    ids, loss_sum, correct, count = (np.concatenate(p) for p in zip(*parts))
+    order = np.argsort(ids)
+    return ClientMetrics(ids[order], loss_sum[order], correct[order],
+                         count[order], test_ds.client_sizes[ids[order]])
+
+
+def compare(personal: ClientMetrics, baseline: ClientMetrics,
+            name: str, margin: float = 0.0) -> tuple[dict, np.ndarray]:
+  """Per-client accuracy gains over ``baseline`` and who is hurt.
+
+  A client is *hurt* when its personalized accuracy is below the baseline's
+  by more than ``margin``. Returns ``(metrics, gain)``: ``gain`` per client
+  of ``personal.client_ids``, and metrics ``vs_{name}/gain_mean``,
+  ``.../gain_median``, ``.../gain_p10``, ``.../gain_worst``,
+  ``.../hurt_fraction`` (the silent-failure rate) and ``.../helped_fraction``.
+  """
+  if not np.array_equal(personal.client_ids, baseline.client_ids):
+    raise ValueError(f'{name}: the two evaluations cover different clients.')
+  gain = personal.accuracy - baseline.accuracy
+  p = f'vs_{name}/'
+  return {p + 'gain_mean': float(gain.mean()),
+          p + 'gain_median': float(np.median(gain)),
+          p + 'gain_p10': float(np.percentile(gain, 10)),
+          p + 'gain_worst': float(gain.min()),
+          p + 'hurt_fraction': float(np.mean(gain < -margin)),
+          p + 'helped_fraction': float(np.mean(gain > margin))}, gain
+
+
+CLIENTS_FILE = 'clients_final.npz'
+
+
+def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
+                 train_sizes: np.ndarray) -> str:
+  """Writes each evaluation's per-client accuracy and loss (atomically)."""
+  arrays: dict[str, Any] = {}
+  for name, m in results.items():
+    arrays[f'{name}/client_ids'] = m.client_ids
+    arrays[f'{name}/accuracy'] = m.accuracy
+    arrays[f'{name}/loss'] = m.loss
+    arrays[f'{name}/count'] = m.count
+    arrays[f'{name}/train_size'] = np.asarray(train_sizes)[m.client_ids]
+  path = os.path.join(workdir, CLIENTS_FILE)
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return path
+
+
+def load_clients(workdir: str) -> dict[str, dict[str, np.ndarray]]:
+  """`save_clients`'s file: evaluation name -> field -> per-client array."""
+  path = os.path.join(workdir, CLIENTS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist; a run writes it after '
+                            'its final evaluation.')
+  out: dict[str, dict[str, np.ndarray]] = {}
+  with np.load(path) as f:
+    for key in f.files:
+      name, field = key.rsplit('/', 1)
+      out.setdefault(name, {})[field] = f[key]
+  return out
+
+
+def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
+                                                                       Any]],
+             title: str = '') -> list[str]:
+  """PNG plots in ``workdir``; returns their paths.
+
+  - ``accuracy_curves.png``: per-client mean and 10th-percentile test
+    accuracy against the round (and the global model's, where evaluated);
+  - ``client_accuracy.png``: the distribution of per-client accuracy at the
+    end, for every evaluation in ``clients``;
+  - ``gain_vs_size.png``: each client's gain over each baseline against its
+    number of training examples (hurt clients below the zero line).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  paths = []
+  evals = [r for r in rows if 'test/client_accuracy_mean' in r]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for prefix, label in (('test/', 'personalized'), ('global/', 'global model'),
+                        ('heldout/', 'held-out clients')):
+    pts = [(r['round'], r[prefix + 'client_accuracy_mean'],
+            r[prefix + 'client_accuracy_p10']) for r in evals
+           if prefix + 'client_accuracy_mean' in r]
+    if pts:
+      x, mean, p10 = map(np.array, zip(*pts))
+      line, = ax.plot(x, mean, label=f'{label}: mean')
+      ax.plot(x, p10, '--', color=line.get_color(), label=f'{label}: p10')
+  ax.set_xlabel('round')
+  ax.set_ylabel('per-client test accuracy')
+  ax.set_title(title or 'accuracy')
+  ax.legend(fontsize=7)
+  paths.append(_save(fig, workdir, 'accuracy_curves.png'))
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, c in clients.items():
+    ax.hist(c['accuracy'], bins=20, range=(0, 1), histtype='step',
+            label=f'{name} (n={len(c["accuracy"])})')
+  ax.set_xlabel('client test accuracy')
+  ax.set_ylabel('clients')
+  ax.set_title(title or 'per-client accuracy')
+  ax.legend(fontsize=7)
+  paths.append(_save(fig, workdir, 'client_accuracy.png'))
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  mine = clients.get('personalized')
+  for name, c in clients.items():
+    if mine is None or name == 'personalized' or not np.array_equal(
+        c['client_ids'], mine['client_ids']):
+      continue
+    ax.scatter(mine['train_size'], mine['accuracy'] - c['accuracy'], s=8,
+               label=f'over {name}')
+  ax.axhline(0.0, color='k', linewidth=0.8)
+  ax.set_xscale('log')
+  ax.set_xlabel('client training examples')
+  ax.set_ylabel('accuracy gain of personalization')
+  ax.set_title(title or 'gain vs data size')
+  if ax.collections:
+    ax.legend(fontsize=7)
+  paths.append(_save(fig, workdir, 'gain_vs_size.png'))
+  return paths
+
+
+def _save(fig, workdir, name):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_report(workdir: str, final: Mapping[str, float]) -> str:
+  """``report.json``: the final distribution, gains and silent failures."""
+  keep = {k: v for k, v in final.items()
+          if k.startswith(('test/', 'global/', 'local/', 'heldout/', 'vs_'))}
+  path = os.path.join(workdir, 'report.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(keep, f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
+  return path

@@ -1,0 +1,225 @@
+"""Personalized FL algorithms against plain per-client reference loops.
+
+Each round of the vectorised algorithm (built by name through the registry,
+as a config names it) must equal a Python loop over clients that trains
+full parameter trees with plain SGD, freezing leaves by zeroing their
+gradients at the steps the paper freezes them.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_pfi import training
+from fedjax_pfi.algorithms import personalized
+from fedjax_pfi.algorithms import registry
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.models import zoo
+from tests import reference
+from tests.algorithms.test_rounds import toy_dataset
+
+SEED, B, LR, EPOCHS = 5, 4, 0.2, 2
+HEAD = '^Dense_1/'
+
+
+@pytest.fixture(scope='module')
+def setup():
+  ds = toy_dataset(num_clients=8)
+  model = zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
+                          hidden=(5,))
+  return ds, model
+
+
+def config_for(name, **personalization):
+  c = training.default_config()
+  c.algorithm = name
+  c.client.learning_rate = LR
+  c.client.epochs = EPOCHS
+  c.client.batch_size = B
+  c.personalization.update(personalization)
+  return c
+
+
+def path_of(kp):
+  return '/'.join(str(k.key) for k in kp)
+
+
+def masked_sgd(model, p, batches, trainable, *, anchor=None, lam=0.0):
+  """SGD on the leaves ``trainable(step, path)`` accepts."""
+  grad = jax.jit(jax.grad(lambda q, b: reference.mean_loss(model, q, b, None)))
+  for s, batch in enumerate(batches):
+    g = grad(p, batch)
+    if lam:
+      g = jax.tree.map(lambda g, w, a: g + lam * (w - a), g, p, anchor)
+    p = jax.tree_util.tree_map_with_path(
+        lambda kp, w, d: w - LR * d if trainable(s, path_of(kp)) else w, p, g)
+  return p
+
+
+def weighted_mean(trees, weights):
+  total = float(sum(weights))
+  return jax.tree.map(lambda *x: sum(w * v for w, v in zip(weights, x)) /
+                      total, *trees)
+
+
+def test_head_pattern_is_the_output_layer(setup):
+  ds, model = setup
+  params = model.init(jax.random.key(0))
+  assert personalized.head_pattern(model, params) == HEAD
+  cnn = zoo.build_model('cnn', np.zeros((2, 28, 28, 1), np.float32),
+                        {'num_classes': 62})
+  assert personalized.head_pattern(cnn, jax.eval_shape(
+      cnn.init, jax.random.key(0))) == '^Dense_1/'
+  # Flax sorts params by name ('pos_embedding' last); the head is the output
+  # projection, called after the final LayerNorm.
+  lm = zoo.build_model('char_transformer', np.zeros((2, 8), np.int32),
+                       {'vocab_size': 20, 'pad_id': 0}, dim=8, num_layers=1,
+                       num_heads=2)
+  shapes = jax.eval_shape(lm.init, jax.random.key(0))
+  assert list(shapes)[-1] == 'pos_embedding'
+  assert personalized.head_pattern(lm, shapes) == '^Dense_0/'
+  assert shapes['Dense_0']['kernel'].shape[-1] == 20
+  body = re.compile(personalized.body_pattern(HEAD))
+  assert body.search('Dense_0/kernel') and not body.search('Dense_1/kernel')
+
+
+# name -> (personal leaves, trainable(step, path, n_steps)); the global part
+# is every leaf that is not personal (FedBABU: minus the frozen head).
+PARTITIONS = {
+    'local_only': (lambda path: True, lambda s, path, n: True),
+    'fedper': (lambda path: path.startswith('Dense_1'),
+               lambda s, path, n: True),
+    'lg_fedavg': (lambda path: not path.startswith('Dense_1'),
+                  lambda s, path, n: True),
+    # Of n = 2 epochs of steps, the first half trains the head only.
+    'fedrep': (lambda path: path.startswith('Dense_1'),
+               lambda s, path, n: (s < n // 2) == path.startswith('Dense_1')),
+    'fedbabu': (lambda path: False,
+                lambda s, path, n: not path.startswith('Dense_1')),
+    'fedavg_ft': (lambda path: False, lambda s, path, n: True),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PARTITIONS))
+def test_partition_matches_reference_loop(setup, name):
+  ds, model = setup
+  is_personal, trainable = PARTITIONS[name]
+  built = registry.build(config_for(name), model, ds.num_clients)
+  alg = built.algorithm
+  params0 = built.init_params(jax.random.key(1))
+  state = alg.init(params0)
+  frozen = alg.frozen_part(params0)
+  chex.clear_trace_counter()  # the counter is keyed by the code, shared by
+  apply = chex.assert_max_traces(alg.apply_unjitted, n=1)  # every parameter
+  apply = jax.jit(apply)
+
+  # The reference: the global model and every client's personal leaves.
+  glob = params0
+  personal = {}
+  for r, ids in enumerate([np.array([0, 3, 5]), np.array([3, 6, 1])]):
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=EPOCHS,
+                                     seed=SEED, round_idx=r,
+                                     step_buckets=(16,), num_slots=4)
+    state, metrics = apply(state, cohort, jax.random.key(r), frozen)
+    deltas, weights = [], []
+    for cid in ids:
+      batches = reference.client_batches(ds, cid, B, EPOCHS, SEED, r)
+      start = jax.tree_util.tree_map_with_path(
+          lambda kp, g: personal.get((int(cid), path_of(kp)), g)
+          if is_personal(path_of(kp)) else g, glob)
+      n = len(batches)
+      end = masked_sgd(model, start, batches,
+                       lambda s, path: trainable(s, path, n))
+      for kp, leaf in jax.tree_util.tree_flatten_with_path(end)[0]:
+        if is_personal(path_of(kp)):
+          personal[(int(cid), path_of(kp))] = leaf
+      deltas.append(jax.tree.map(jnp.subtract, end, glob))
+      weights.append(ds.client_sizes[cid])
+    mean = weighted_mean(deltas, weights)
+    glob = jax.tree_util.tree_map_with_path(
+        lambda kp, g, d: g if is_personal(path_of(kp)) else g + d, glob, mean)
+
+  view = alg.eval_view(state, frozen)
+  got_global = view.params
+  want_global = jax.tree_util.tree_map_with_path(
+      lambda kp, g, p0: p0 if is_personal(path_of(kp)) else g, glob, params0)
+  chex.assert_trees_all_close(got_global, want_global, atol=2e-6)
+  if view.personal is not None:
+    for (cid, path), want in personal.items():
+      got = view.personal
+      for k in path.split('/'):
+        got = got[k]
+      np.testing.assert_allclose(got[cid], want, atol=2e-6, err_msg=path)
+    # Clients that never trained keep the initial params.
+    untouched = 2
+    got = jax.tree.map(lambda x: x[untouched], view.personal)
+    want = jax.tree.map(lambda x: x, params0)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(got)[0]:
+      ref = want
+      for k in path_of(kp).split('/'):
+        ref = ref[k]
+      np.testing.assert_array_equal(leaf, ref)
+  assert alg.has_global_model == (name in ('fedbabu', 'fedavg_ft'))
+  assert alg.finetune == {'fedbabu': 'all', 'fedavg_ft': 'trainable'}.get(
+      name, '')
+  # Bytes: only the global part travels.
+  sent = sum(x.size * 4 for kp, x in jax.tree_util.tree_flatten_with_path(
+      params0)[0] if not is_personal(path_of(kp)) and not (
+          name == 'fedbabu' and path_of(kp).startswith('Dense_1')))
+  assert float(metrics['comm/upload_bytes']) == 3 * sent
+
+
+def test_ditto_matches_reference_loop(setup):
+  ds, model = setup
+  lam = 0.5
+  built = registry.build(config_for('ditto', ditto_lambda=lam), model,
+                         ds.num_clients)
+  alg = built.algorithm
+  params0 = built.init_params(jax.random.key(1))
+  state = alg.init(params0)
+  glob, own = params0, {}
+  everything = lambda s, path: True
+  for r, ids in enumerate([np.array([0, 3, 5]), np.array([3, 6, 1])]):
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=EPOCHS,
+                                     seed=SEED, round_idx=r,
+                                     step_buckets=(16,), num_slots=4)
+    state, _ = alg.apply(state, cohort, jax.random.key(r))
+    deltas, weights = [], []
+    for cid in ids:
+      batches = reference.client_batches(ds, cid, B, EPOCHS, SEED, r)
+      deltas.append(jax.tree.map(jnp.subtract,
+                                 masked_sgd(model, glob, batches, everything),
+                                 glob))
+      weights.append(ds.client_sizes[cid])
+      own[int(cid)] = masked_sgd(model, own.get(int(cid), params0), batches,
+                                 everything, anchor=glob, lam=lam)
+    glob = jax.tree.map(jnp.add, glob, weighted_mean(deltas, weights))
+  view = alg.eval_view(state, None)
+  chex.assert_trees_all_close(view.params, glob, atol=2e-6)
+  for cid, want in own.items():
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[cid], view.personal),
+                                want, atol=2e-6)
+  # The proximal pull is real: without it the personal models differ.
+  assert lam > 0 and not np.allclose(
+      view.personal['Dense_0']['kernel'][0],
+      masked_sgd(model, params0, reference.client_batches(
+          ds, 0, B, EPOCHS, SEED, 0), everything)['Dense_0']['kernel'])
+
+
+def test_config_errors(setup):
+  ds, model = setup
+  with pytest.raises(ValueError, match='head_epochs'):
+    registry.build(config_for('fedrep', head_epochs=2), model, ds.num_clients)
+  with pytest.raises(ValueError, match='matches no parameter'):
+    registry.build(config_for('fedper', head='^nope/'), model, ds.num_clients)
+  with pytest.raises(ValueError, match='lambda'):
+    registry.build(config_for('ditto', ditto_lambda=-1.0), model,
+                   ds.num_clients)
+  c = config_for('fedper')
+  c.execution.pack_lanes = 2
+  with pytest.raises(ValueError, match='personal state'):
+    registry.build(c, model, ds.num_clients)

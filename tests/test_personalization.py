@@ -1,0 +1,146 @@
+"""The personalization report: adaptation, gains, silent failures, files."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments import personalization_compare
+from experiments.configs import personalization as pfl_config
+from fedjax_pfi import evaluation
+from fedjax_pfi import personalization
+from fedjax_pfi import training
+from fedjax_pfi.data.federated import FederatedSplits
+from fedjax_pfi.models import zoo
+from tests import reference
+from tests.algorithms.test_rounds import toy_dataset
+
+
+def metrics(ids, correct, count):
+  ids, correct, count = map(np.asarray, (ids, correct, count))
+  return evaluation.ClientMetrics(ids, np.zeros(ids.size), correct, count,
+                                  count)
+
+
+def test_compare_by_hand():
+  mine = metrics([0, 1, 2, 3], [8, 5, 9, 2], [10, 10, 10, 10])
+  base = metrics([0, 1, 2, 3], [6, 6, 9, 4], [10, 10, 10, 10])
+  out, gain = personalization.compare(mine, base, 'global')
+  np.testing.assert_allclose(gain, [0.2, -0.1, 0.0, -0.2])
+  assert out['vs_global/hurt_fraction'] == 0.5      # clients 1 and 3
+  assert out['vs_global/helped_fraction'] == 0.25   # client 0
+  assert out['vs_global/gain_worst'] == pytest.approx(-0.2)
+  assert out['vs_global/gain_mean'] == pytest.approx(-0.025)
+  # A margin forgives small losses: only client 3 is hurt by more than 0.15.
+  out, _ = personalization.compare(mine, base, 'global', margin=0.15)
+  assert out['vs_global/hurt_fraction'] == 0.25
+  with pytest.raises(ValueError, match='different clients'):
+    personalization.compare(mine, metrics([0, 1, 2, 4], [1] * 4, [2] * 4), 'x')
+
+
+def test_adapter_matches_reference_loop():
+  ds = toy_dataset(num_clients=7)
+  splits = FederatedSplits.from_dataset(ds, val_fraction=0.0,
+                                        test_fraction=0.3, heldout_fraction=0.0,
+                                        seed=1)
+  model = zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
+                          hidden=(5,))
+  params = model.init(jax.random.key(0))
+  lr, epochs, b, seed = 0.3, 3, 4, 7
+  adapter = personalization.Adapter(model, optax.sgd(lr), epochs=epochs,
+                                    batch_size=b, clients_per_chunk=3,
+                                    eval_batch_size=4, seed=seed)
+  got = adapter.evaluate(params, splits.train, splits.test)
+  plain = evaluation.Evaluator(model, 4, 3).evaluate(params, splits.test)
+  for i, cid in enumerate(got.client_ids):
+    batches = reference.client_batches(splits.train, cid, b, epochs, seed, 0)
+    tuned = reference.local_sgd(model, optax.sgd(lr), params, batches,
+                                jax.random.key(0))
+    test = splits.test.client(cid)
+    logits = model.apply(tuned, test['x'], None, False)
+    want = np.sum(np.argmax(logits, -1) == test['y'])
+    assert got.correct[i] == want, cid
+  # Adapting changed the models (the comparison is not vacuous).
+  assert not np.allclose(got.loss_sum, plain.loss_sum)
+  # Zero epochs is plain evaluation.
+  same = personalization.Adapter(model, optax.sgd(lr), epochs=0, batch_size=b,
+                                 clients_per_chunk=3, eval_batch_size=4)
+  np.testing.assert_allclose(same.evaluate(params, splits.train,
+                                           splits.test).loss_sum,
+                             plain.loss_sum, rtol=1e-5)
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg_ft', 'fedper', 'ditto'])
+def test_run_reports_who_is_helped_and_hurt(tmp_path, algorithm):
+  config = pfl_config.get_config(f'synthetic,{algorithm},testing')
+  config.personalization.local_epochs = 2
+  config.data.heldout_fraction = 0.3
+  wd = str(tmp_path)
+  final = training.run(config, wd)
+  for k in ('test/client_accuracy_p10', 'local/client_accuracy_mean',
+            'vs_local/hurt_fraction', 'heldout/client_accuracy_mean',
+            'heldout_adapted/client_accuracy_mean'):
+    assert k in final, k
+  has_global = algorithm in ('fedavg_ft', 'ditto')
+  assert ('vs_global/hurt_fraction' in final) == has_global
+  clients = personalization.load_clients(wd)
+  mine, local = clients['personalized'], clients['local']
+  # The reported fraction is the per-client comparison of the saved arrays.
+  assert final['vs_local/hurt_fraction'] == pytest.approx(
+      np.mean(mine['accuracy'] < local['accuracy']))
+  assert final['test/client_accuracy_mean'] == pytest.approx(
+      mine['accuracy'].mean())
+  if has_global:
+    assert final['vs_global/gain_mean'] == pytest.approx(
+        np.mean(mine['accuracy'] - clients['global']['accuracy']))
+  report = json.load(open(os.path.join(wd, 'report.json')))
+  assert report['vs_local/hurt_fraction'] == final['vs_local/hurt_fraction']
+  for png in ('accuracy_curves.png', 'client_accuracy.png',
+              'gain_vs_size.png'):
+    assert os.path.getsize(os.path.join(wd, png)) > 1000, png
+
+
+def test_local_baseline_is_training_alone():
+  """The in-run local-only baseline equals an `Adapter` from the initial
+  params, and a local_only run of as many epochs per client trains the same
+  models when every client is in every round."""
+  config = pfl_config.get_config('synthetic,fedavg,testing')
+  config.personalization.local_epochs = 2
+  exp = training.build(config)
+  params = training.initial_params(exp)
+  ev = training.RunEvaluator(exp, params, None)
+  out = ev(exp.algorithm.eval_view(exp.algorithm.init(params), None))
+  model = exp.model
+  adapter = personalization.Adapter(
+      model, optax.sgd(config.client.learning_rate), epochs=2,
+      batch_size=config.client.batch_size, seed=config.seed)
+  want = adapter.evaluate(params, exp.splits.train, exp.splits.test)
+  np.testing.assert_array_equal(ev.last['local'].correct, want.correct)
+  assert out['local/client_accuracy_mean'] == pytest.approx(
+      want.accuracy.mean())
+
+
+def test_compare_script_tiny(tmp_path):
+  rows = personalization_compare.run_all(
+      str(tmp_path), ['cifar_shaped'], ['fedrep'], testing=True)
+  assert [r['algorithm'] for r in rows] == ['local_only', 'fedavg', 'fedrep']
+  fedavg = next(r for r in rows if r['algorithm'] == 'fedavg')
+  assert fedavg['gain_vs_fedavg'] == 0.0 and fedavg['hurt_vs_fedavg'] == 0.0
+  local = next(r for r in rows if r['algorithm'] == 'local_only')
+  assert local['hurt_vs_local'] == 0.0 and local['mb'] == 0.0
+  table = open(os.path.join(tmp_path, 'table.md')).read()
+  assert 'FedRep' in table and 'local-only' in table
+  for png in ('gain_vs_fedavg.png', 'accuracy_by_algorithm.png'):
+    assert os.path.getsize(os.path.join(tmp_path, 'cifar_shaped', png)) > 1000
+
+
+def test_config_variants_refuse_unknown_names():
+  with pytest.raises(ValueError, match='DATASET,ALGORITHM'):
+    pfl_config.get_config('mnist,fedavg')
+  with pytest.raises(ValueError, match='DATASET,ALGORITHM'):
+    pfl_config.get_config('synthetic,pfedme')
+  chex.assert_type(pfl_config.get_config('femnist,fedrep').rounds, int)
