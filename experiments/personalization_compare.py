@@ -36,17 +36,12 @@ from experiments.configs import personalization as pfl_config
 from fedjax_pfi import personalization
 from fedjax_pfi import training
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-_DATASETS = flags.DEFINE_list('datasets', list(pfl_config.DATASETS),
-                              'Datasets to run.')
-_ALGORITHMS = flags.DEFINE_list('algorithms', list(pfl_config.ALGORITHMS),
-                                'Algorithms to run.')
-_TESTING = flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
-
 NAMES = {'local_only': 'local-only', 'fedavg': 'FedAvg',
          'fedavg_ft': 'FedAvg + FT', 'fedper': 'FedPer',
          'lg_fedavg': 'LG-FedAvg', 'fedrep': 'FedRep', 'fedbabu': 'FedBABU',
-         'ditto': 'Ditto'}
+         'ditto': 'Ditto', 'apfl': 'APFL', 'pfedme': 'pFedMe',
+         'perfedavg_fo': 'Per-FedAvg (FO)', 'perfedavg_hf': 'Per-FedAvg (HF)',
+         'ifca': 'IFCA / HypCluster'}
 
 
 def run_all(workdir: str, datasets, algorithms, testing: bool = False
@@ -145,14 +140,26 @@ def write_table(workdir: str, rows: list[dict]) -> None:
   print(text)
 
 
+def _define_flags():
+  """Flags exist only when this module is the program (tests import it
+  beside other experiment scripts that define ``--workdir`` too)."""
+  flags.DEFINE_string('workdir', None, 'Output directory.')
+  flags.DEFINE_list('datasets', list(pfl_config.DATASETS), 'Datasets to run.')
+  flags.DEFINE_list('algorithms', list(pfl_config.ALGORITHMS),
+                    'Algorithms to run.')
+  flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
+  flags.mark_flags_as_required(['workdir'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+  f = flags.FLAGS
+  if not f['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  run_all(_WORKDIR.value, _DATASETS.value, _ALGORITHMS.value, _TESTING.value)
+  run_all(f.workdir, f.datasets, f.algorithms, f.testing)
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir'])
+  _define_flags()
   app.run(main)

@@ -79,7 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Personalized FL (fedjax_pfi/algorithms/registry.py) and its evaluation
   # (fedjax_pfi/personalization.py).
   c.personalization = ml_collections.ConfigDict(dict(
-      head='', head_epochs=1, ditto_lambda=0.1, finetune_epochs=1,
+      head='', head_epochs=1, ditto_lambda=0.1, apfl_alpha=0.25,
+      pfedme_lambda=15.0, pfedme_inner_steps=5, pfedme_personal_lr=0.0,
+      perfedavg_alpha=0.01, num_clusters=2, finetune_epochs=1,
       local_epochs=0, hurt_margin=0.0))
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
@@ -428,15 +430,21 @@ class RunEvaluator:
     pc = c.personalization
     opt = client_updates.client_optimizer(
         c.client.optimizer, c.client.learning_rate, momentum=c.client.momentum)
-    adapter = lambda epochs: personalization.Adapter(
+    adapter = lambda epochs, opt=opt: personalization.Adapter(
         model, opt, epochs=epochs, batch_size=c.client.batch_size,
         clients_per_chunk=c.eval_clients_per_chunk,
         eval_batch_size=c.eval_batch_size, seed=c.seed)
-    self.finetuner = adapter(int(pc.finetune_epochs))
+    ft_opt = opt if not exp.algorithm.finetune_lr else \
+        client_updates.client_optimizer(
+            c.client.optimizer, exp.algorithm.finetune_lr,
+            momentum=c.client.momentum)
+    self.finetuner = adapter(int(pc.finetune_epochs), ft_opt)
     self.local_epochs = int(pc.local_epochs)
     self.margin = float(pc.hurt_margin)
     self._local_adapter = adapter(self.local_epochs) if self.local_epochs \
         else None
+    if self.local_epochs and exp.algorithm.clusters:  # one of the k models
+      initial_params = jax.tree.map(lambda p: p[0], initial_params)
     self._initial = initial_params if self.local_epochs else None
     self._frozen = frozen
     self._local = None
@@ -457,12 +465,29 @@ class RunEvaluator:
       return self.evaluator.evaluate(full, test)
     return adapter.evaluate(start, train, test, frozen)
 
+  def _best_cluster(self, clusters, train, test):
+    """Each client with the cluster model of lowest loss on ``train``."""
+    k = jax.tree.leaves(clusters)[0].shape[0]
+    models = [jax.tree.map(lambda p, j=j: p[j], clusters) for j in range(k)]
+    on_train = [self.evaluator.evaluate(m, train) for m in models]
+    on_test = [self.evaluator.evaluate(m, test) for m in models]
+    ids = on_test[0].client_ids
+    loss = np.stack([np.full(train.num_clients, np.inf)] * k)
+    for j, m in enumerate(on_train):
+      loss[j, m.client_ids] = m.loss
+    pick = np.argmin(loss[:, ids], axis=0)
+    take = lambda f: np.choose(pick, [getattr(m, f) for m in on_test])
+    return evaluation.ClientMetrics(ids, take('loss_sum'), take('correct'),
+                                    take('count'), on_test[0].num_examples)
+
   def __call__(self, view) -> dict[str, float]:
     exp, ev, alg = self.exp, self.evaluator, self.exp.algorithm
     splits = exp.splits
     personalizes = view.personal is not None or bool(alg.finetune)
 
-    def own(ds):  # each training client with its own params
+    def own(ds, train=splits.train):  # each client with its own params
+      if view.clusters is not None:
+        return self._best_cluster(view.clusters, train, ds)
       if alg.finetune:
         return self._adapt(self.finetuner, view.params, alg.finetune,
                            splits.train, ds)
@@ -490,7 +515,11 @@ class RunEvaluator:
                                          self.margin)[0])
     if exp.config.eval_train:  # the FedProx paper's "training loss"
       out.update(evaluation.summarize(own(splits.train), 'trainset/'))
-    if splits.heldout_test is not None:
+    if splits.heldout_test is not None and view.clusters is not None:
+      if splits.heldout_train is not None:  # choose a cluster by own data
+        out.update(evaluation.summarize(
+            own(splits.heldout_test, splits.heldout_train), 'heldout/'))
+    elif splits.heldout_test is not None:
       out.update(evaluation.summarize(
           ev.evaluate(view.params, splits.heldout_test), 'heldout/'))
       if self.finetuner.epochs and splits.heldout_train is not None:

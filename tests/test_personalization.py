@@ -74,7 +74,8 @@ def test_adapter_matches_reference_loop():
                              plain.loss_sum, rtol=1e-5)
 
 
-@pytest.mark.parametrize('algorithm', ['fedavg_ft', 'fedper', 'ditto'])
+@pytest.mark.parametrize('algorithm', ['fedavg_ft', 'fedper', 'ditto', 'ifca',
+                                       'perfedavg_hf', 'pfedme', 'apfl'])
 def test_run_reports_who_is_helped_and_hurt(tmp_path, algorithm):
   config = pfl_config.get_config(f'synthetic,{algorithm},testing')
   config.personalization.local_epochs = 2
@@ -82,10 +83,13 @@ def test_run_reports_who_is_helped_and_hurt(tmp_path, algorithm):
   wd = str(tmp_path)
   final = training.run(config, wd)
   for k in ('test/client_accuracy_p10', 'local/client_accuracy_mean',
-            'vs_local/hurt_fraction', 'heldout/client_accuracy_mean',
-            'heldout_adapted/client_accuracy_mean'):
+            'vs_local/hurt_fraction', 'heldout/client_accuracy_mean'):
     assert k in final, k
-  has_global = algorithm in ('fedavg_ft', 'ditto')
+  # Held-out clients adapt by fine-tuning, or (IFCA) by choosing a cluster.
+  assert ('heldout_adapted/client_accuracy_mean' in final) == (
+      algorithm != 'ifca')
+  has_global = algorithm in ('fedavg_ft', 'ditto', 'perfedavg_hf', 'pfedme',
+                             'apfl')
   assert ('vs_global/hurt_fraction' in final) == has_global
   clients = personalization.load_clients(wd)
   mine, local = clients['personalized'], clients['local']
@@ -142,5 +146,13 @@ def test_config_variants_refuse_unknown_names():
   with pytest.raises(ValueError, match='DATASET,ALGORITHM'):
     pfl_config.get_config('mnist,fedavg')
   with pytest.raises(ValueError, match='DATASET,ALGORITHM'):
-    pfl_config.get_config('synthetic,pfedme')
+    pfl_config.get_config('synthetic,fedx')
   chex.assert_type(pfl_config.get_config('femnist,fedrep').rounds, int)
+
+
+@pytest.mark.parametrize('dataset', pfl_config.DATASETS)
+def test_every_dataset_runs_fedrep(tmp_path, dataset):
+  final = training.run(pfl_config.get_config(f'{dataset},fedrep,testing'),
+                       str(tmp_path))
+  assert 0.0 <= final['test/client_accuracy_p10'] <= 1.0
+  assert final['time/compilations'] >= 1

@@ -1,8 +1,7 @@
 r"""Personalized FL benchmark (PFLlib-style): every algorithm on four datasets.
 
   python -m experiments.personalization_compare --workdir=/tmp/fedjax_pfi/pfl
-  python -m experiments.main \
-      --config=experiments/configs/personalization.py:femnist,fedrep \
+  python -m experiments.main --config=experiments/configs/personalization.py:femnist,fedrep \
       --workdir=/tmp/fedjax_pfi/pfl/femnist/fedrep
 
 The variant is ``DATASET,ALGORITHM[,testing]``:
@@ -13,7 +12,8 @@ The variant is ``DATASET,ALGORITHM[,testing]``:
   30 devices, an MLP with one hidden layer of 32), ``cifar_shaped``
   (CIFAR-shaped mock images split by Dirichlet(0.1) over 20 clients, an MLP
   with one hidden layer of 128);
-- algorithms: ``ALGORITHMS`` below (the registry's names).
+- algorithms: ``ALGORITHMS`` below (the registry's names; ``hypcluster``
+  is IFCA's round and is not run twice).
 
 Every algorithm on a dataset uses the same rounds, cohort size, client
 optimizer, batch and ``client.epochs = 2`` (FedRep spends the first epoch on
@@ -29,13 +29,16 @@ from fedjax_pfi import training
 
 DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped')
 ALGORITHMS = ('local_only', 'fedavg', 'fedavg_ft', 'fedper', 'lg_fedavg',
-              'fedrep', 'fedbabu', 'ditto')
+              'fedrep', 'fedbabu', 'ditto', 'apfl', 'pfedme', 'perfedavg_fo',
+              'perfedavg_hf', 'ifca')
+# 'hypcluster' is IFCA's round (fedjax_pfi/algorithms/clustered.py), so the
+# table runs it once, as 'ifca'.
 
 
 def get_config(variant: str = 'synthetic,fedavg'):
   parts = [p for p in variant.split(',') if p]
   testing = 'testing' in parts
-  parts = [p for p in parts if p != 'testing']
+  parts = [p for p in parts if p != 'testing'] or ['synthetic', 'fedavg']
   if len(parts) != 2 or parts[0] not in DATASETS or parts[1] not in ALGORITHMS:
     raise ValueError(
         f'variant {variant!r} must be DATASET,ALGORITHM[,testing] with DATASET '
@@ -50,6 +53,12 @@ def get_config(variant: str = 'synthetic,fedavg'):
   c.personalization.finetune_epochs = 1
   c.personalization.head_epochs = 1
   c.personalization.ditto_lambda = 0.1
+  c.personalization.apfl_alpha = 0.25
+  # pFedMe's paper settings (lambda 15, K 5); its steps need lr * lambda < 1
+  # and personal_lr * lambda < 1, so both are capped at 0.75 per dataset.
+  c.personalization.pfedme_lambda = 15.0
+  c.personalization.pfedme_inner_steps = 5
+  c.personalization.num_clusters = 2
   c.eval_every = 10
   c.checkpoint_every = 10
   c.progress = False
@@ -98,6 +107,13 @@ def get_config(variant: str = 'synthetic,fedavg'):
     c.model.kwargs.hidden = (128,)
     c.client.learning_rate = 0.01
     c.client.batch_size = 20
+  lr = c.client.learning_rate
+  if lr * c.personalization.pfedme_lambda > 0.75:
+    c.personalization.pfedme_lambda = 0.75 / lr
+  c.personalization.pfedme_personal_lr = 0.75 / c.personalization.pfedme_lambda
+  # Per-FedAvg's inner step (and the step its clients fine-tune with) is the
+  # client lr, as FedAvg + FT's.
+  c.personalization.perfedavg_alpha = lr
   if testing:
     c.rounds = 2
     c.clients_per_round = 3

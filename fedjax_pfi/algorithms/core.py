@@ -54,10 +54,13 @@ class EvalView(NamedTuple):
       ``personal`` by the algorithm's ``combine`` (None without personal
       state).
     personal: the per-client store ``[num_clients, ...]``, or None.
+    clusters: clustered FL's models ``[k, ...]``: each client is evaluated
+      with the one of lowest loss on its training data (None otherwise).
   """
   params: Params
   shared: Params = None
   personal: Params = None
+  clusters: Params = None
 
 
 def _no_frozen(params):
@@ -90,6 +93,7 @@ class FederatedAlgorithm(NamedTuple):
   ``has_global_model``: ``eval_view(...).params`` is a model worth
   comparing each client with (False where it holds untrained personal
   initialisations: FedPer's head, LG-FedAvg's body, local-only).
+  ``finetune_lr``: the fine-tuning step (Per-FedAvg's inner ``alpha``).
   """
   init: Callable[[Params], ServerState]
   apply: Callable[..., tuple[ServerState, dict]]
@@ -101,6 +105,8 @@ class FederatedAlgorithm(NamedTuple):
   eval_model: Any = None  # the Model to evaluate with, if not the trained one
   finetune: str = ''
   has_global_model: bool = True
+  finetune_lr: float = 0.0  # 0: the client learning rate
+  clusters: int = 0  # clustered FL: the number of models (params [k, ...])
 
 
 class Execution(NamedTuple):

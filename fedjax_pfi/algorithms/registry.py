@@ -14,12 +14,17 @@ it trains and the function that makes its initial params. Names:
   every client fine-tunes at evaluation), ``fedper`` (head personal),
   ``lg_fedavg`` (body personal), ``fedrep`` (head personal, trained first),
   ``fedbabu`` (head frozen at its random init; fine-tuned at evaluation),
-  ``ditto`` (a personal model beside the global one).
+  ``ditto`` (a personal model beside the global one), ``apfl`` (a personal
+  model mixed with the global one by a learned weight), ``pfedme`` (Moreau
+  envelopes), ``perfedavg_fo`` / ``perfedavg_hf`` (Per-FedAvg, first-order
+  or Hessian-free), ``ifca`` / ``hypcluster`` (k cluster models).
 
 Personalization options live in ``config.personalization``: ``head`` (regex
 of the head's leaves; default the model's last layer), ``head_epochs``
 (FedRep: of ``client.epochs``, those that train the head),
-``ditto_lambda``, ``finetune_epochs`` (evaluation-time fine-tuning and
+``ditto_lambda``, ``apfl_alpha`` (initial mixing weight), ``pfedme_lambda``,
+``pfedme_inner_steps``, ``pfedme_personal_lr`` (0: client lr),
+``perfedavg_alpha`` (the inner step), ``num_clusters``, ``finetune_epochs`` (evaluation-time fine-tuning and
 held-out adaptation), ``local_epochs`` (the in-run local-only baseline; 0
 off) and ``hurt_margin``.
 
@@ -39,9 +44,11 @@ import jax
 import numpy as np
 
 from fedjax_pfi.algorithms import client_updates
+from fedjax_pfi.algorithms import clustered
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import hetero_lora
+from fedjax_pfi.algorithms import meta_mixed
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.algorithms import personalized
@@ -59,8 +66,14 @@ LORA_PARTITIONS = {
 }
 HETERO_LORA = ('flora', 'hetlora')
 # Personalized FL (`personalized`); those keeping per-client state:
-PERSONAL_STATE = ('local_only', 'fedper', 'lg_fedavg', 'fedrep', 'ditto')
-PERSONALIZED = ('fedavg_ft', 'fedbabu') + PERSONAL_STATE
+PERSONAL_STATE = ('local_only', 'fedper', 'lg_fedavg', 'fedrep', 'ditto',
+                  'apfl', 'pfedme')
+# Their own rounds (not partitions): one device, unchunked, unpacked.
+OWN_ROUNDS = ('ditto', 'apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf',
+              'ifca', 'hypcluster')
+PLAIN_SGD = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf')
+PERSONALIZED = (('fedavg_ft', 'fedbabu') + PERSONAL_STATE +
+                ('perfedavg_fo', 'perfedavg_hf', 'ifca', 'hypcluster'))
 ALGORITHMS = (('fedavg', 'fedprox', 'scaffold') + tuple(LORA_PARTITIONS) +
               HETERO_LORA + PERSONALIZED)
 
@@ -111,7 +124,7 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
 # Algorithms whose rounds run chunked, packed or sharded (`core.Execution`):
 # the rest aggregate something other than a weighted sum of deltas.
 SCALABLE = (('fedavg', 'fedprox') + tuple(LORA_PARTITIONS) +
-            tuple(n for n in PERSONALIZED if n != 'ditto'))
+            tuple(n for n in PERSONALIZED if n not in OWN_ROUNDS))
 
 
 def build(config, base_model: base.Model, num_clients: int,
@@ -195,10 +208,38 @@ def _personalized(name, config, base_model, opt, server, num_clients, unroll,
                   execution) -> Built:
   """The personalized algorithms (`personalized`) on the base model."""
   pc = config.personalization
+  cl = config.client
+  if name in PLAIN_SGD and (cl.optimizer != 'sgd' or cl.momentum):
+    raise ValueError(
+        f'{name} takes the paper\'s plain SGD steps (client.learning_rate is '
+        f'its step size); got client optimizer {cl.optimizer!r} with '
+        f'momentum {cl.momentum}.')
+  lr = float(cl.learning_rate)
   if name == 'ditto':
     alg = personalized.ditto(base_model, opt, server, num_clients,
                              lam=float(pc.ditto_lambda), unroll=unroll)
     return Built(alg, base_model, base_model.init)
+  if name == 'apfl':
+    alg = meta_mixed.apfl(base_model, lr, server, num_clients,
+                          alpha=float(pc.apfl_alpha))
+    return Built(alg, base_model, base_model.init)
+  if name == 'pfedme':
+    alg = meta_mixed.pfedme(
+        base_model, lr, server, num_clients, lam=float(pc.pfedme_lambda),
+        inner_steps=int(pc.pfedme_inner_steps),
+        personal_lr=float(pc.pfedme_personal_lr) or lr)
+    return Built(alg, base_model, base_model.init)
+  if name in ('perfedavg_fo', 'perfedavg_hf'):
+    alg = meta_mixed.per_fedavg(
+        base_model, lr, server, alpha=float(pc.perfedavg_alpha),
+        hessian_free=name == 'perfedavg_hf', name=name)
+    return Built(alg, base_model, base_model.init)
+  if name in ('ifca', 'hypcluster'):
+    k = int(pc.num_clusters)
+    init = clustered.stack_inits(base_model.init, k)
+    alg = clustered.ifca(base_model, opt, server, num_clients, num_clusters=k,
+                         unroll=unroll, name=name)
+    return Built(alg, base_model, init)
   shapes = jax.eval_shape(base_model.init, jax.random.key(0))
   head = str(pc.head or '') or personalized.head_pattern(
       base_model, shapes)

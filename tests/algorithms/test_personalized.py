@@ -9,6 +9,7 @@ gradients at the steps the paper freezes them.
 import re
 
 import chex
+import jax.flatten_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +224,189 @@ def test_config_errors(setup):
   c.execution.pack_lanes = 2
   with pytest.raises(ValueError, match='personal state'):
     registry.build(c, model, ds.num_clients)
+
+
+def grad_of(model):
+  return jax.jit(jax.grad(lambda q, b: reference.mean_loss(model, q, b, None)))
+
+
+def tree_vdot(x, y):
+  return sum(float(jnp.vdot(u, v)) for u, v in zip(jax.tree.leaves(x),
+                                                  jax.tree.leaves(y)))
+
+
+def run_rounds(alg, params0, ds, reference_round):
+  """Two rounds of ``alg`` and of ``reference_round(r, ids)``."""
+  state = alg.init(params0)
+  for r, ids in enumerate([np.array([0, 3, 5]), np.array([3, 6, 1])]):
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=EPOCHS,
+                                     seed=SEED, round_idx=r,
+                                     step_buckets=(16,), num_slots=4)
+    state, _ = alg.apply(state, cohort, jax.random.key(r))
+    reference_round(r, ids)
+  return state
+
+
+def test_apfl_matches_reference_loop(setup):
+  ds, model = setup
+  alpha0 = 0.3
+  built = registry.build(config_for('apfl', apfl_alpha=alpha0), model,
+                         ds.num_clients)
+  params0 = built.init_params(jax.random.key(1))
+  grad = grad_of(model)
+  ref = {'w': params0, 'v': {}, 'a': {}}
+
+  def reference_round(r, ids):
+    glob, deltas, weights = ref['w'], [], []
+    for cid in ids:
+      cid = int(cid)
+      w, v, a = glob, ref['v'].get(cid, params0), ref['a'].get(cid, alpha0)
+      for batch in reference.client_batches(ds, cid, B, EPOCHS, SEED, r):
+        gw = grad(w, batch)
+        vbar = jax.tree.map(lambda x, y: a * x + (1 - a) * y, v, w)
+        gbar = grad(vbar, batch)
+        ga = tree_vdot(gbar, jax.tree.map(jnp.subtract, v, w))
+        w, v, a = (jax.tree.map(lambda x, g: x - LR * g, w, gw),
+                   jax.tree.map(lambda x, g: x - LR * a * g, v, gbar),
+                   float(np.clip(a - LR * ga, 0.0, 1.0)))
+      ref['v'][cid], ref['a'][cid] = v, a
+      deltas.append(jax.tree.map(jnp.subtract, w, glob))
+      weights.append(ds.client_sizes[cid])
+    ref['w'] = jax.tree.map(jnp.add, glob, weighted_mean(deltas, weights))
+
+  state = run_rounds(built.algorithm, params0, ds, reference_round)
+  view = built.algorithm.eval_view(state, None)
+  chex.assert_trees_all_close(view.params, ref['w'], atol=3e-6)
+  for cid, v in ref['v'].items():
+    mine = jax.tree.map(lambda x: x[cid], view.personal)
+    np.testing.assert_allclose(mine['alpha'], ref['a'][cid], atol=3e-6)
+    chex.assert_trees_all_close(mine['v'], v, atol=3e-6)
+    # The personalized model is the mixture with the global model.
+    a = ref['a'][cid]
+    chex.assert_trees_all_close(
+        built.algorithm.combine(view.shared, mine),
+        jax.tree.map(lambda x, y: a * x + (1 - a) * y, v, ref['w']),
+        atol=3e-6)
+  assert any(abs(a - alpha0) > 1e-4 for a in ref['a'].values())
+
+
+def test_pfedme_matches_reference_loop(setup):
+  ds, model = setup
+  lam, k, plr = 2.0, 3, 0.05
+  built = registry.build(
+      config_for('pfedme', pfedme_lambda=lam, pfedme_inner_steps=k,
+                 pfedme_personal_lr=plr), model, ds.num_clients)
+  params0 = built.init_params(jax.random.key(1))
+  grad = grad_of(model)
+  ref = {'w': params0, 'theta': {}}
+
+  def reference_round(r, ids):
+    glob, deltas, weights = ref['w'], [], []
+    for cid in ids:
+      cid = int(cid)
+      w, theta = glob, ref['theta'].get(cid, params0)
+      for batch in reference.client_batches(ds, cid, B, EPOCHS, SEED, r):
+        for _ in range(k):
+          g = grad(theta, batch)
+          theta = jax.tree.map(lambda t, gi, wi: t - plr * (gi + lam * (
+              t - wi)), theta, g, w)
+        w = jax.tree.map(lambda wi, t: wi - LR * lam * (wi - t), w, theta)
+      ref['theta'][cid] = theta
+      deltas.append(jax.tree.map(jnp.subtract, w, glob))
+      weights.append(ds.client_sizes[cid])
+    ref['w'] = jax.tree.map(jnp.add, glob, weighted_mean(deltas, weights))
+
+  state = run_rounds(built.algorithm, params0, ds, reference_round)
+  view = built.algorithm.eval_view(state, None)
+  chex.assert_trees_all_close(view.params, ref['w'], atol=3e-6)
+  for cid, theta in ref['theta'].items():
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[cid], view.personal),
+                                theta, atol=3e-6)
+
+
+@pytest.mark.parametrize('name', ['perfedavg_fo', 'perfedavg_hf'])
+def test_per_fedavg_matches_reference_loop(setup, name):
+  ds, model = setup
+  alpha = 0.1
+  built = registry.build(config_for(name, perfedavg_alpha=alpha), model,
+                         ds.num_clients)
+  params0 = built.init_params(jax.random.key(1))
+  flat0, unravel = jax.flatten_util.ravel_pytree(params0)
+  loss = lambda q, b: reference.mean_loss(model, q, b, None)
+  grad = grad_of(model)
+  ref = {'w': params0}
+
+  def reference_round(r, ids):
+    glob, deltas, weights = ref['w'], [], []
+    for cid in ids:
+      w = glob
+      for batch in reference.client_batches(ds, int(cid), B, EPOCHS, SEED, r):
+        n = batch['y'].shape[0]
+        d1 = {k: v[:(n + 1) // 2] for k, v in batch.items()}
+        d2 = {k: v[(n + 1) // 2:] for k, v in batch.items()}
+        if not d2['y'].shape[0]:
+          continue  # no second half: the masked step changes nothing
+        tmp = jax.tree.map(lambda x, g: x - alpha * g, w, grad(w, d1))
+        g2 = grad(tmp, d2)
+        if name == 'perfedavg_hf':  # the full Hessian, then its product
+          hess = jax.hessian(lambda f: loss(unravel(f), d1))(
+              jax.flatten_util.ravel_pytree(w)[0])
+          g2 = unravel(jax.flatten_util.ravel_pytree(g2)[0] - alpha * (
+              hess @ jax.flatten_util.ravel_pytree(g2)[0]))
+        w = jax.tree.map(lambda x, g: x - LR * g, w, g2)
+      deltas.append(jax.tree.map(jnp.subtract, w, glob))
+      weights.append(ds.client_sizes[cid])
+    ref['w'] = jax.tree.map(jnp.add, glob, weighted_mean(deltas, weights))
+
+  del flat0
+  state = run_rounds(built.algorithm, params0, ds, reference_round)
+  chex.assert_trees_all_close(state.params, ref['w'], atol=3e-6)
+  assert built.algorithm.finetune == 'trainable'
+  assert built.algorithm.finetune_lr == alpha
+
+
+def test_ifca_matches_reference_loop(setup):
+  ds, model = setup
+  k = 3
+  built = registry.build(config_for('ifca', num_clusters=k), model,
+                         ds.num_clients)
+  models0 = built.init_params(jax.random.key(1))
+  assert jax.tree.leaves(models0)[0].shape[0] == k
+  grad = grad_of(model)
+  ref = {'models': [jax.tree.map(lambda p, j=j: p[j], models0)
+                    for j in range(k)], 'choice': {}}
+
+  def reference_round(r, ids):
+    models = ref['models']
+    sums = [None] * k
+    totals = [0.0] * k
+    for cid in ids:
+      batches = reference.client_batches(ds, int(cid), B, EPOCHS, SEED, r)
+      x = np.concatenate([b['x'] for b in batches])
+      y = np.concatenate([b['y'] for b in batches])
+      losses = [float(reference.mean_loss(model, m, {'x': x, 'y': y}, None))
+                for m in models]
+      j = int(np.argmin(losses))
+      ref['choice'][int(cid)] = j
+      w = models[j]
+      for batch in batches:
+        w = jax.tree.map(lambda p, g: p - LR * g, w, grad(w, batch))
+      n = float(ds.client_sizes[cid])
+      d = jax.tree.map(lambda a, b: n * (a - b), w, models[j])
+      sums[j] = d if sums[j] is None else jax.tree.map(jnp.add, sums[j], d)
+      totals[j] += n
+    ref['models'] = [m if sums[j] is None else jax.tree.map(
+        lambda p, s, t=totals[j]: p + s / t, m, sums[j])
+                     for j, m in enumerate(models)]
+
+  state = run_rounds(built.algorithm, models0, ds, reference_round)
+  for j in range(k):
+    chex.assert_trees_all_close(jax.tree.map(lambda p, j=j: p[j],
+                                             state.params), ref['models'][j],
+                                atol=3e-6)
+  chosen = np.asarray(state.client_states['cluster'])
+  for cid, j in ref['choice'].items():
+    assert chosen[cid] == j
+  assert chosen[2] == -1  # never sampled
+  assert len(set(ref['choice'].values())) > 1  # the clusters differ
+  assert built.algorithm.clusters == k
