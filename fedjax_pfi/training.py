@@ -8,7 +8,10 @@ One call of `run(config, workdir)`:
    a step bucket, runs the jitted round with key ``fold_in(root, r)``, and,
    while the device computes, stacks the next round's cohort on the host;
 4. logs metrics to ``workdir/metrics.jsonl`` and TensorBoard, evaluates every
-   ``eval_every`` rounds, checkpoints every ``checkpoint_every`` rounds.
+   ``eval_every`` rounds (`RunEvaluator`: personalized, global and local-only
+   per client), checkpoints every ``checkpoint_every`` rounds;
+5. after the last round writes the personalization report: ``report.json``,
+   ``clients_final.npz`` and PNG plots (`fedjax_pfi.personalization`).
 
 Because every random choice is a pure function of ``(seed, round)``, a run
 resumed from its workdir finishes with exactly the metrics of an uninterrupted

@@ -156,3 +156,23 @@ def test_every_dataset_runs_fedrep(tmp_path, dataset):
                        str(tmp_path))
   assert 0.0 <= final['test/client_accuracy_p10'] <= 1.0
   assert final['time/compilations'] >= 1
+
+
+@pytest.mark.parametrize('algorithm', ['apfl', 'ifca', 'fedrep'])
+def test_resumed_run_equals_uninterrupted(tmp_path, algorithm):
+  """Personal state (the store, IFCA's models and choices) is checkpointed:
+  a run stopped after one round and resumed ends with the same metrics and
+  the same per-client report."""
+  config = pfl_config.get_config(f'synthetic,{algorithm},testing')
+  config.rounds = 3
+  whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
+  training.run(config, whole)
+  training.run(config, split, stop_after=1)
+  training.run(config, split)
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(
+      'time/')} for r in rows]
+  assert strip(training.read_metrics(split)) == strip(
+      training.read_metrics(whole))
+  a, b = (personalization.load_clients(d)['personalized'] for d in (whole,
+                                                                   split))
+  np.testing.assert_array_equal(a['accuracy'], b['accuracy'])

@@ -104,7 +104,7 @@ def _client_step(model: base.Model, optimizer: optax.GradientTransformation,
   return client_step
 
 
-def _over_steps(body, carry, mask, unroll, ys=None):
+def over_steps(body, carry, mask, unroll, ys=None):
   """``lax.scan(body, carry, arange(S))`` for the local steps of ``mask``
   ``[clients, S, B]``, stopping after the last step any client has examples.
 
@@ -145,12 +145,13 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
                    = None):
   """Builds ``train(init_params, batches, mask, keys, ...) -> ClientOutput``.
 
-  ``train`` runs the local steps of a whole cohort: a ``lax.scan`` over the
-  step axis whose body is the single-client SGD step ``vmap``ped over the
-  client axis, so the scan is *outside* the vmap. Its predicate "does any
-  client of the cohort have a real example at step ``s``" is therefore not
-  batched, and ``lax.cond`` skips the steps that are padding for every client
-  at run time (the steps a step bucket adds beyond the longest client). A
+  ``train`` runs the local steps of a whole cohort: a loop over the step
+  axis (`over_steps`: a ``lax.while_loop`` that stops after the last real
+  step, or a ``lax.scan`` with ``unroll``) whose body is the single-client
+  SGD step ``vmap``ped over the client axis, so the loop is *outside* the
+  vmap. Its predicate "does any client of the cohort have a real example at
+  step ``s``" is therefore not batched, and ``lax.cond`` skips the steps
+  that are padding for every client at run time. A
   client that has finished while others go on keeps its params and optimizer
   state through ``jnp.where``. Both make padding an exact no-op; the first
   also makes it free.
@@ -220,7 +221,7 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     init = (init_params, jax.vmap(optimizer.init)(init_params), zeros, zeros,
             jnp.zeros([num_clients], jnp.int32))
     lo, k = (0, num_clients) if window is None else window
-    params, _, loss_sum, count, steps = _over_steps(
+    params, _, loss_sum, count, steps = over_steps(
         body, init, core_take(mask, lo, k), unroll)
     delta = jax.tree.map(jnp.subtract, params, init_params)
     return ClientOutput(delta, steps, loss_sum, count)
@@ -329,7 +330,7 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     opt_lanes = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_lanes,) + jnp.shape(x)), opt0)
     acc0 = jax.tree.map(jnp.zeros_like, init_params)
-    (_, _, acc), (l, n, active, ex) = _over_steps(
+    (_, _, acc), (l, n, active, ex) = over_steps(
         body, (params0, opt_lanes, acc0), core_take(mask, lo, num_lanes),
         unroll, ys=((jnp.float32,) * 2 + (bool, jnp.int32), num_lanes))
     # [T, L] per-step values -> per cohort slot [C].

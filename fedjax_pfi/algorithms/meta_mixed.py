@@ -109,7 +109,7 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       return jax.lax.cond(jnp.any(mask[:, s]), run, lambda x: x, carry), None
 
     w0 = store.broadcast(state.params, c)
-    w, p, loss_sum, count, steps = client_updates._over_steps(  # pylint: disable=protected-access
+    w, p, loss_sum, count, steps = client_updates.over_steps(
         body, (w0, mine, zeros, zeros, jnp.zeros([c], jnp.int32)), mask, 1)
     delta = jax.tree.map(jnp.subtract, w, w0)
     client_states = (store.scatter(state.client_states, ids, p, ids >= 0)

@@ -142,24 +142,27 @@ def emnist_shaped(num_clients: int, seed: int = 0, *, mean_examples=100.0,
 
 def cifar_shaped(num_clients: int = 20, alpha: float = 0.1, *,
                  num_examples: int = 6000, num_classes: int = 10,
-                 noise: float = 1.0, seed: int = 0) -> FederatedDataset:
+                 noise: float = 15.0, seed: int = 0) -> FederatedDataset:
   """CIFAR-shaped mock data split by Dirichlet(``alpha``) over labels.
 
   The stand-in for CIFAR-10 in PFLlib-style personalization benchmarks
   when the real images cannot be downloaded: ``num_examples`` 32x32x3
   images, labels uniform over ``num_classes``; every class has a fixed
   random prototype image (standard normal pixels) and an example is its
-  class's prototype plus ``noise`` times standard normal pixels, so a model
-  can learn the classes (a linear classifier separates them at ``noise``
-  1). Clients get the examples of `partition.dirichlet` with ``alpha``
-  (0.1: most clients hold one to three classes).
+  class's prototype plus ``noise`` times standard normal pixels, divided by
+  ``sqrt(1 + noise^2)`` (unit pixel variance). At ``noise`` 15 a linear
+  classifier trained centrally on 80% of the examples scores 0.74 on the
+  rest (1.00 at 5, 0.46 at 20), so the task is learnable but not trivial.
+  Clients get the examples of `partition.dirichlet` with ``alpha`` (0.1:
+  most clients hold one to three classes).
   """
   from fedjax_pfi.data import partition  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   prototypes = rng.standard_normal((num_classes, 32, 32, 3)).astype(np.float32)
   y = rng.integers(0, num_classes, num_examples).astype(np.int32)
-  x = prototypes[y] + noise * rng.standard_normal(
-      (num_examples, 32, 32, 3)).astype(np.float32)
+  x = (prototypes[y] + noise * rng.standard_normal(
+      (num_examples, 32, 32, 3)).astype(np.float32)) / np.float32(
+          np.sqrt(1.0 + noise**2))
   index, names = partition.dirichlet(y, num_clients, alpha, seed, min_size=10)
   return FederatedDataset.from_client_index(
       {'x': x, 'y': y}, index, client_names=names,
