@@ -192,7 +192,8 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   - ``client_accuracy.png``: the distribution of per-client accuracy at the
     end, for every evaluation in ``clients``;
   - ``gain_vs_size.png``: each client's gain over each baseline against its
-    number of training examples (hurt clients below the zero line).
+    number of training examples (hurt clients below the zero line); its
+    accuracy against its size where the run has no baseline.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -233,13 +234,17 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
       continue
     ax.scatter(mine['train_size'], mine['accuracy'] - c['accuracy'], s=8,
                label=f'over {name}')
-  ax.axhline(0.0, color='k', linewidth=0.8)
+  if ax.collections:
+    ax.axhline(0.0, color='k', linewidth=0.8)
+    ax.set_ylabel('accuracy gain of personalization')
+    ax.legend(fontsize=7)
+  elif mine is not None:  # no baseline in this run: accuracy against size
+    ax.scatter(mine['train_size'], mine['accuracy'], s=8)
+    ax.set_ylabel('personalized accuracy (no baseline in this run; set '
+                  'personalization.local_epochs)', fontsize=7)
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
-  ax.set_ylabel('accuracy gain of personalization')
   ax.set_title(title or 'gain vs data size')
-  if ax.collections:
-    ax.legend(fontsize=7)
   paths.append(_save(fig, workdir, 'gain_vs_size.png'))
   return paths
 
