@@ -14,6 +14,10 @@ workdir), then joins their per-client results (``clients_final.npz``):
 - the silent-failure fractions: the clients an algorithm leaves worse off
   than FedAvg, and than training alone.
 
+Every figure covers the clients sampled in at least one round (the same
+clients in every run of a dataset: sampling depends on the seed only); a
+client never sampled still holds its initial personal state.
+
 Writes ``WORKDIR/table.md`` (and ``table.json``): per dataset and algorithm
 the mean, 10th-percentile and worst per-client accuracy, the fractions
 hurt, held-out clients' accuracy after adaptation, and megabytes
@@ -35,6 +39,8 @@ import numpy as np
 from experiments.configs import personalization as pfl_config
 from fedjax_pfi import personalization
 from fedjax_pfi import training
+from fedjax_pfi.data import cohort as cohort_lib
+from fedjax_pfi.data import registry
 
 NAMES = {'local_only': 'local-only', 'fedavg': 'FedAvg',
          'fedavg_ft': 'FedAvg + FT', 'fedper': 'FedPer',
@@ -59,10 +65,24 @@ def run_all(workdir: str, datasets, algorithms, testing: bool = False
       wd = os.path.join(workdir, dataset, alg)
       finals[alg] = training.run(config, wd)
       clients[alg] = personalization.load_clients(wd)['personalized']
+      if 'sampled' not in clients[alg]:  # written before the flag existed
+        clients[alg]['sampled'] = sampled_clients(config)[
+            clients[alg]['client_ids']]
     rows += dataset_rows(dataset, finals, clients)
     plot_dataset(os.path.join(workdir, dataset), dataset, clients)
   write_table(workdir, rows)
   return rows
+
+
+def sampled_clients(config) -> np.ndarray:
+  """Bool per training client: in some round's cohort (sampling depends on
+  the seed, the population size and the cohort size only)."""
+  n = registry.load_splits(config.data).train.num_clients
+  seen = np.zeros(n, bool)
+  for r in range(config.rounds):
+    seen[cohort_lib.sample_cohort(n, config.clients_per_round, config.seed,
+                                  r)] = True
+  return seen
 
 
 def dataset_rows(dataset, finals, clients) -> list[dict]:
@@ -73,15 +93,19 @@ def dataset_rows(dataset, finals, clients) -> list[dict]:
       if not np.array_equal(mine['client_ids'], base['client_ids']):
         raise ValueError(f'{dataset}/{alg}: evaluated other clients than the '
                          'baselines.')
-    acc = mine['accuracy']
+    # Clients sampled at least once (the same in every run of a dataset);
+    # the others still hold their initial personal state.
+    s = mine['sampled']
+    acc = mine['accuracy'][s]
     f = finals[alg]
     rows.append(dict(
-        dataset=dataset, algorithm=alg, clients=int(acc.size),
+        dataset=dataset, algorithm=alg, clients=int(s.size),
+        sampled=int(s.sum()),
         mean=float(acc.mean()), p10=float(np.percentile(acc, 10)),
         worst=float(acc.min()),
-        gain_vs_fedavg=float(np.mean(acc - glob['accuracy'])),
-        hurt_vs_fedavg=float(np.mean(acc < glob['accuracy'])),
-        hurt_vs_local=float(np.mean(acc < local['accuracy'])),
+        gain_vs_fedavg=float(np.mean(acc - glob['accuracy'][s])),
+        hurt_vs_fedavg=float(np.mean(acc < glob['accuracy'][s])),
+        hurt_vs_local=float(np.mean(acc < local['accuracy'][s])),
         heldout=f.get('heldout_adapted/client_accuracy_mean'),
         mb=(f.get('comm/download_bytes_cumulative', 0.0) +
             f.get('comm/upload_bytes_cumulative', 0.0)) / 1e6))
@@ -97,8 +121,9 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
   for alg, mine in clients.items():
     if alg == 'fedavg':
       continue
-    ax.scatter(mine['train_size'], mine['accuracy'] - glob['accuracy'], s=9,
-               label=NAMES.get(alg, alg))
+    s = mine['sampled']
+    ax.scatter(mine['train_size'][s], (mine['accuracy'] - glob['accuracy'])[s],
+               s=9, label=NAMES.get(alg, alg))
   ax.axhline(0.0, color='k', linewidth=0.8)
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
@@ -110,7 +135,8 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   names = list(clients)
-  ax.boxplot([clients[a]['accuracy'] for a in names], whis=(10, 90))
+  ax.boxplot([clients[a]['accuracy'][clients[a]['sampled']] for a in names],
+             whis=(10, 90))
   ax.set_xticks(range(1, len(names) + 1),
                 [NAMES.get(a, a) for a in names], rotation=30, fontsize=8)
   ax.set_ylabel('per-client test accuracy (whiskers: p10, p90)')
@@ -122,13 +148,14 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
 
 def write_table(workdir: str, rows: list[dict]) -> None:
   fmt = lambda v: '-' if v is None else f'{v:.3f}'
-  lines = ['| dataset | algorithm | client mean | client p10 | worst | gain vs '
-           'FedAvg | hurt vs FedAvg | hurt vs local-only | held-out adapted | '
-           'MB sent+received |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  lines = ['| dataset | algorithm | clients trained | client mean | client '
+           'p10 | worst | gain vs FedAvg | hurt vs FedAvg | hurt vs local-only '
+           '| held-out adapted | MB sent+received |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
     lines.append(
         f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])} | '
+        f'{r["sampled"]}/{r["clients"]} | '
         f'{fmt(r["mean"])} | {fmt(r["p10"])} | {fmt(r["worst"])} | '
         f'{r["gain_vs_fedavg"]:+.3f} | {fmt(r["hurt_vs_fedavg"])} | '
         f'{fmt(r["hurt_vs_local"])} | {fmt(r["heldout"])} | {r["mb"]:.1f} |')

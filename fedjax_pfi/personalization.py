@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -127,35 +127,46 @@ class Adapter:
 
 
 def compare(personal: ClientMetrics, baseline: ClientMetrics,
-            name: str, margin: float = 0.0) -> tuple[dict, np.ndarray]:
+            name: str, margin: float = 0.0,
+            among: Optional[np.ndarray] = None) -> tuple[dict, np.ndarray]:
   """Per-client accuracy gains over ``baseline`` and who is hurt.
 
   A client is *hurt* when its personalized accuracy is below the baseline's
-  by more than ``margin``. Returns ``(metrics, gain)``: ``gain`` per client
-  of ``personal.client_ids``, and metrics ``vs_{name}/gain_mean``,
+  by more than ``margin``. ``among``: an optional bool mask over
+  ``personal.client_ids``; the metrics cover those clients only (the ones
+  that took part in training: a client never sampled still holds its
+  initial personal state, which says nothing about personalization).
+  Returns ``(metrics, gain)``: ``gain`` per client of
+  ``personal.client_ids``, and metrics ``vs_{name}/gain_mean``,
   ``.../gain_median``, ``.../gain_p10``, ``.../gain_worst``,
   ``.../hurt_fraction`` (the silent-failure rate) and ``.../helped_fraction``.
   """
   if not np.array_equal(personal.client_ids, baseline.client_ids):
     raise ValueError(f'{name}: the two evaluations cover different clients.')
-  gain = personal.accuracy - baseline.accuracy
+  all_gains = personal.accuracy - baseline.accuracy
+  gain = all_gains if among is None else all_gains[np.asarray(among, bool)]
+  if not gain.size:
+    return {}, all_gains
   p = f'vs_{name}/'
   return {p + 'gain_mean': float(gain.mean()),
           p + 'gain_median': float(np.median(gain)),
           p + 'gain_p10': float(np.percentile(gain, 10)),
           p + 'gain_worst': float(gain.min()),
           p + 'hurt_fraction': float(np.mean(gain < -margin)),
-          p + 'helped_fraction': float(np.mean(gain > margin))}, gain
+          p + 'helped_fraction': float(np.mean(gain > margin))}, all_gains
 
 
 CLIENTS_FILE = 'clients_final.npz'
 
 
 def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
-                 train_sizes: np.ndarray) -> str:
-  """Writes each evaluation's per-client accuracy and loss (atomically)."""
+                 train_sizes: np.ndarray, sampled: np.ndarray) -> str:
+  """Writes each evaluation's per-client accuracy and loss (atomically),
+  with each client's training-set size and whether it was ever sampled
+  (``sampled``: bool per client of the training population)."""
   arrays: dict[str, Any] = {}
   for name, m in results.items():
+    arrays[f'{name}/sampled'] = np.asarray(sampled, bool)[m.client_ids]
     arrays[f'{name}/client_ids'] = m.client_ids
     arrays[f'{name}/accuracy'] = m.accuracy
     arrays[f'{name}/loss'] = m.loss
@@ -261,7 +272,8 @@ def _save(fig, workdir, name):
 def write_report(workdir: str, final: Mapping[str, float]) -> str:
   """``report.json``: the final distribution, gains and silent failures."""
   keep = {k: v for k, v in final.items()
-          if k.startswith(('test/', 'global/', 'local/', 'heldout/', 'vs_'))}
+          if k.startswith(('test/', 'global/', 'local/', 'heldout/',
+                           'heldout_adapted/', 'vs_'))}
   path = os.path.join(workdir, 'report.json')
   with open(path + '.tmp', 'w') as f:
     json.dump(keep, f, indent=1, sort_keys=True)

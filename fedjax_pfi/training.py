@@ -418,7 +418,10 @@ class RunEvaluator:
     ``personalization.finetune_epochs`` epochs on their own adaptation data;
   - ``trainset/`` with ``eval_train``.
 
-  Each is the distribution of per-client accuracy (`evaluation.summarize`).
+  Each is the distribution of per-client accuracy (`evaluation.summarize`)
+  over every client with test data; the gains and hurt fractions cover the
+  clients sampled so far (``test/never_sampled_fraction`` says how many are
+  left out: they still hold their initial personal state).
   ``last`` keeps the per-client results of the latest evaluation for the
   final report.
   """
@@ -452,6 +455,7 @@ class RunEvaluator:
     self._frozen = frozen
     self._local = None
     self.last: dict = {}
+    self.last_sampled = np.zeros(exp.splits.train.num_clients, bool)
 
   def _trainable(self, full, mode: str):
     """``(start, frozen)``: what adaptation trains, and the rest."""
@@ -479,13 +483,29 @@ class RunEvaluator:
     for j, m in enumerate(on_train):
       loss[j, m.client_ids] = m.loss
     pick = np.argmin(loss[:, ids], axis=0)
-    take = lambda f: np.choose(pick, [getattr(m, f) for m in on_test])
+    take = lambda f: np.take_along_axis(
+        np.stack([getattr(m, f) for m in on_test]), pick[None], 0)[0]
     return evaluation.ClientMetrics(ids, take('loss_sum'), take('correct'),
                                     take('count'), on_test[0].num_examples)
 
-  def __call__(self, view) -> dict[str, float]:
+  def sampled(self, rounds_done: int) -> np.ndarray:
+    """Bool per training client: sampled in one of the first rounds."""
+    c = self.exp.config
+    n = self.exp.splits.train.num_clients
+    seen = np.zeros(n, bool)
+    for r in range(rounds_done):
+      seen[cohort_lib.sample_cohort(n, c.clients_per_round, c.seed, r)] = True
+    return seen
+
+  def __call__(self, view, rounds_done: Optional[int] = None
+               ) -> dict[str, float]:
+    """The metrics of one evaluation; ``rounds_done`` (default: all of
+    ``config.rounds``) says which clients have trained: the gains and
+    hurt fractions cover those only."""
     exp, ev, alg = self.exp, self.evaluator, self.exp.algorithm
     splits = exp.splits
+    rounds_done = exp.config.rounds if rounds_done is None else rounds_done
+    self.last_sampled = self.sampled(rounds_done)
     personalizes = view.personal is not None or bool(alg.finetune)
 
     def own(ds, train=splits.train):  # each client with its own params
@@ -500,22 +520,27 @@ class RunEvaluator:
 
     mine = own(splits.test)
     results = {'personalized': mine}
+    among = self.last_sampled[mine.client_ids]
     out = evaluation.summarize(mine, 'test/')
+    out['test/never_sampled_fraction'] = float(1.0 - among.mean())
     out['test/majority_baseline'] = evaluation.majority_baseline(
         splits.train, splits.test, splits.metadata.get('pad_id'))
     if personalizes and alg.has_global_model:
       results['global'] = ev.evaluate(view.params, splits.test)
       out.update(evaluation.summarize(results['global'], 'global/'))
       out.update(personalization.compare(mine, results['global'], 'global',
-                                         self.margin)[0])
+                                         self.margin, among)[0])
     if self.local_epochs:
       if self._local is None:  # depends on the config only: computed once
+        # What this algorithm's clients may train: FedBABU's frozen head
+        # too, but never a foundation model's base.
         self._local = self._adapt(self._local_adapter, self._initial,
-                                  'trainable', splits.train, splits.test)
+                                  alg.finetune or 'trainable', splits.train,
+                                  splits.test)
       results['local'] = self._local
       out.update(evaluation.summarize(self._local, 'local/'))
       out.update(personalization.compare(mine, self._local, 'local',
-                                         self.margin)[0])
+                                         self.margin, among)[0])
     if exp.config.eval_train:  # the FedProx paper's "training loss"
       out.update(evaluation.summarize(own(splits.train), 'trainset/'))
     if splits.heldout_test is not None and view.clusters is not None:
@@ -536,7 +561,8 @@ class RunEvaluator:
   def final_report(self, workdir: str, row: dict) -> None:
     """Per-client results, ``report.json`` and the plots, in ``workdir``."""
     personalization.save_clients(workdir, self.last,
-                                 self.exp.splits.train.client_sizes)
+                                 self.exp.splits.train.client_sizes,
+                                 self.last_sampled)
     personalization.write_report(workdir, row)
     personalization.plot_run(
         workdir, read_metrics(workdir),
@@ -651,7 +677,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
         view = exp.algorithm.eval_view(state, frozen)
         if multi:  # evaluate on this process's devices, from host copies
           view = jax.tree.map(np.asarray, view)
-        row.update(evaluate(view))
+        row.update(evaluate(view, done))
       for k in comm_total:
         comm_total[k] += row.get(k, 0.0)
         row[f'{k}_cumulative'] = comm_total[k]

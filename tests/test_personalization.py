@@ -14,6 +14,7 @@ from experiments.configs import personalization as pfl_config
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
 from fedjax_pfi import training
+from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data.federated import FederatedSplits
 from fedjax_pfi.models import zoo
 from tests import reference
@@ -64,6 +65,8 @@ def test_adapter_matches_reference_loop():
     logits = model.apply(tuned, test['x'], None, False)
     want = np.sum(np.argmax(logits, -1) == test['y'])
     assert got.correct[i] == want, cid
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, test['y'])
+    np.testing.assert_allclose(got.loss_sum[i], np.sum(loss), rtol=1e-5)
   # Adapting changed the models (the comparison is not vacuous).
   assert not np.allclose(got.loss_sum, plain.loss_sum)
   # Zero epochs is plain evaluation.
@@ -93,25 +96,63 @@ def test_run_reports_who_is_helped_and_hurt(tmp_path, algorithm):
   assert ('vs_global/hurt_fraction' in final) == has_global
   clients = personalization.load_clients(wd)
   mine, local = clients['personalized'], clients['local']
-  # The reported fraction is the per-client comparison of the saved arrays.
+  # Which clients trained: the cohorts of rounds 0..rounds-1, by hand.
+  exp = training.build(config)
+  n = exp.splits.train.num_clients
+  sampled = np.zeros(n, bool)
+  for r in range(config.rounds):
+    sampled[cohort_lib.sample_cohort(n, config.clients_per_round, config.seed,
+                                     r)] = True
+  np.testing.assert_array_equal(mine['sampled'], sampled[mine['client_ids']])
+  assert final['test/never_sampled_fraction'] == pytest.approx(
+      1 - mine['sampled'].mean())
+  s = mine['sampled']
+  # The reported fractions are the per-client comparison of the saved arrays
+  # over the clients that trained.
   assert final['vs_local/hurt_fraction'] == pytest.approx(
-      np.mean(mine['accuracy'] < local['accuracy']))
+      np.mean(mine['accuracy'][s] < local['accuracy'][s]))
   assert final['test/client_accuracy_mean'] == pytest.approx(
       mine['accuracy'].mean())
   if has_global:
     assert final['vs_global/gain_mean'] == pytest.approx(
-        np.mean(mine['accuracy'] - clients['global']['accuracy']))
+        np.mean((mine['accuracy'] - clients['global']['accuracy'])[s]))
   report = json.load(open(os.path.join(wd, 'report.json')))
   assert report['vs_local/hurt_fraction'] == final['vs_local/hurt_fraction']
+  assert ('heldout_adapted/client_accuracy_mean' in report) == (
+      algorithm != 'ifca')
+  # The personalized accuracies are those of each client's own model,
+  # evaluated here one client at a time with the model's own apply.
+  state = training.checkpoint_lib.Checkpointer(wd).restore(
+      config.rounds, exp.algorithm.init(training.initial_params(exp)),
+      training.config_fingerprint(config))[0]
+  view = exp.algorithm.eval_view(state, None)
+  test = exp.splits.test
+  for i, cid in enumerate(mine['client_ids']):
+    data = test.client(cid)
+    if view.clusters is not None:  # the model of lowest training loss
+      train = exp.splits.train.client(cid)
+      k = jax.tree.leaves(view.clusters)[0].shape[0]
+      models = [jax.tree.map(lambda p, j=j: p[j], view.clusters)
+                for j in range(k)]
+      losses = [float(reference.mean_loss(exp.model, m, train, None))
+                for m in models]
+      params = models[int(np.argmin(losses))]
+    elif view.personal is not None:
+      params = exp.algorithm.combine(
+          view.shared, jax.tree.map(lambda x, c=cid: x[c], view.personal))
+    else:
+      break  # fine-tuned at evaluation: covered by the Adapter's test
+    logits = exp.model.apply(params, data['x'], None, False)
+    assert mine['accuracy'][i] == pytest.approx(
+        np.mean(np.argmax(logits, -1) == data['y'])), cid
   for png in ('accuracy_curves.png', 'client_accuracy.png',
               'gain_vs_size.png'):
     assert os.path.getsize(os.path.join(wd, png)) > 1000, png
 
 
 def test_local_baseline_is_training_alone():
-  """The in-run local-only baseline equals an `Adapter` from the initial
-  params, and a local_only run of as many epochs per client trains the same
-  models when every client is in every round."""
+  """The in-run local-only baseline is the `Adapter` (checked against the
+  reference loop above) run from the initial params for local_epochs."""
   config = pfl_config.get_config('synthetic,fedavg,testing')
   config.personalization.local_epochs = 2
   exp = training.build(config)

@@ -116,7 +116,7 @@ def over_steps(body, carry, mask, unroll, ys=None):
   returns ``carry`` or ``(carry, ys)``.
   """
   num_steps = mask.shape[1]
-  if unroll != 1:
+  if unroll is True or unroll > 1:  # (True == 1 in Python: 'full' unrolls)
     carry, out = jax.lax.scan(body, carry, jnp.arange(num_steps),
                               unroll=unroll)
     return carry if ys is None else (carry, out)

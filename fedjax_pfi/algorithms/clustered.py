@@ -93,9 +93,10 @@ def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
             chosen.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
         if getattr(new, 'ndim', 0) and new.shape[:1] == (num_clusters,)
         else new, opt_state, state.opt_state)
+    trained = jnp.any(cohort.mask, axis=(1, 2))  # not padded, not dropped
     client_states = store.scatter(state.client_states, ids,
                                   {'cluster': choice.astype(jnp.int32)},
-                                  ids >= 0)
+                                  (ids >= 0) & trained)
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
     metrics['clusters_chosen'] = jnp.sum(chosen)

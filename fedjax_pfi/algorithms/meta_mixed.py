@@ -18,8 +18,10 @@ steps, so the client optimizer must be plain SGD.
 - pFedMe (Dinh, Tran and Nguyen, "Personalized Federated Learning with
   Moreau Envelopes", NeurIPS 2020, Algorithm 1): per step, ``K`` gradient
   steps of lr ``personal_lr`` on ``f(theta; D) + lambda/2 ||theta - w||^2``
-  give the personalized ``theta`` (kept per client), then ``w <- w - eta
-  lambda (w - theta)``; the server's ``(1 - beta) w + beta mean(w_i)`` is
+  give the personalized ``theta``, then ``w <- w - eta lambda (w -
+  theta)``. As in the authors' code, ``theta`` starts each round at the
+  received ``w`` and carries over between steps; the store keeps the last
+  one (the client's personalized model) for evaluation; the server's ``(1 - beta) w + beta mean(w_i)`` is
   the FedAvg server step with lr ``beta``.
 - Per-FedAvg (Fallah, Mokhtari and Ozdaglar, "Personalized Federated
   Learning with Theoretical Guarantees: A Model-Agnostic Meta-Learning
@@ -68,11 +70,14 @@ def _vdot(x, y):
 
 def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
                    num_clients: int, personal_init: Callable, *, name: str,
-                   combine=None, **fields) -> core.FederatedAlgorithm:
+                   combine=None, round_start=None,
+                   **fields) -> core.FederatedAlgorithm:
   """A round over ``step`` (module docstring); ``personal_init(params)`` is
   every client's initial personal state (``{}`` for none), and
   ``combine(w, p_i)`` builds a client's personalized params for evaluation
-  (None: the algorithm has no personal state)."""
+  (None: the algorithm has no personal state). ``round_start(w, p)``: the
+  personal state a client starts the round from, given the broadcast model
+  and its stored state (default: the stored state)."""
   aggregator = aggregators_lib.weighted_mean()
   cohort_step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None))
 
@@ -109,6 +114,8 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       return jax.lax.cond(jnp.any(mask[:, s]), run, lambda x: x, carry), None
 
     w0 = store.broadcast(state.params, c)
+    if round_start is not None:
+      mine = round_start(w0, mine)
     w, p, loss_sum, count, steps = client_updates.over_steps(
         body, (w0, mine, zeros, zeros, jnp.zeros([c], jnp.int32)), mask, 1)
     delta = jax.tree.map(jnp.subtract, w, w0)
@@ -171,7 +178,7 @@ def apfl(model: base.Model, lr: float, server_optimizer, num_clients: int, *,
 def pfedme(model: base.Model, lr: float, server_optimizer, num_clients: int,
            *, lam: float, inner_steps: int, personal_lr: float,
            name: str = 'pfedme') -> core.FederatedAlgorithm:
-  """pFedMe (module docstring); ``theta`` starts at the initial params."""
+  """pFedMe (module docstring)."""
   if lam <= 0 or inner_steps < 1 or personal_lr <= 0:
     raise ValueError(
         f'pFedMe needs lambda > 0, inner_steps >= 1 and personal_lr > 0; got '
@@ -189,9 +196,13 @@ def pfedme(model: base.Model, lr: float, server_optimizer, num_clients: int,
     w = jax.tree.map(lambda wi, t: wi - lr * lam * (wi - t), w, theta)
     return w, theta, jnp.sum(stats.loss_sum), jnp.sum(stats.count)
 
+  # As the authors' code: theta starts each round at the received w and
+  # carries over between steps; the store keeps the last theta (the client's
+  # personalized model) for evaluation.
   return personal_round(step, server_optimizer, num_clients,
                         lambda params: params, name=name,
-                        combine=lambda w, theta: theta)
+                        combine=lambda w, theta: theta,
+                        round_start=lambda w, theta: w)
 
 
 def per_fedavg(model: base.Model, lr: float, server_optimizer, *,

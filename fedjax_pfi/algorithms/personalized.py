@@ -46,10 +46,12 @@ from fedjax_pfi.models import base
 
 
 def head_pattern(model: base.Model, params) -> str:
-  """The regex of the model's head: the parameterised module whose
-  ``__call__`` returns last when the model runs (the output layer; Flax
-  sorts params by name, so their order says nothing). Traced abstractly on
-  ``model.sample_x``; ``params`` may be shapes (`jax.eval_shape`)."""
+  """The regex of the model's head: the parameterised module whose method
+  returns last when the model runs (the output layer, or the embedding
+  table of a model that ties it to the output through ``Embed.attend``;
+  Flax sorts params by name, so their order says nothing). Traced
+  abstractly on ``model.sample_x``; ``params`` may be shapes
+  (`jax.eval_shape`)."""
   if model.sample_x is None:
     raise ValueError(f'model {model.name!r} has no sample_x to trace; set '
                      'personalization.head to the regex of its head.')
@@ -57,7 +59,7 @@ def head_pattern(model: base.Model, params) -> str:
 
   def record(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__':
+    if context.method_name != 'setup':  # (tied embeddings: Embed.attend)
       finished.append(tuple(context.module.path))
     return out
 

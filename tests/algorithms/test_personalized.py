@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fedjax_pfi import training
+from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import personalized
 from fedjax_pfi.algorithms import registry
 from fedjax_pfi.data import cohort as cohort_lib
@@ -33,6 +34,12 @@ def setup():
   model = zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
                           hidden=(5,))
   return ds, model
+
+
+def gshapes_leaf(tree, path):
+  for k in path.split('/'):
+    tree = tree[k]
+  return tree
 
 
 def config_for(name, **personalization):
@@ -84,6 +91,15 @@ def test_head_pattern_is_the_output_layer(setup):
   assert list(shapes)[-1] == 'pos_embedding'
   assert personalized.head_pattern(lm, shapes) == '^Dense_0/'
   assert shapes['Dense_0']['kernel'].shape[-1] == 20
+  # GPT-2 ties the output to the token embedding (``Embed.attend``): the
+  # head is the embedding table, not the final LayerNorm.
+  gpt = zoo.build_model('transformer', np.zeros((2, 8), np.int32),
+                        {'vocab_size': 20, 'pad_id': 0, 'seq_len': 8},
+                        style='gpt2', dim=8, num_layers=1, num_heads=2)
+  gshapes = jax.eval_shape(gpt.init, jax.random.key(0))
+  head = personalized.head_pattern(gpt, gshapes)
+  leaves = [p for p in param_groups.leaf_paths(gshapes) if re.search(head, p)]
+  assert [gshapes_leaf(gshapes, p).shape for p in leaves] == [(20, 8)], leaves
   body = re.compile(personalized.body_pattern(HEAD))
   assert body.search('Dense_0/kernel') and not body.search('Dense_1/kernel')
 
@@ -304,7 +320,7 @@ def test_pfedme_matches_reference_loop(setup):
     glob, deltas, weights = ref['w'], [], []
     for cid in ids:
       cid = int(cid)
-      w, theta = glob, ref['theta'].get(cid, params0)
+      w, theta = glob, glob  # theta restarts from the received model
       for batch in reference.client_batches(ds, cid, B, EPOCHS, SEED, r):
         for _ in range(k):
           g = grad(theta, batch)
