@@ -118,12 +118,13 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   glob = clients['fedavg']
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for alg, mine in clients.items():
+  for i, (alg, mine) in enumerate(clients.items()):
     if alg == 'fedavg':
       continue
     s = mine['sampled']
     ax.scatter(mine['train_size'][s], (mine['accuracy'] - glob['accuracy'])[s],
-               s=9, label=NAMES.get(alg, alg))
+               s=9, color=plt.cm.tab20(i % 20), marker='os^v'[i % 4],
+               label=NAMES.get(alg, alg))
   ax.axhline(0.0, color='k', linewidth=0.8)
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
