@@ -18,7 +18,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+import optax
 
+from fedjax_pfi.algorithms import aggregators
+from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.data.cohort import Cohort
 
 Params = Any
@@ -276,3 +279,26 @@ def make_algorithm(init, apply, name, **fields) -> FederatedAlgorithm:
 
   return FederatedAlgorithm(owning_init, jax.jit(apply, donate_argnums=0),
                             apply, name, **fields)
+
+
+def fedavg_server_update(state: ServerState, cohort: Cohort, delta, aggregator,
+                         server_optimizer, loss_sum, count, num_steps,
+                         client_states) -> tuple[ServerState, dict]:
+  """The end of a FedAvg-shaped round whose clients returned ``delta``
+  (leaves ``[C, ...]``) of the whole ``state.params``: the aggregator's
+  weighted mean, the server optimizer on ``-mean``, the round's metrics and
+  bytes (the model down and up per client), the new state with
+  ``client_states``."""
+  mean_delta, agg_state = aggregator.finalize(
+      aggregators.weighted_sum(delta, cohort.weight),
+      jnp.sum(cohort.weight), state.agg_state)
+  updates, opt_state = server_optimizer.update(
+      jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = round_metrics(cohort, loss_sum, count, num_steps, mean_delta,
+                          jnp.sum(cohort.mask, (1, 2)))
+  size = param_groups.num_bytes(state.params)
+  metrics.update(comm_metrics(cohort, size, size))
+  return state._replace(params=params, opt_state=opt_state,
+                        agg_state=agg_state, round=state.round + 1,
+                        client_states=client_states), metrics

@@ -45,7 +45,6 @@ import optax
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
-from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.models import base
 
@@ -121,19 +120,9 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
     delta = jax.tree.map(jnp.subtract, w, w0)
     client_states = (store.scatter(state.client_states, ids, p, ids >= 0)
                      if has_personal else state.client_states)
-    mean_delta, agg_state = aggregator.finalize(
-        aggregators_lib.weighted_sum(delta, cohort.weight),
-        jnp.sum(cohort.weight), state.agg_state)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, loss_sum, count, steps, mean_delta,
-                                 jnp.sum(mask, (1, 2)))
-    size = param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(cohort, size, size))
-    return state._replace(params=params, opt_state=opt_state,
-                          agg_state=agg_state, round=state.round + 1,
-                          client_states=client_states), metrics
+    return core.fedavg_server_update(state, cohort, delta, aggregator,
+                                     server_optimizer, loss_sum, count, steps,
+                                     client_states)
 
   def eval_view(state, frozen):
     del frozen

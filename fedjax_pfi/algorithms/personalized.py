@@ -158,22 +158,12 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
     client_states = store.scatter(
         state.client_states, ids, jax.tree.map(jnp.add, mine, own.delta),
         ids >= 0)
-    mean_delta, agg_state = aggregator.finalize(
-        aggregators_lib.weighted_sum(out.delta, cohort.weight),
-        jnp.sum(cohort.weight), state.agg_state)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, out.loss_sum, out.count,
-                                 out.num_steps, mean_delta,
-                                 jnp.sum(cohort.mask, (1, 2)))
+    state, metrics = core.fedavg_server_update(
+        state, cohort, out.delta, aggregator, server_optimizer, out.loss_sum,
+        out.count, out.num_steps, client_states)
     metrics['personal_train_loss'] = jnp.sum(own.loss_sum) / jnp.maximum(
         jnp.sum(own.count), 1.0)
-    size = param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(cohort, size, size))
-    return state._replace(params=params, opt_state=opt_state,
-                          agg_state=agg_state, round=state.round + 1,
-                          client_states=client_states), metrics
+    return state, metrics
 
   def eval_view(state, frozen):
     del frozen
