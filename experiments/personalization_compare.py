@@ -18,6 +18,7 @@ Every figure covers the clients sampled in at least one round (the same
 clients in every run of a dataset: sampling depends on the seed only); a
 client never sampled still holds its initial personal state.
 
+A run whose loss turns NaN gets a row saying so (the baselines must not).
 Writes ``WORKDIR/table.md`` (and ``table.json``): per dataset and algorithm
 the mean, 10th-percentile and worst per-client accuracy, the fractions
 hurt, held-out clients' accuracy after adaptation, and megabytes
@@ -56,19 +57,25 @@ def run_all(workdir: str, datasets, algorithms, testing: bool = False
   for name in ('fedavg', 'local_only'):
     if name not in algorithms:  # the baselines every gain is measured against
       algorithms = [name] + list(algorithms)
-  rows = []
+  rows, diverged = [], []
   for dataset in datasets:
     finals, clients = {}, {}
     for alg in algorithms:
       config = pfl_config.get_config(
           f'{dataset},{alg}' + (',testing' if testing else ''))
       wd = os.path.join(workdir, dataset, alg)
-      finals[alg] = training.run(config, wd)
+      try:
+        finals[alg] = training.run(config, wd)
+      except training.NonFiniteLossError as e:  # a row saying so, not a crash
+        diverged.append(dict(dataset=dataset, algorithm=alg,
+                             diverged=str(e).split(';')[0]))
+        continue
       clients[alg] = personalization.load_clients(wd)['personalized']
       if 'sampled' not in clients[alg]:  # written before the flag existed
         clients[alg]['sampled'] = sampled_clients(config)[
             clients[alg]['client_ids']]
     rows += dataset_rows(dataset, finals, clients)
+    rows += [d for d in diverged if d['dataset'] == dataset]
     plot_dataset(os.path.join(workdir, dataset), dataset, clients)
   write_table(workdir, rows)
   return rows
@@ -154,6 +161,10 @@ def write_table(workdir: str, rows: list[dict]) -> None:
            '| held-out adapted | MB sent+received |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in rows:
+    if 'diverged' in r:
+      lines.append(f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])}'
+                   f' | diverged: {r["diverged"]} |' + ' |' * 8)
+      continue
     lines.append(
         f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])} | '
         f'{r["sampled"]}/{r["clients"]} | '

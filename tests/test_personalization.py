@@ -217,3 +217,19 @@ def test_resumed_run_equals_uninterrupted(tmp_path, algorithm):
   a, b = (personalization.load_clients(d)['personalized'] for d in (whole,
                                                                    split))
   np.testing.assert_array_equal(a['accuracy'], b['accuracy'])
+
+
+def test_compare_script_reports_a_diverged_run(tmp_path, monkeypatch):
+  real_run = training.run
+
+  def run(config, workdir, **kw):
+    if config.algorithm == 'ifca':
+      raise training.NonFiniteLossError('round 0: training loss is nan; stop')
+    return real_run(config, workdir, **kw)
+
+  monkeypatch.setattr(personalization_compare.training, 'run', run)
+  rows = personalization_compare.run_all(str(tmp_path), ['synthetic'], ['ifca'],
+                                         testing=True)
+  assert rows[-1] == dict(dataset='synthetic', algorithm='ifca',
+                          diverged='round 0: training loss is nan')
+  assert 'diverged: round 0' in open(os.path.join(tmp_path, 'table.md')).read()
