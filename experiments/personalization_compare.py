@@ -84,12 +84,9 @@ def run_all(workdir: str, datasets, algorithms, testing: bool = False
 def sampled_clients(config) -> np.ndarray:
   """Bool per training client: in some round's cohort (sampling depends on
   the seed, the population size and the cohort size only)."""
-  n = registry.load_splits(config.data).train.num_clients
-  seen = np.zeros(n, bool)
-  for r in range(config.rounds):
-    seen[cohort_lib.sample_cohort(n, config.clients_per_round, config.seed,
-                                  r)] = True
-  return seen
+  return cohort_lib.ever_sampled(
+      registry.load_splits(config.data).train.num_clients,
+      config.clients_per_round, config.seed, config.rounds)
 
 
 def dataset_rows(dataset, finals, clients) -> list[dict]:

@@ -491,11 +491,8 @@ class RunEvaluator:
   def sampled(self, rounds_done: int) -> np.ndarray:
     """Bool per training client: sampled in one of the first rounds."""
     c = self.exp.config
-    n = self.exp.splits.train.num_clients
-    seen = np.zeros(n, bool)
-    for r in range(rounds_done):
-      seen[cohort_lib.sample_cohort(n, c.clients_per_round, c.seed, r)] = True
-    return seen
+    return cohort_lib.ever_sampled(self.exp.splits.train.num_clients,
+                                   c.clients_per_round, c.seed, rounds_done)
 
   def __call__(self, view, rounds_done: Optional[int] = None
                ) -> dict[str, float]:

@@ -27,6 +27,7 @@ client's accuracy against FedAvg's global model and against its local-only
 model. BUILD_NOTES.md ("Personalization benchmark") has the table measured.
 """
 
+from experiments.configs import shakespeare_fedavg
 from fedjax_pfi import training
 
 DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped')
@@ -78,22 +79,18 @@ def get_config(variant: str = 'synthetic,fedavg'):
   elif dataset == 'shakespeare':
     # The first 100 of the 590 training roles (and the 66 held-out roles),
     # so that in 30 rounds of 10 a role trains about 3 times.
+    # The embedded default's task: its data, model and client settings.
+    default = shakespeare_fedavg.get_config()
+    c.data.update(default.data)
+    c.model = default.model
+    for key in ('learning_rate', 'batch_size', 'max_steps'):
+      c.client[key] = default.client[key]
     c.rounds = 30
     c.clients_per_round = 10
     c.data.max_clients = 100
     # One evaluation, at the end: adapting the 66 held-out roles (whole
     # roles' windows) takes ~40 s of a ~100 s run here.
     c.eval_every = 30
-    c.data.name = 'shakespeare'
-    c.data.seq_len = 80
-    c.data.min_chars = 1000
-    c.model.name = 'char_transformer'
-    c.model.kwargs.dim = 64
-    c.model.kwargs.num_layers = 2
-    c.model.kwargs.num_heads = 4
-    c.client.learning_rate = 0.5
-    c.client.batch_size = 10
-    c.client.max_steps = 16
   elif dataset == 'synthetic':
     c.rounds = 100
     c.clients_per_round = 10

@@ -78,7 +78,14 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
   personal state a client starts the round from, given the broadcast model
   and its stored state (default: the stored state)."""
   aggregator = aggregators_lib.weighted_mean()
-  cohort_step = jax.vmap(step, in_axes=(0, 0, 0, 0, 0, None))
+
+  def guarded(w, p, batch, m, key, s):  # a padded step leaves the client be
+    nw, np_, l, n = step(w, p, batch, m, key, s)
+    active = jnp.any(m)
+    return (client_updates.tree_where(active, nw, w),
+            client_updates.tree_where(active, np_, p), l, n, active)
+
+  cohort_step = jax.vmap(guarded, in_axes=(0, 0, 0, 0, 0, None))
 
   def init(params):
     p0 = personal_init(params)
@@ -101,15 +108,9 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       def run(carry):
         w, p, loss_sum, count, steps = carry
         m = mask[:, s]
-        nw, np_, l, n = cohort_step(w, p, jax.tree.map(lambda x: x[:, s],
-                                                      cohort.batches), m,
-                                    keys, s)
-        active = jnp.any(m, axis=1)
-        keep = lambda new, old: jax.tree.map(
-            lambda a, b: jnp.where(active.reshape((-1,) + (1,) * (
-                a.ndim - 1)), a, b), new, old)
-        return (keep(nw, w), keep(np_, p), loss_sum + l, count + n,
-                steps + active.astype(jnp.int32))
+        w, p, l, n, active = cohort_step(
+            w, p, jax.tree.map(lambda x: x[:, s], cohort.batches), m, keys, s)
+        return w, p, loss_sum + l, count + n, steps + active.astype(jnp.int32)
       return jax.lax.cond(jnp.any(mask[:, s]), run, lambda x: x, carry), None
 
     w0 = store.broadcast(state.params, c)

@@ -53,6 +53,16 @@ def sample_cohort(num_clients: int, cohort_size: int, seed: int,
   return np.sort(rng.choice(num_clients, cohort_size, replace=False))
 
 
+def ever_sampled(num_clients: int, clients_per_round: int, seed: int,
+                 num_rounds: int) -> np.ndarray:
+  """Bool ``[num_clients]``: in the cohort of one of rounds
+  ``0..num_rounds-1`` (`sample_cohort`; a function of these values only)."""
+  seen = np.zeros(num_clients, bool)
+  for r in range(num_rounds):
+    seen[sample_cohort(num_clients, clients_per_round, seed, r)] = True
+  return seen
+
+
 def power_of_two_buckets(max_steps: int) -> tuple[int, ...]:
   """Step buckets 1, 2, 4, ... up to the first power of two >= max_steps."""
   return tuple(2**i for i in range(max(0, math.ceil(math.log2(max(max_steps,

@@ -37,6 +37,7 @@ from typing import Union
 
 import numpy as np
 
+from fedjax_pfi.data import partition
 from fedjax_pfi.data.federated import FederatedDataset
 
 
@@ -156,7 +157,6 @@ def cifar_shaped(num_clients: int = 20, alpha: float = 0.1, *,
   Clients get the examples of `partition.dirichlet` with ``alpha`` (0.1:
   most clients hold one to three classes).
   """
-  from fedjax_pfi.data import partition  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   prototypes = rng.standard_normal((num_classes, 32, 32, 3)).astype(np.float32)
   y = rng.integers(0, num_classes, num_examples).astype(np.int32)
