@@ -68,7 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
       client_key=None, partitioner=None, partitioner_kwargs=None,
       label_key='label', data_dir=None, max_examples=None, min_examples=1,
       val_fraction=0.0, test_fraction=0.2, heldout_fraction=0.1,
-      max_clients=None, seed=0, tokenizer='char'))
+      max_clients=None, seed=0, tokenizer='char', num_negatives=4,
+      eval_negatives=99, top_k=10))
   c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
   c.model.kwargs = ml_collections.ConfigDict()
   # A Hugging Face safetensors directory (GPT-2 or Llama layout) for
@@ -84,8 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.personalization = ml_collections.ConfigDict(dict(
       head='', head_epochs=1, ditto_lambda=0.1, apfl_alpha=0.25,
       pfedme_lambda=15.0, pfedme_inner_steps=5, pfedme_personal_lr=0.0,
-      perfedavg_alpha=0.01, num_clusters=2, finetune_epochs=1,
-      local_epochs=0, hurt_margin=0.0))
+      perfedavg_alpha=0.01, num_clusters=2, fedrap_lambda=0.1,
+      fedrap_mu=1e-3, fedrap_item_lr=1.0, fedrap_weight_decay=0.0,
+      fedrap_lr_decay=1.0, fedrap_step_decay=1.0, fedrap_curriculum='tanh',
+      finetune_epochs=1, local_epochs=0, hurt_margin=0.0))
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
@@ -520,8 +523,12 @@ class RunEvaluator:
     among = self.last_sampled[mine.client_ids]
     out = evaluation.summarize(mine, 'test/')
     out['test/never_sampled_fraction'] = float(1.0 - among.mean())
-    out['test/majority_baseline'] = evaluation.majority_baseline(
-        splits.train, splits.test, splits.metadata.get('pad_id'))
+    if splits.metadata.get('task') == 'ranking':  # HR@k of a random order
+      out['test/random_baseline'] = float(splits.metadata['top_k']) / \
+          splits.test.columns['x'].shape[-1]
+    else:
+      out['test/majority_baseline'] = evaluation.majority_baseline(
+          splits.train, splits.test, splits.metadata.get('pad_id'))
     if personalizes and alg.has_global_model:
       results['global'] = ev.evaluate(view.params, splits.test)
       out.update(evaluation.summarize(results['global'], 'global/'))

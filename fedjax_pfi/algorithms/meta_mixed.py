@@ -69,23 +69,27 @@ def _vdot(x, y):
 
 def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
                    num_clients: int, personal_init: Callable, *, name: str,
-                   combine=None, round_start=None,
+                   combine=None, round_start=None, with_round: bool = False,
+                   uniform_mean: bool = False,
                    **fields) -> core.FederatedAlgorithm:
   """A round over ``step`` (module docstring); ``personal_init(params)`` is
   every client's initial personal state (``{}`` for none), and
   ``combine(w, p_i)`` builds a client's personalized params for evaluation
   (None: the algorithm has no personal state). ``round_start(w, p)``: the
   personal state a client starts the round from, given the broadcast model
-  and its stored state (default: the stored state)."""
+  and its stored state (default: the stored state). ``with_round``: ``step``
+  takes the rounds completed as a last argument (schedules over rounds).
+  ``uniform_mean``: every client's ``w_i`` counts equally in the server's
+  mean instead of by its examples."""
   aggregator = aggregators_lib.weighted_mean()
 
-  def guarded(w, p, batch, m, key, s):  # a padded step leaves the client be
-    nw, np_, l, n = step(w, p, batch, m, key, s)
+  def guarded(w, p, batch, m, key, s, r):  # a padded step leaves the client be
+    nw, np_, l, n = step(w, p, batch, m, key, s, *((r,) if with_round else ()))
     active = jnp.any(m)
     return (client_updates.tree_where(active, nw, w),
             client_updates.tree_where(active, np_, p), l, n, active)
 
-  cohort_step = jax.vmap(guarded, in_axes=(0, 0, 0, 0, 0, None))
+  cohort_step = jax.vmap(guarded, in_axes=(0, 0, 0, 0, 0, None, None))
 
   def init(params):
     p0 = personal_init(params)
@@ -109,7 +113,8 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
         w, p, loss_sum, count, steps = carry
         m = mask[:, s]
         w, p, l, n, active = cohort_step(
-            w, p, jax.tree.map(lambda x: x[:, s], cohort.batches), m, keys, s)
+            w, p, jax.tree.map(lambda x: x[:, s], cohort.batches), m, keys, s,
+            state.round)
         return w, p, loss_sum + l, count + n, steps + active.astype(jnp.int32)
       return jax.lax.cond(jnp.any(mask[:, s]), run, lambda x: x, carry), None
 
@@ -121,6 +126,9 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
     delta = jax.tree.map(jnp.subtract, w, w0)
     client_states = (store.scatter(state.client_states, ids, p, ids >= 0)
                      if has_personal else state.client_states)
+    if uniform_mean:
+      cohort = cohort._replace(weight=(cohort.weight > 0).astype(
+          cohort.weight.dtype))
     return core.fedavg_server_update(state, cohort, delta, aggregator,
                                      server_optimizer, loss_sum, count, steps,
                                      client_states)

@@ -17,16 +17,22 @@ it trains and the function that makes its initial params. Names:
   ``ditto`` (a personal model beside the global one), ``apfl`` (a personal
   model mixed with the global one by a learned weight), ``pfedme`` (Moreau
   envelopes), ``perfedavg_fo`` / ``perfedavg_hf`` (Per-FedAvg, first-order
-  or Hessian-free), ``ifca`` / ``hypcluster`` (k cluster models).
+  or Hessian-free), ``ifca`` / ``hypcluster`` (k cluster models);
+- ``fedrap``: FedRAP's additive item views for recommendation (`fedrap`;
+  model ``additive_mf``).
 
 Personalization options live in ``config.personalization``: ``head`` (regex
 of the head's leaves; default the model's last layer), ``head_epochs``
 (FedRep: of ``client.epochs``, those that train the head),
 ``ditto_lambda``, ``apfl_alpha`` (initial mixing weight), ``pfedme_lambda``,
 ``pfedme_inner_steps``, ``pfedme_personal_lr`` (0: client lr),
-``perfedavg_alpha`` (the inner step), ``num_clusters``, ``finetune_epochs`` (evaluation-time fine-tuning and
-held-out adaptation), ``local_epochs`` (the in-run local-only baseline; 0
-off) and ``hurt_margin``.
+``perfedavg_alpha`` (the inner step), ``num_clusters``, ``fedrap_lambda``,
+``fedrap_mu``, ``fedrap_item_lr`` (the item tables' step; the user
+embedding takes ``client.learning_rate``), ``fedrap_weight_decay``,
+``fedrap_lr_decay`` (per round), ``fedrap_step_decay`` (per local step),
+``fedrap_curriculum`` (``'tanh'`` or ``'fixed'``), ``finetune_epochs``
+(evaluation-time fine-tuning and held-out adaptation), ``local_epochs``
+(the in-run local-only baseline; 0 off) and ``hurt_margin``.
 
 LoRA options live in ``config.peft``: ``rank``, ``alpha``, ``dropout``,
 ``target`` (regex over ``nn.Dense`` paths), ``mode``, ``client_ranks``
@@ -47,6 +53,7 @@ from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import clustered
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import fedrap
 from fedjax_pfi.algorithms import hetero_lora
 from fedjax_pfi.algorithms import meta_mixed
 from fedjax_pfi.algorithms import param_groups
@@ -67,11 +74,11 @@ LORA_PARTITIONS = {
 HETERO_LORA = ('flora', 'hetlora')
 # Personalized FL (`personalized`); those keeping per-client state:
 PERSONAL_STATE = ('local_only', 'fedper', 'lg_fedavg', 'fedrep', 'ditto',
-                  'apfl', 'pfedme')
+                  'apfl', 'pfedme', 'fedrap')
 # Their own rounds (not partitions): one device, unchunked, unpacked.
 OWN_ROUNDS = ('ditto', 'apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf',
-              'ifca', 'hypcluster')
-PLAIN_SGD = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf')
+              'ifca', 'hypcluster', 'fedrap')
+PLAIN_SGD = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf', 'fedrap')
 PERSONALIZED = (('fedavg_ft', 'fedbabu') + PERSONAL_STATE +
                 ('perfedavg_fo', 'perfedavg_hf', 'ifca', 'hypcluster'))
 ALGORITHMS = (('fedavg', 'fedprox', 'scaffold') + tuple(LORA_PARTITIONS) +
@@ -233,6 +240,16 @@ def _personalized(name, config, base_model, opt, server, num_clients, unroll,
     alg = meta_mixed.per_fedavg(
         base_model, lr, server, alpha=float(pc.perfedavg_alpha),
         hessian_free=name == 'perfedavg_hf', name=name)
+    return Built(alg, base_model, base_model.init)
+  if name == 'fedrap':
+    alg = fedrap.fedrap(
+        base_model, server, num_clients, lr=lr,
+        item_lr=float(pc.fedrap_item_lr), lam=float(pc.fedrap_lambda),
+        mu=float(pc.fedrap_mu), weight_decay=float(pc.fedrap_weight_decay),
+        lr_decay=float(pc.fedrap_lr_decay),
+        step_decay=float(pc.fedrap_step_decay),
+        curriculum=str(pc.fedrap_curriculum))
+    fedrap.split(jax.eval_shape(base_model.init, jax.random.key(0)))
     return Built(alg, base_model, base_model.init)
   if name in ('ifca', 'hypcluster'):
     k = int(pc.num_clusters)

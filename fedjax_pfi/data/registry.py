@@ -19,6 +19,12 @@ Names:
   - ``cifar_shaped``: CIFAR-shaped mock images (class prototypes plus
     noise) split by Dirichlet(``alpha``) over labels (``num_clients``,
     ``data_seed``; `synthetic.cifar_shaped`).
+  - ``movielens``: MovieLens-100k, each user a client, as NCF's
+    implicit-feedback leave-one-out ranking task (`movielens`; the ratings
+    come from the ``recbole==1.2.1`` wheel at run time, or ``path``).
+    Options: ``num_negatives`` (per training positive), ``eval_negatives``
+    (ranked against the test item), ``top_k``, ``heldout_fraction``,
+    ``seed``.
   - ``tfds``: any prepared TFDS split (``tfds_name``, ``split``,
     ``client_key`` or ``partitioner`` + ``partitioner_kwargs``, ``data_dir``).
   - ``saved``: splits written by `FederatedSplits.save` (``path``), with
@@ -34,13 +40,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedjax_pfi.data import femnist
+from fedjax_pfi.data import movielens
 from fedjax_pfi.data import shakespeare
 from fedjax_pfi.data import synthetic as synthetic_lib
 from fedjax_pfi.data import tfds_bridge
 from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 
 DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic',
-            'cifar_shaped', 'tfds', 'saved')
+            'cifar_shaped', 'movielens', 'tfds', 'saved')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -127,6 +134,13 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
         int(_get(cfg, 'num_clients', 20)), float(_get(cfg, 'alpha', 0.1)),
         seed=int(_get(cfg, 'data_seed', 0)))
     splits = _generic_splits(ds, cfg)
+  elif name == 'movielens':
+    splits = movielens.load(
+        _get(cfg, 'path'), num_negatives=int(_get(cfg, 'num_negatives', 4)),
+        eval_negatives=int(_get(cfg, 'eval_negatives', 99)),
+        top_k=int(_get(cfg, 'top_k', 10)),
+        heldout_fraction=float(_get(cfg, 'heldout_fraction', 0.0)),
+        seed=int(_get(cfg, 'seed', 0)))
   elif name == 'saved':  # FederatedSplits.save output, memory-mapped
     if not _get(cfg, 'path'):
       raise ValueError("data.name='saved' needs data.path, a directory "

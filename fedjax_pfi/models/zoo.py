@@ -14,6 +14,9 @@
 - ``transformer``: `fedjax_pfi.models.transformer` with GPT-2 or Llama blocks,
   optionally loaded from a Hugging Face safetensors directory (the foundation
   models that LoRA adapts).
+- ``additive_mf``: FedRAP's recommender, ``sigmoid(u . (D_j + C_j) + b)``
+  over candidate lists (`fedjax_pfi.models.recommender`; kwargs ``dim``,
+  ``init_std``), for the ranking datasets (``movielens``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from fedjax_pfi.models import base
 from fedjax_pfi.models import conv as conv_lib
+from fedjax_pfi.models import recommender
 
 
 class LogReg(nn.Module):
@@ -160,8 +164,12 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     'transformer': _transformer,
 }
 _SEQUENCE_MODELS = ('char_lstm', 'char_transformer', 'transformer')
+_RANKING_MODELS = {
+    'additive_mf': lambda meta, **kw: recommender.AdditiveMF(
+        meta['num_items'], **kw),
+}
 
-MODEL_NAMES = tuple(sorted(_BUILDERS))
+MODEL_NAMES = tuple(sorted(set(_BUILDERS) | set(_RANKING_MODELS)))
 
 
 def build_model(name: str, example_x: np.ndarray, metadata,
@@ -180,9 +188,21 @@ def build_model(name: str, example_x: np.ndarray, metadata,
       ``'transformer'``: ``style`` ('gpt2' or 'llama'), ``dim``,
       ``num_layers``, ``num_heads`` and any `TransformerConfig` field).
   """
-  if name not in _BUILDERS:
+  if name not in MODEL_NAMES:
     raise ValueError(
         f'unknown model {name!r}; accepted: {", ".join(MODEL_NAMES)}.')
+  ranking = metadata.get('task') == 'ranking'
+  if ranking != (name in _RANKING_MODELS):
+    raise ValueError(
+        f'model {name!r} does not fit this dataset: ranking datasets (candidate'
+        f' lists) take {", ".join(_RANKING_MODELS)}, the others take '
+        f'{", ".join(sorted(_BUILDERS))}.')
+  if ranking:
+    if pretrained:
+      raise ValueError(f'model {name!r} has no pretrained checkpoints.')
+    return recommender.ranking_model(
+        _RANKING_MODELS[name](metadata, **kwargs), jnp.asarray(example_x),
+        name, top_k=int(metadata.get('top_k', 10)))
   sequence = name in _SEQUENCE_MODELS
   needed = ('vocab_size',) if sequence else ('num_classes',)
   for key in needed:

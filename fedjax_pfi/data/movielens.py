@@ -1,0 +1,242 @@
+"""MovieLens-100k as a federated recommendation task: each user is a client.
+
+The ratings are not in this repository: the GroupLens license forbids
+redistributing them. RecBole's wheel (``recbole==1.2.1`` on PyPI, MIT code)
+ships them as ``recbole/dataset_example/ml-100k/ml-100k.inter``, a RecBole
+"atomic" TSV file (header ``user_id:token item_id:token rating:float
+timestamp:float``; the rows and order of GroupLens ``u.data``). `read_inter`
+finds that file, in order:
+
+1. ``path``: an ``.inter`` file, a directory holding ``ml-100k.inter``, or a
+   RecBole wheel;
+2. an installed ``recbole`` package (located, never imported: it pulls in
+   torch);
+3. ``recbole-1.2.1-py3-none-any.whl`` in the cache directory
+   (``$FEDJAX_PFI_CACHE`` or ``~/.cache/fedjax_pfi``);
+4. that wheel fetched with ``pip download --no-deps recbole==1.2.1`` into the
+   cache directory (PyPI is the only network this needs).
+
+Files read from a RecBole wheel or package are checked against the sha256 of
+the released file. Please cite F. M. Harper and J. A. Konstan, "The MovieLens
+Datasets: History and Context", ACM TiiS 5(4), 2015.
+
+`leave_one_out` turns ratings into the implicit-feedback task of NCF (He et
+al., 2017) that FedRAP (Li et al., ICLR 2024) and the federated
+recommendation papers before it evaluate on: every rating is a positive;
+each user's latest interaction is its test item and the one before its
+validation item; every training positive is paired with ``num_negatives``
+items the user never interacted with (drawn once); the test and validation
+items are each ranked against the same ``eval_negatives`` (99) never-seen
+items, and a model is scored by whether the held-out item ranks in the top
+``top_k`` (HR@10) and where (NDCG@10).
+
+An example is a candidate list: ``x`` int32 ``[L]`` item ids, ``y`` int32
+``[L]`` labels, the positive first (``y = [1, 0, ..., 0]``); ``L`` is
+``1 + num_negatives`` in ``train`` and ``1 + eval_negatives`` in ``val`` and
+``test`` (`fedjax_pfi.models.recommender` scores them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from typing import Mapping, Optional
+
+import numpy as np
+
+from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
+
+WHEEL_REQUIREMENT = 'recbole==1.2.1'
+WHEEL_NAME = 'recbole-1.2.1-py3-none-any.whl'
+INTER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.inter')
+INTER_IN_WHEEL = 'recbole/' + '/'.join(INTER_IN_PACKAGE)
+INTER_SHA256 = ('4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0'
+                '935eff')
+COLUMNS = ('user_id', 'item_id', 'rating', 'timestamp')
+
+
+def cache_dir() -> str:
+  return os.environ.get('FEDJAX_PFI_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'fedjax_pfi')
+
+
+def _checked(data: bytes, source: str) -> bytes:
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != INTER_SHA256:
+    raise ValueError(
+        f'{source} has sha256 {digest}, not the released ml-100k.inter\'s '
+        f'{INTER_SHA256}; the file is damaged or another version. Delete it '
+        'or pass data.path to your own .inter file.')
+  return data
+
+
+def _from_wheel(wheel: str) -> bytes:
+  try:
+    with zipfile.ZipFile(wheel) as z:
+      return _checked(z.read(INTER_IN_WHEEL), f'{wheel}:{INTER_IN_WHEEL}')
+  except KeyError as e:
+    raise FileNotFoundError(
+        f'{wheel} has no {INTER_IN_WHEEL}; use the {WHEEL_REQUIREMENT} '
+        'wheel.') from e
+  except zipfile.BadZipFile as e:
+    raise ValueError(f'{wheel} is not a readable wheel (zip): {e}; delete it '
+                     'and it is downloaded again.') from e
+
+
+def read_inter(path: Optional[str] = None, download: bool = True) -> bytes:
+  """The bytes of ``ml-100k.inter`` (module docstring: where it looks)."""
+  if path:
+    if path.endswith('.whl'):
+      return _from_wheel(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, 'ml-100k.inter')
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'data.path={path!r} does not exist; give an .inter file, a '
+          f'directory holding ml-100k.inter, or the {WHEEL_NAME} wheel.')
+    with open(path, 'rb') as f:
+      return f.read()
+  spec = importlib.util.find_spec('recbole')
+  if spec is not None and spec.submodule_search_locations:
+    installed = os.path.join(spec.submodule_search_locations[0],
+                             *INTER_IN_PACKAGE)
+    if os.path.exists(installed):
+      with open(installed, 'rb') as f:
+        return _checked(f.read(), installed)
+  wheel = os.path.join(cache_dir(), WHEEL_NAME)
+  if not os.path.exists(wheel):
+    if not download:
+      raise FileNotFoundError(
+          f'MovieLens-100k not found: no data.path, no installed recbole and '
+          f'no {wheel}; allow the download or run `pip download --no-deps -d '
+          f'{cache_dir()} {WHEEL_REQUIREMENT}`.')
+    os.makedirs(cache_dir(), exist_ok=True)
+    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
+           '-d', cache_dir(), WHEEL_REQUIREMENT]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode or not os.path.exists(wheel):
+      raise FileNotFoundError(
+          f'could not fetch the MovieLens-100k ratings: `{" ".join(cmd)}` '
+          f'failed ({done.stderr.strip()[-500:]}); download the '
+          f'{WHEEL_NAME} wheel yourself and pass it as data.path.')
+  return _from_wheel(wheel)
+
+
+def parse_inter(data: bytes) -> dict[str, np.ndarray]:
+  """A RecBole atomic ``.inter`` file as columns ``user_id``, ``item_id``
+  (the raw ids, int64), ``rating`` and ``timestamp`` (float64)."""
+  text = data.decode('utf-8')
+  header, _, body = text.partition('\n')
+  names = [h.split(':')[0] for h in header.strip().split('\t')]
+  missing = [c for c in COLUMNS if c not in names]
+  if missing:
+    raise ValueError(f'the .inter header {header.strip()!r} lacks the '
+                     f'column(s) {missing}; expected {list(COLUMNS)} '
+                     '(RecBole atomic format, tab-separated, name:type).')
+  if not body.strip():
+    raise ValueError('the .inter file has a header but no ratings.')
+  table = np.loadtxt(io.StringIO(body), delimiter='\t', dtype=np.float64,
+                     ndmin=2)
+  if table.shape[1] != len(names):
+    raise ValueError(f'the .inter rows have {table.shape[1]} fields but the '
+                     f'header names {len(names)}.')
+  cols = {n: table[:, names.index(n)] for n in COLUMNS}
+  for n in ('user_id', 'item_id'):
+    cols[n] = cols[n].astype(np.int64)
+  return cols
+
+
+def _candidates(rng, pool: np.ndarray, rows: int, k: int) -> np.ndarray:
+  """``[rows, k]`` items of ``pool``, distinct within each row."""
+  if k > pool.size:
+    raise ValueError(f'a user has only {pool.size} items they never rated '
+                     f'but {k} negatives per list were asked for.')
+  return pool[np.argpartition(rng.random((rows, pool.size)), k - 1,
+                              axis=1)[:, :k]]
+
+
+def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
+                  eval_negatives: int = 99, top_k: int = 10,
+                  heldout_fraction: float = 0.0, seed: int = 0
+                  ) -> FederatedSplits:
+  """The implicit-feedback, leave-one-out task (module docstring).
+
+  Users are clients in order of their raw id; items are renumbered
+  ``0..num_items-1`` in order of raw id. A user's interactions are ordered
+  by timestamp, ties in file order with the first row the latest (pandas'
+  ``rank(method='first', ascending=False)``, as NCF's and FedRAP's loaders
+  do). Users with fewer than 3 interactions are dropped. User ``u``'s
+  negatives come from ``default_rng([seed, u])``. With
+  ``heldout_fraction``, that fraction of users (``default_rng([seed, 1])``)
+  never trains: their training lists are ``heldout_train`` and their test
+  list ``heldout_test``.
+  """
+  if num_negatives < 1 or eval_negatives < 1:
+    raise ValueError(f'num_negatives and eval_negatives must be >= 1, got '
+                     f'{num_negatives} and {eval_negatives}.')
+  if not 0 <= heldout_fraction < 1:
+    raise ValueError(
+        f'heldout_fraction must lie in [0, 1), got {heldout_fraction}.')
+  users = np.asarray(ratings['user_id'])
+  items = np.asarray(ratings['item_id'])
+  stamps = np.asarray(ratings['timestamp'])
+  raw_users, user_idx = np.unique(users, return_inverse=True)
+  raw_items, item_idx = np.unique(items, return_inverse=True)
+  num_items = raw_items.size
+  row = np.arange(users.size)
+  # by user, then time; among equal times the earlier row counts as later.
+  order = np.lexsort((-row, stamps, user_idx))
+  bounds = np.searchsorted(user_idx[order], np.arange(raw_users.size + 1))
+  all_items = np.arange(num_items)
+  parts = {p: [] for p in ('train', 'val', 'test')}
+  kept = []
+  for u in range(raw_users.size):
+    seq = item_idx[order[bounds[u]:bounds[u + 1]]]
+    if seq.size < 3:
+      continue
+    rng = np.random.default_rng([seed, u])
+    pool = np.setdiff1d(all_items, seq)
+    eval_neg = _candidates(rng, pool, 1, eval_negatives)[0]
+    train_pos = seq[:-2]
+    train_neg = _candidates(rng, pool, train_pos.size, num_negatives)
+    parts['train'].append(np.concatenate([train_pos[:, None], train_neg], 1))
+    parts['val'].append(np.concatenate([[seq[-2]], eval_neg])[None])
+    parts['test'].append(np.concatenate([[seq[-1]], eval_neg])[None])
+    kept.append(u)
+  if not kept:
+    raise ValueError('no user has the 3 interactions a leave-one-out split '
+                     'needs (train, validation and test items).')
+  kept = np.asarray(kept)
+  names = raw_users[kept].astype(str)
+  metadata = dict(task='ranking', num_items=int(num_items),
+                  num_negatives=int(num_negatives),
+                  eval_negatives=int(eval_negatives), top_k=int(top_k))
+
+  def dataset(lists, ids):
+    x = np.concatenate([lists[i] for i in ids]).astype(np.int32)
+    y = np.zeros_like(x)
+    y[:, 0] = 1
+    sizes = [lists[i].shape[0] for i in ids]
+    return FederatedDataset({'x': x, 'y': y},
+                            np.concatenate([[0], np.cumsum(sizes)]),
+                            names[ids], metadata)
+
+  n = kept.size
+  n_heldout = int(round(heldout_fraction * n))
+  perm = np.random.default_rng([seed, 1]).permutation(n)
+  population, heldout = np.sort(perm[n_heldout:]), np.sort(perm[:n_heldout])
+  splits = {p: dataset(parts[p], population) for p in parts}
+  if n_heldout:
+    splits['heldout_train'] = dataset(parts['train'], heldout)
+    splits['heldout_test'] = dataset(parts['test'], heldout)
+  return FederatedSplits(**splits)
+
+
+def load(path: Optional[str] = None, **kwargs) -> FederatedSplits:
+  """`leave_one_out` of the ratings `read_inter` finds."""
+  return leave_one_out(parse_inter(read_inter(path)), **kwargs)
