@@ -20,7 +20,9 @@ client never sampled still holds its initial personal state.
 
 A run whose loss turns NaN gets a row saying so (the baselines must not).
 Writes ``WORKDIR/table.md`` (and ``table.json``): per dataset and algorithm
-the mean, 10th-percentile and worst per-client accuracy, the fractions
+the mean, 10th-percentile and worst per-client accuracy (on MovieLens each
+user's HR@10: whether its one held-out item ranks in the top 10 of 100, so
+per client 0 or 1), the fractions
 hurt, held-out clients' accuracy after adaptation, and megabytes
 communicated; and per dataset ``WORKDIR/<dataset>/gain_vs_fedavg.png``
 (each client's gain over FedAvg against its training-set size) and
@@ -48,12 +50,15 @@ NAMES = {'local_only': 'local-only', 'fedavg': 'FedAvg',
          'lg_fedavg': 'LG-FedAvg', 'fedrep': 'FedRep', 'fedbabu': 'FedBABU',
          'ditto': 'Ditto', 'apfl': 'APFL', 'pfedme': 'pFedMe',
          'perfedavg_fo': 'Per-FedAvg (FO)', 'perfedavg_hf': 'Per-FedAvg (HF)',
-         'ifca': 'IFCA / HypCluster'}
+         'ifca': 'IFCA / HypCluster', 'fedrap': 'FedRAP'}
 
 
-def run_all(workdir: str, datasets, algorithms, testing: bool = False
-            ) -> list[dict]:
-  """Runs (or resumes) every run and returns the table's rows."""
+def run_all(workdir: str, datasets, algorithms, testing: bool = False,
+            configure=None) -> list[dict]:
+  """Runs (or resumes) every run and returns the table's rows;
+  ``configure(config)`` may adjust each run's config (tests point MovieLens
+  at generated ratings). Pairs `pfl_config.runs_on` refuses are skipped
+  (FedRAP runs on MovieLens only; APFL, pFedMe, Per-FedAvg everywhere else)."""
   for name in ('fedavg', 'local_only'):
     if name not in algorithms:  # the baselines every gain is measured against
       algorithms = [name] + list(algorithms)
@@ -61,8 +66,12 @@ def run_all(workdir: str, datasets, algorithms, testing: bool = False
   for dataset in datasets:
     finals, clients = {}, {}
     for alg in algorithms:
+      if not pfl_config.runs_on(dataset, alg):
+        continue
       config = pfl_config.get_config(
           f'{dataset},{alg}' + (',testing' if testing else ''))
+      if configure is not None:
+        configure(config)
       wd = os.path.join(workdir, dataset, alg)
       try:
         finals[alg] = training.run(config, wd)

@@ -86,13 +86,13 @@ def default_config() -> ml_collections.ConfigDict:
       head='', head_epochs=1, ditto_lambda=0.1, apfl_alpha=0.25,
       pfedme_lambda=15.0, pfedme_inner_steps=5, pfedme_personal_lr=0.0,
       perfedavg_alpha=0.01, num_clusters=2, fedrap_lambda=0.1,
-      fedrap_mu=1e-3, fedrap_item_lr=1.0, fedrap_weight_decay=0.0,
+      fedrap_mu=1e-3, fedrap_weight_decay=0.0,
       fedrap_lr_decay=1.0, fedrap_step_decay=1.0, fedrap_curriculum='tanh',
       finetune_epochs=1, local_epochs=0, hurt_margin=0.0))
   c.algorithm = 'fedavg'
   c.client = ml_collections.ConfigDict(dict(
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
-      epochs=1, max_steps=None, proximal_mu=0.0, unroll='1'))
+      epochs=1, max_steps=None, proximal_mu=0.0, unroll='1', lr_scales=''))
   c.server = ml_collections.ConfigDict(dict(
       optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
       tau=1e-3))
@@ -438,7 +438,8 @@ class RunEvaluator:
         combine=exp.algorithm.combine)
     pc = c.personalization
     opt = client_updates.client_optimizer(
-        c.client.optimizer, c.client.learning_rate, momentum=c.client.momentum)
+        c.client.optimizer, c.client.learning_rate, momentum=c.client.momentum,
+        lr_scales=c.client.lr_scales)
     adapter = lambda epochs, opt=opt: personalization.Adapter(
         model, opt, epochs=epochs, batch_size=c.client.batch_size,
         clients_per_chunk=c.eval_clients_per_chunk,
@@ -446,7 +447,7 @@ class RunEvaluator:
     ft_opt = opt if not exp.algorithm.finetune_lr else \
         client_updates.client_optimizer(
             c.client.optimizer, exp.algorithm.finetune_lr,
-            momentum=c.client.momentum)
+            momentum=c.client.momentum, lr_scales=c.client.lr_scales)
     self.finetuner = adapter(int(pc.finetune_epochs), ft_opt)
     self.local_epochs = int(pc.local_epochs)
     self.margin = float(pc.hurt_margin)
@@ -667,13 +668,16 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = prepare(r + 1)
       row = evaluation.flat_metrics(jax.device_get(metrics))
-      if not math.isfinite(row['train_loss']):
+      # train_loss, and a personal model's (Ditto's personal_train_loss)
+      bad = [k for k, v in row.items()
+             if k.endswith('train_loss') and not math.isfinite(v)]
+      if bad:
         last = ckpt.latest_round()
         kept = (f'The last good checkpoint is round {last} in {ckpt.directory}'
                 if last is not None else 'No checkpoint was written before it')
         raise NonFiniteLossError(
-            f'round {r}: training loss is {row["train_loss"]}; stopped without '
-            f'saving it. {kept}. Lower '
+            f'round {r}: training loss {bad[0]} is {row[bad[0]]}; stopped '
+            f'without saving it. {kept}. Lower '
             f'client.learning_rate (now {config.client.learning_rate}) or '
             f'server.learning_rate (now {config.server.learning_rate}).')
       done = r + 1

@@ -90,8 +90,8 @@ def test_command_line_reports_bad_value(tmp_path):
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0
-  assert "unknown model 'resnet'; accepted: char_lstm, char_transformer, cnn" \
-      in out.stderr
+  assert ("unknown model 'resnet'; accepted: additive_mf, char_lstm, "
+          'char_transformer, cnn') in out.stderr
 
 
 @pytest.mark.parametrize('variant', ['ffa_lora', 'local_lora', 'flora',

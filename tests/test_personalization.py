@@ -19,6 +19,7 @@ from fedjax_pfi.data.federated import FederatedSplits
 from fedjax_pfi.models import zoo
 from tests import reference
 from tests.algorithms.test_rounds import toy_dataset
+from tests.data.test_movielens import write_inter
 
 
 def metrics(ids, correct, count):
@@ -191,20 +192,30 @@ def test_config_variants_refuse_unknown_names():
   chex.assert_type(pfl_config.get_config('femnist,fedrep').rounds, int)
 
 
+def movielens_config(algorithm, tmp_path):
+  """The MovieLens variant on generated ratings of the same format."""
+  config = pfl_config.get_config(f'movielens,{algorithm},testing')
+  config.data.path = write_inter(tmp_path / 'ratings.inter')
+  return config
+
+
 @pytest.mark.parametrize('dataset', pfl_config.DATASETS)
 def test_every_dataset_runs_fedrep(tmp_path, dataset):
-  final = training.run(pfl_config.get_config(f'{dataset},fedrep,testing'),
-                       str(tmp_path))
+  config = pfl_config.get_config(f'{dataset},fedrep,testing')
+  if dataset == 'movielens':
+    config = movielens_config('fedrep', tmp_path)
+  final = training.run(config, str(tmp_path / 'run'))
   assert 0.0 <= final['test/client_accuracy_p10'] <= 1.0
   assert final['time/compilations'] >= 1
 
 
-@pytest.mark.parametrize('algorithm', ['apfl', 'ifca', 'fedrep'])
+@pytest.mark.parametrize('algorithm', ['apfl', 'ifca', 'fedrep', 'fedrap'])
 def test_resumed_run_equals_uninterrupted(tmp_path, algorithm):
   """Personal state (the store, IFCA's models and choices) is checkpointed:
   a run stopped after one round and resumed ends with the same metrics and
   the same per-client report."""
-  config = pfl_config.get_config(f'synthetic,{algorithm},testing')
+  config = (movielens_config(algorithm, tmp_path) if algorithm == 'fedrap'
+            else pfl_config.get_config(f'synthetic,{algorithm},testing'))
   config.rounds = 3
   whole, split = str(tmp_path / 'whole'), str(tmp_path / 'split')
   training.run(config, whole)
@@ -233,3 +244,64 @@ def test_compare_script_reports_a_diverged_run(tmp_path, monkeypatch):
   assert rows[-1] == dict(dataset='synthetic', algorithm='ifca',
                           diverged='round 0: training loss is nan')
   assert 'diverged: round 0' in open(os.path.join(tmp_path, 'table.md')).read()
+
+
+def test_fedrap_run_reports_hit_rates(tmp_path):
+  """FedRAP end to end on generated MovieLens-format ratings: each client's
+  reported accuracy is whether its test item ranks in the top k of its list
+  under its own model (u_i, D_i) plus the global items C, recomputed here
+  by hand; held-out users adapt from the initial personal state."""
+  config = movielens_config('fedrap', tmp_path)
+  config.personalization.local_epochs = 1
+  wd = str(tmp_path / 'run')
+  final = training.run(config, wd)
+  assert final['test/random_baseline'] == pytest.approx(3 / 10)
+  for k in ('fedrap/global_sparsity', 'vs_local/hurt_fraction',
+            'heldout_adapted/client_accuracy_mean'):
+    assert k in final, k
+  assert 'vs_global/hurt_fraction' not in final  # C alone is no model
+  exp = training.build(config)
+  state = training.checkpoint_lib.Checkpointer(wd).restore(
+      config.rounds, exp.algorithm.init(training.initial_params(exp)),
+      training.config_fingerprint(config))[0]
+  view = exp.algorithm.eval_view(state, None)
+  mine = personalization.load_clients(wd)['personalized']
+  for i, cid in enumerate(mine['client_ids']):
+    params = exp.algorithm.combine(
+        view.shared, jax.tree.map(lambda x, c=cid: x[c], view.personal))
+    x = exp.splits.test.client(cid)['x'][0]
+    items = (params['personal_items']['embedding'] +
+             params['global_items']['embedding'])[x]
+    scores = np.asarray(items @ params['score']['kernel'][:, 0])
+    rank = int(np.sum(scores[1:] >= scores[0]))
+    assert mine['accuracy'][i] == float(rank < 3), cid
+  assert set(np.unique(mine['accuracy'])) <= {0.0, 1.0}
+
+
+def test_compare_script_on_movielens(tmp_path):
+  def configure(config):
+    if config.data.name == 'movielens':
+      config.data.path = write_inter(tmp_path / 'ratings.inter')
+
+  rows = personalization_compare.run_all(
+      str(tmp_path / 'out'), ['movielens', 'synthetic'], ['fedrap', 'apfl'],
+      testing=True, configure=configure)
+  assert [(r['dataset'], r['algorithm']) for r in rows] == [
+      ('movielens', 'local_only'), ('movielens', 'fedavg'),
+      ('movielens', 'fedrap'), ('synthetic', 'local_only'),
+      ('synthetic', 'fedavg'), ('synthetic', 'apfl')]
+  # FedRAP is a recommender: MovieLens only; APFL's one step size is not.
+  with pytest.raises(ValueError, match="run it on 'movielens'"):
+    pfl_config.get_config('synthetic,fedrap')
+  with pytest.raises(ValueError, match='one plain SGD step size'):
+    pfl_config.get_config('movielens,apfl')
+
+
+def test_a_diverged_personal_model_stops_the_run(tmp_path):
+  """Ditto's global model can stay finite while the personal models blow up
+  (lr * lambda far above 2): the run stops and names the loss."""
+  config = pfl_config.get_config('synthetic,ditto,testing')
+  config.personalization.ditto_lambda = 1e8
+  with pytest.raises(training.NonFiniteLossError,
+                     match='training loss personal_train_loss is'):
+    training.run(config, str(tmp_path))

@@ -157,7 +157,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = small_config(rounds=6)
   poison_client_of_round(monkeypatch, config, 2)
   with pytest.raises(training.NonFiniteLossError,
-                     match=r'round 2: training loss is nan') as info:
+                     match=r'round 2: training loss train_loss is nan'
+                     ) as info:
     training.run(config, str(tmp_path))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
   assert ckpt.latest_round() == 2

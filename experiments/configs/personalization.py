@@ -1,4 +1,4 @@
-r"""Personalized FL benchmark (PFLlib-style): every algorithm on four datasets.
+r"""Personalized FL benchmark (PFLlib-style): every algorithm on five datasets.
 
   python -m experiments.personalization_compare --workdir=/tmp/fedjax_pfi/pfl
   python -m experiments.main --config=experiments/configs/personalization.py:femnist,fedrep \
@@ -13,9 +13,14 @@ The variant is ``DATASET,ALGORITHM[,testing]``:
   small character transformer), ``synthetic`` (FedProx's Synthetic(1,1),
   30 devices, an MLP with one hidden layer of 32), ``cifar_shaped``
   (CIFAR-shaped mock images split by Dirichlet(0.1) over 20 clients, an MLP
-  with one hidden layer of 128);
+  with one hidden layer of 128), ``movielens`` (MovieLens-100k, each of
+  its 943 users a client, NCF's leave-one-out ranking task with HR@10 as
+  the accuracy, FedRAP's additive recommender with 32-dimensional
+  embeddings; 100 of the 849 training users per round, 10% held out);
 - algorithms: ``ALGORITHMS`` below (the registry's names; ``hypcluster``
-  is IFCA's round and is not run twice).
+  is IFCA's round and is not run twice; ``fedrap`` runs on MovieLens
+  only, and APFL, pFedMe and Per-FedAvg, whose explicit SGD steps take one
+  step size for every leaf, on the other datasets only).
 
 Every algorithm on a dataset uses the same rounds, cohort size, client
 optimizer, batch and ``client.epochs = 2`` (FedRep spends the first epoch on
@@ -30,10 +35,20 @@ model. BUILD_NOTES.md ("Personalization benchmark") has the table measured.
 from experiments.configs import shakespeare_fedavg
 from fedjax_pfi import training
 
-DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped')
+DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped',
+            'movielens')
 ALGORITHMS = ('local_only', 'fedavg', 'fedavg_ft', 'fedper', 'lg_fedavg',
               'fedrep', 'fedbabu', 'ditto', 'apfl', 'pfedme', 'perfedavg_fo',
-              'perfedavg_hf', 'ifca')
+              'perfedavg_hf', 'ifca', 'fedrap')
+RANKING_ONLY = ('fedrap',)  # FedRAP is a recommender: MovieLens only
+# The papers' explicit SGD steps take one step size for every leaf, and
+# MovieLens' item tables need ~1000x the user embedding's (client.lr_scales).
+NOT_ON_RANKING = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf')
+
+
+def runs_on(dataset: str, algorithm: str) -> bool:
+  return ((algorithm not in RANKING_ONLY or dataset == 'movielens') and
+          (algorithm not in NOT_ON_RANKING or dataset != 'movielens'))
 # 'hypcluster' is IFCA's round (fedjax_pfi/algorithms/clustered.py), so the
 # table runs it once, as 'ifca'.
 
@@ -47,6 +62,14 @@ def get_config(variant: str = 'synthetic,fedavg'):
         f'variant {variant!r} must be DATASET,ALGORITHM[,testing] with DATASET '
         f'in {DATASETS} and ALGORITHM in {ALGORITHMS}.')
   dataset, algorithm = parts
+  if algorithm in RANKING_ONLY and dataset != 'movielens':
+    raise ValueError(f'{algorithm} learns item embeddings for recommendation; '
+                     f"run it on 'movielens', not {dataset!r}.")
+  if not runs_on(dataset, algorithm):
+    raise ValueError(
+        f'{algorithm} takes one plain SGD step size for every leaf, and '
+        "'movielens' needs client.lr_scales (its item tables step ~1000x "
+        'faster than the user embedding); it runs on the other datasets.')
   c = training.default_config()
   c.algorithm = algorithm
   c.client.optimizer = 'sgd'
@@ -103,6 +126,20 @@ def get_config(variant: str = 'synthetic,fedavg'):
     c.model.kwargs.hidden = (32,)
     c.client.learning_rate = 0.05
     c.client.batch_size = 10
+  elif dataset == 'movielens':
+    c.rounds = 100
+    c.clients_per_round = 100
+    c.data.name = 'movielens'
+    c.data.heldout_fraction = 0.1
+    c.model.name = 'additive_mf'
+    c.model.kwargs.dim = 32
+    c.client.learning_rate = 0.5  # the user embedding's step
+    c.client.lr_scales = '_items/=1000'  # the item tables': 500
+    c.client.batch_size = 64  # lists of 5: 320 candidates
+    c.eval_batch_size = 256
+    # Ditto's proximal step is item lr * lambda on the item rows: keep it
+    # under 1 (500 * 1e-3); lambda = 0.1 made the personal models diverge.
+    c.personalization.ditto_lambda = 1e-3
   else:  # cifar_shaped
     c.rounds = 50
     c.clients_per_round = 10
@@ -128,6 +165,10 @@ def get_config(variant: str = 'synthetic,fedavg'):
     c.checkpoint_every = 1
     c.client.max_steps = 4
     c.data.max_clients = 6
+    if dataset == 'movielens':  # tests give data.path generated ratings
+      c.data.eval_negatives = 9
+      c.data.top_k = 3
+      c.model.kwargs.dim = 4
     if dataset == 'shakespeare':
       c.data.plays = ('macbeth', 'the-tempest')
       c.data.min_chars = 3000

@@ -19,7 +19,9 @@ it trains and the function that makes its initial params. Names:
   envelopes), ``perfedavg_fo`` / ``perfedavg_hf`` (Per-FedAvg, first-order
   or Hessian-free), ``ifca`` / ``hypcluster`` (k cluster models);
 - ``fedrap``: FedRAP's additive item views for recommendation (`fedrap`;
-  model ``additive_mf``).
+  model ``additive_mf``); its user embedding steps with
+  ``client.learning_rate`` and its item tables with that times their
+  ``client.lr_scales`` factor.
 
 Personalization options live in ``config.personalization``: ``head`` (regex
 of the head's leaves; default the model's last layer), ``head_epochs``
@@ -27,8 +29,7 @@ of the head's leaves; default the model's last layer), ``head_epochs``
 ``ditto_lambda``, ``apfl_alpha`` (initial mixing weight), ``pfedme_lambda``,
 ``pfedme_inner_steps``, ``pfedme_personal_lr`` (0: client lr),
 ``perfedavg_alpha`` (the inner step), ``num_clusters``, ``fedrap_lambda``,
-``fedrap_mu``, ``fedrap_item_lr`` (the item tables' step; the user
-embedding takes ``client.learning_rate``), ``fedrap_weight_decay``,
+``fedrap_mu``, ``fedrap_weight_decay``,
 ``fedrap_lr_decay`` (per round), ``fedrap_step_decay`` (per local step),
 ``fedrap_curriculum`` (``'tanh'`` or ``'fixed'``), ``finetune_epochs``
 (evaluation-time fine-tuning and held-out adaptation), ``local_epochs``
@@ -173,7 +174,8 @@ def build(config, base_model: base.Model, num_clients: int,
         f'client.proximal_mu={cl.proximal_mu} is FedProx; set '
         "--config.algorithm=fedprox (or proximal_mu=0).")
   opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
-                                        momentum=cl.momentum)
+                                        momentum=cl.momentum,
+                                        lr_scales=cl.lr_scales)
   if name in PERSONALIZED:
     return _personalized(name, config, base_model, opt, server, num_clients,
                          unroll, execution)
@@ -221,6 +223,9 @@ def _personalized(name, config, base_model, opt, server, num_clients, unroll,
         f'{name} takes the paper\'s plain SGD steps (client.learning_rate is '
         f'its step size); got client optimizer {cl.optimizer!r} with '
         f'momentum {cl.momentum}.')
+  if name in PLAIN_SGD and name != 'fedrap' and cl.lr_scales:
+    raise ValueError(f'client.lr_scales={cl.lr_scales!r}: {name} takes one '
+                     "step size for every leaf; set client.lr_scales=''.")
   lr = float(cl.learning_rate)
   if name == 'ditto':
     alg = personalized.ditto(base_model, opt, server, num_clients,
@@ -242,9 +247,20 @@ def _personalized(name, config, base_model, opt, server, num_clients, unroll,
         hessian_free=name == 'perfedavg_hf', name=name)
     return Built(alg, base_model, base_model.init)
   if name == 'fedrap':
+    scales = client_updates.parse_lr_scales(cl.lr_scales)
+    item_lr = {client_updates.lr_scale(scales, f'{k}/embedding')
+               for k in ('personal_items', 'global_items')}
+    if len(item_lr) > 1:
+      raise ValueError(
+          f'client.lr_scales={cl.lr_scales!r} gives the two item tables '
+          'different steps; FedRAP steps both with one item lr.')
+    if client_updates.lr_scale(scales, 'score/kernel') != 1.0:
+      raise ValueError(
+          f'client.lr_scales={cl.lr_scales!r} scales the user embedding; its '
+          'step is client.learning_rate.')
     alg = fedrap.fedrap(
         base_model, server, num_clients, lr=lr,
-        item_lr=float(pc.fedrap_item_lr), lam=float(pc.fedrap_lambda),
+        item_lr=lr * item_lr.pop(), lam=float(pc.fedrap_lambda),
         mu=float(pc.fedrap_mu), weight_decay=float(pc.fedrap_weight_decay),
         lr_decay=float(pc.fedrap_lr_decay),
         step_decay=float(pc.fedrap_step_decay),

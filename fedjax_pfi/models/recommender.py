@@ -17,7 +17,8 @@ loss is the mean over its candidates, as with pointwise batches of equal
 lists); its ``count`` is 1 and its ``correct`` is 1 when the positive ranks
 in the top ``top_k`` of the list (HR@k: with one positive and 99 negatives,
 the accuracy a run reports is HR@10). A negative scoring equal to the
-positive counts as ranked above it, so a constant model has HR 0, not 1.
+positive counts as ranked above it, so a constant model has HR 0, not 1
+(and a NaN score, so a diverged model has HR 0 too).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ class AdditiveMF(nn.Module):
 
 def ranks(logits: jax.Array, y: jax.Array) -> jax.Array:
   """``[...]``: how many negatives of each list score at least its
-  positive (0 = ranked first)."""
+  positive (0 = ranked first); a NaN score on either side counts as
+  ranked above, so a diverged model hits nothing."""
   pos = jnp.sum(jnp.where(y == 1, logits, 0.0), -1, keepdims=True)
-  return jnp.sum((y == 0) & (logits >= pos), -1)
+  return jnp.sum((y == 0) & ~(logits < pos), -1)
 
 
 def hit_and_ndcg(logits: jax.Array, y: jax.Array, top_k: int):

@@ -40,8 +40,9 @@ def config_for(curriculum='tanh', **kw):
   c.client.learning_rate = LR
   c.client.epochs = EPOCHS
   c.client.batch_size = B
+  c.client.lr_scales = f'_items/={ITEM_LR / LR}'
   c.personalization.update(dict(dict(
-      fedrap_item_lr=ITEM_LR, fedrap_lambda=LAM, fedrap_mu=MU,
+      fedrap_lambda=LAM, fedrap_mu=MU,
       fedrap_weight_decay=WD, fedrap_lr_decay=LR_DECAY,
       fedrap_step_decay=STEP_DECAY, fedrap_curriculum=curriculum), **kw))
   return c
@@ -144,8 +145,13 @@ def test_config_errors(setup):
   ds, model = setup
   with pytest.raises(ValueError, match="unknown FedRAP curriculum 'cosine'"):
     registry.build(config_for('cosine'), model, ds.num_clients)
-  with pytest.raises(ValueError, match='item_lr must be > 0'):
-    registry.build(config_for(fedrap_item_lr=0.0), model, ds.num_clients)
+  c = config_for()
+  c.client.lr_scales = 'personal_items/=10,global_items/=20'
+  with pytest.raises(ValueError, match='different steps'):
+    registry.build(c, model, ds.num_clients)
+  c.client.lr_scales = '_items/=0'
+  with pytest.raises(ValueError, match='positive factor'):
+    registry.build(c, model, ds.num_clients)
   with pytest.raises(ValueError, match='step_decay must lie in'):
     registry.build(config_for(fedrap_step_decay=1.5), model, ds.num_clients)
   c = config_for()

@@ -244,3 +244,21 @@ def test_client_optimizer_errors():
     server_optimizers.server_optimizer('fedsgd')
   with pytest.raises(ValueError, match='must be positive, got 0'):
     server_optimizers.server_optimizer('fedadam', 0)
+
+
+def test_client_optimizer_lr_scales():
+  """Leaves matched by a regex step with lr * factor (the first match
+  wins); with momentum or Adam the factor scales the whole update."""
+  params = {'a': {'w': 1.0}, 'c': {'b': 1.0, 'ab': 1.0}, 'd': 1.0}
+  grads = jax.tree.map(lambda _: 1.0, params)
+  opt = client_updates.client_optimizer('sgd', 0.1,
+                                        lr_scales='^a/=10, b$=2,a=3')
+  updates, _ = opt.update(grads, opt.init(params), params)
+  chex.assert_trees_all_close(
+      updates, {'a': {'w': -1.0}, 'c': {'b': -0.2, 'ab': -0.2}, 'd': -0.1})
+  adam = client_updates.client_optimizer('adam', 0.1, lr_scales='^d$=4')
+  updates, _ = adam.update(grads, adam.init(params), params)
+  np.testing.assert_allclose(updates['d'], 4 * updates['a']['w'], rtol=1e-6)
+  for bad in ('items', '[=2', 'a=-1', '=3', 'a=x'):
+    with pytest.raises(ValueError, match='REGEX=FACTOR'):
+      client_updates.client_optimizer('sgd', 0.1, lr_scales=bad)

@@ -23,8 +23,10 @@ def test_ranks_hits_and_ndcg_by_hand():
   hit, ndcg = recommender.hit_and_ndcg(logits, Y, 3)
   np.testing.assert_array_equal(hit, [1, 1, 1])
   np.testing.assert_allclose(ndcg, [1.0, 0.5, 0.5])  # 1 / log2(2 + 2)
-  # A constant model ranks nothing first.
+  # A constant model ranks nothing first, nor does a diverged one.
   assert float(recommender.hit_and_ndcg(jnp.zeros((1, 4)), Y[:1], 1)[0][0]) == 0
+  nan = jnp.array([[jnp.nan, 0.0, 1.0, 2.0], [5.0, jnp.nan, 0.0, 0.0]])
+  np.testing.assert_array_equal(recommender.ranks(nan, Y[:2]), [3, 1])
 
 
 def test_list_stats_mean_bce():

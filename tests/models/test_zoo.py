@@ -82,7 +82,8 @@ def test_sequence_loss_ignores_padding():
 
 def test_unknown_model_and_wrong_dataset():
   with pytest.raises(ValueError, match="unknown model 'vit'; accepted: "
-                     'char_lstm, char_transformer, cnn, logreg, mlp'):
+                     'additive_mf, char_lstm, char_transformer, cnn, logreg, '
+                     'mlp'):
     zoo.build_model('vit', np.zeros((1, 3)), {'num_classes': 2})
   with pytest.raises(ValueError, match="needs dataset metadata 'num_classes'"):
     zoo.build_model('cnn', np.zeros((1, 80), np.int32), {'vocab_size': 98})
