@@ -130,18 +130,23 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   glob = clients['fedavg']
+  # One test item per client (MovieLens): 0/1 accuracies, shown as means.
+  binary = personalization.is_binary(*(c['accuracy'] for c in
+                                       clients.values()))
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for i, (alg, mine) in enumerate(clients.items()):
     if alg == 'fedavg':
       continue
     s = mine['sampled']
-    ax.scatter(mine['train_size'][s], (mine['accuracy'] - glob['accuracy'])[s],
-               s=9, color=plt.cm.tab20(i % 20), marker='os^v'[i % 4],
-               label=NAMES.get(alg, alg))
+    personalization.plot_gain(
+        ax, mine['train_size'][s], (mine['accuracy'] - glob['accuracy'])[s],
+        binary, s=9, color=plt.cm.tab20(i % 20), marker='os^v'[i % 4],
+        label=NAMES.get(alg, alg))
   ax.axhline(0.0, color='k', linewidth=0.8)
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
-  ax.set_ylabel('accuracy gain over FedAvg')
+  ax.set_ylabel('accuracy gain over FedAvg' +
+                (' (mean of 8 size bins)' if binary else ''))
   ax.set_title(f'{dataset}: per-client gain over FedAvg')
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
@@ -149,11 +154,18 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   names = list(clients)
-  ax.boxplot([clients[a]['accuracy'][clients[a]['sampled']] for a in names],
-             whis=(10, 90))
+  accs = [clients[a]['accuracy'][clients[a]['sampled']] for a in names]
+  if binary:  # a box of 0s and 1s says nothing: the mean and its std error
+    means = np.array([a.mean() for a in accs])
+    err = np.array([np.sqrt(m * (1 - m) / max(a.size, 1))
+                    for m, a in zip(means, accs)])
+    ax.bar(range(1, len(names) + 1), means, yerr=1.96 * err, capsize=3)
+    ax.set_ylabel('mean per-client hit (error bars: 95% normal interval)')
+  else:
+    ax.boxplot(accs, whis=(10, 90))
+    ax.set_ylabel('per-client test accuracy (whiskers: p10, p90)')
   ax.set_xticks(range(1, len(names) + 1),
                 [NAMES.get(a, a) for a in names], rotation=30, fontsize=8)
-  ax.set_ylabel('per-client test accuracy (whiskers: p10, p90)')
   ax.set_title(f'{dataset}: per-client accuracy')
   fig.tight_layout()
   fig.savefig(os.path.join(directory, 'accuracy_by_algorithm.png'), dpi=110)

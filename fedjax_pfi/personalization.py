@@ -204,7 +204,9 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
     end, for every evaluation in ``clients``;
   - ``gain_vs_size.png``: each client's gain over each baseline against its
     number of training examples (hurt clients below the zero line); its
-    accuracy against its size where the run has no baseline.
+    accuracy against its size where the run has no baseline. Where every
+    accuracy is 0 or 1 (one test item per client) the mean over bins of
+    clients of similar size instead.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -239,25 +241,57 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
 
   fig, ax = plt.subplots(figsize=(6, 4))
   mine = clients.get('personalized')
+  binary = is_binary(*(c['accuracy'] for c in clients.values()))
+  binned = ' (mean of size bins)' if binary else ''
   for name, c in clients.items():
     if mine is None or name == 'personalized' or not np.array_equal(
         c['client_ids'], mine['client_ids']):
       continue
-    ax.scatter(mine['train_size'], mine['accuracy'] - c['accuracy'], s=8,
-               label=f'over {name}')
-  if ax.collections:
+    plot_gain(ax, mine['train_size'], mine['accuracy'] - c['accuracy'],
+              binary, s=8, label=f'over {name}')
+  if ax.collections or ax.lines:
     ax.axhline(0.0, color='k', linewidth=0.8)
-    ax.set_ylabel('accuracy gain of personalization')
+    ax.set_ylabel('accuracy gain of personalization' + binned)
     ax.legend(fontsize=7)
   elif mine is not None:  # no baseline in this run: accuracy against size
-    ax.scatter(mine['train_size'], mine['accuracy'], s=8)
-    ax.set_ylabel('personalized accuracy (no baseline in this run; set '
-                  'personalization.local_epochs)', fontsize=7)
+    plot_gain(ax, mine['train_size'], mine['accuracy'], binary, s=8)
+    ax.set_ylabel('personalized accuracy' + binned + ' (no baseline in this '
+                  'run; set personalization.local_epochs)', fontsize=7)
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
   ax.set_title(title or 'gain vs data size')
   paths.append(_save(fig, workdir, 'gain_vs_size.png'))
   return paths
+
+
+def is_binary(*accuracies) -> bool:
+  """Every client's accuracy is 0 or 1 (one test example per client, as
+  leave-one-out recommendation): scatter plots of it say nothing."""
+  return all(np.all((np.asarray(a) == 0) | (np.asarray(a) == 1))
+             for a in accuracies)
+
+
+def size_bins(sizes, values, num_bins: int = 8):
+  """``(median size, mean value, clients)`` of each of ``num_bins`` bins of
+  clients with about equal counts, by training-set size."""
+  sizes, values = np.asarray(sizes), np.asarray(values, np.float64)
+  order = np.argsort(sizes, kind='stable')
+  parts = [p for p in np.array_split(order, min(num_bins, sizes.size))
+           if p.size]
+  return (np.array([np.median(sizes[p]) for p in parts]),
+          np.array([values[p].mean() for p in parts]),
+          np.array([p.size for p in parts]))
+
+
+def plot_gain(ax, sizes, gain, binary: bool, **style):
+  """Per-client gain against size: points, or for 0/1 accuracies the mean
+  gain of equal-count size bins (a line)."""
+  if binary:
+    x, mean, _ = size_bins(sizes, gain)
+    ax.plot(x, mean, marker=style.pop('marker', 'o'), markersize=4,
+            **{k: v for k, v in style.items() if k != 's'})
+  else:
+    ax.scatter(sizes, gain, **style)
 
 
 def _save(fig, workdir, name):

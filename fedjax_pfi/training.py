@@ -419,7 +419,11 @@ class RunEvaluator:
   - ``heldout/``: clients never seen in training, with the model a new
     client starts from, and ``heldout_adapted/`` after
     ``personalization.finetune_epochs`` epochs on their own adaptation data;
-  - ``trainset/`` with ``eval_train``.
+  - ``trainset/`` with ``eval_train``;
+  - ``val/``: the personalized models on each client's validation split,
+    where the data has one (MovieLens' second-latest item;
+    ``data.val_fraction``), for choosing hyperparameters without the test
+    split.
 
   Each is the distribution of per-client accuracy (`evaluation.summarize`)
   over every client with test data; the gains and hurt fractions cover the
@@ -521,8 +525,13 @@ class RunEvaluator:
 
     mine = own(splits.test)
     results = {'personalized': mine}
+    if splits.val.num_examples:  # each client's own validation data: tune here
+      out_val = evaluation.summarize(own(splits.val), 'val/')
+    else:
+      out_val = {}
     among = self.last_sampled[mine.client_ids]
     out = evaluation.summarize(mine, 'test/')
+    out.update(out_val)
     out['test/never_sampled_fraction'] = float(1.0 - among.mean())
     if splits.metadata.get('task') == 'ranking':  # HR@k of a random order
       out['test/random_baseline'] = float(splits.metadata['top_k']) / \

