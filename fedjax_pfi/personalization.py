@@ -306,8 +306,8 @@ def _save(fig, workdir, name):
 def write_report(workdir: str, final: Mapping[str, float]) -> str:
   """``report.json``: the final distribution, gains and silent failures."""
   keep = {k: v for k, v in final.items()
-          if k.startswith(('test/', 'global/', 'local/', 'heldout/',
-                           'heldout_adapted/', 'vs_'))}
+          if k.startswith(('test/', 'val/', 'global/', 'local/', 'heldout/',
+                           'heldout_adapted/', 'vs_', 'fedrap/'))}
   path = os.path.join(workdir, 'report.json')
   with open(path + '.tmp', 'w') as f:
     json.dump(keep, f, indent=1, sort_keys=True)

@@ -258,6 +258,9 @@ def test_fedrap_run_reports_hit_rates(tmp_path):
   assert final['test/random_baseline'] == pytest.approx(3 / 10)
   # The validation items (for tuning) are reported beside the test items.
   assert 0.0 <= final['val/client_accuracy_mean'] <= 1.0
+  report = json.load(open(os.path.join(wd, 'report.json')))
+  assert report['val/client_accuracy_mean'] == final['val/client_accuracy_mean']
+  assert 'fedrap/global_sparsity' in report
   for k in ('fedrap/global_sparsity', 'vs_local/hurt_fraction',
             'heldout_adapted/client_accuracy_mean'):
     assert k in final, k

@@ -40,6 +40,8 @@ DATASETS = ('femnist', 'shakespeare', 'synthetic', 'cifar_shaped',
 ALGORITHMS = ('local_only', 'fedavg', 'fedavg_ft', 'fedper', 'lg_fedavg',
               'fedrep', 'fedbabu', 'ditto', 'apfl', 'pfedme', 'perfedavg_fo',
               'perfedavg_hf', 'ifca', 'fedrap')
+# 'hypcluster' is IFCA's round (fedjax_pfi/algorithms/clustered.py), so the
+# table runs it once, as 'ifca'.
 RANKING_ONLY = ('fedrap',)  # FedRAP is a recommender: MovieLens only
 # The papers' explicit SGD steps take one step size for every leaf, and
 # MovieLens' item tables need ~1000x the user embedding's (client.lr_scales).
@@ -49,8 +51,6 @@ NOT_ON_RANKING = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf')
 def runs_on(dataset: str, algorithm: str) -> bool:
   return ((algorithm not in RANKING_ONLY or dataset == 'movielens') and
           (algorithm not in NOT_ON_RANKING or dataset != 'movielens'))
-# 'hypcluster' is IFCA's round (fedjax_pfi/algorithms/clustered.py), so the
-# table runs it once, as 'ifca'.
 
 
 def get_config(variant: str = 'synthetic,fedavg'):
