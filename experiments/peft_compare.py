@@ -23,7 +23,6 @@ r"""Federated PEFT on Shakespeare roles: every algorithm, one table.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -33,6 +32,7 @@ import jax
 import numpy as np
 import optax
 
+from experiments import tables
 from experiments.configs import pretrain_shakespeare
 from experiments.configs import shakespeare_lora
 from fedjax_pfi import evaluation
@@ -175,12 +175,7 @@ def write_table(workdir: str, rows: list[dict], config, ranks: str) -> None:
         f'{fmt(r["client_accuracy_mean"])} | {fmt(r["client_accuracy_p10"])} '
         f'| {fmt(r["client_accuracy_worst"])} | {fmt(r["heldout"])} | '
         f'{r["trainable"]:,} | {r["bytes"] / 1e6:.3f} | {share} |')
-  text = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(workdir, 'table.json'), 'w') as f:
-    json.dump(rows, f, indent=1, default=float)
-  print(text)
+  tables.write(workdir, lines, rows)
 
 
 def main(argv):

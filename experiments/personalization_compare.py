@@ -31,7 +31,6 @@ communicated; and per dataset ``WORKDIR/<dataset>/gain_vs_fedavg.png``
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -39,6 +38,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from experiments import tables
 from experiments.configs import personalization as pfl_config
 from fedjax_pfi import personalization
 from fedjax_pfi import training
@@ -189,12 +189,7 @@ def write_table(workdir: str, rows: list[dict]) -> None:
         f'{fmt(r["mean"])} | {fmt(r["p10"])} | {fmt(r["worst"])} | '
         f'{r["gain_vs_fedavg"]:+.3f} | {fmt(r["hurt_vs_fedavg"])} | '
         f'{fmt(r["hurt_vs_local"])} | {fmt(r["heldout"])} | {r["mb"]:.1f} |')
-  text = '\n'.join(lines) + '\n'
-  with open(os.path.join(workdir, 'table.md'), 'w') as f:
-    f.write(text)
-  with open(os.path.join(workdir, 'table.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  print(text)
+  tables.write(workdir, lines, rows)
 
 
 def _define_flags():
