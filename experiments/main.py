@@ -44,7 +44,9 @@ def main(argv):
     return
   keys = sorted(k for k in final if k.startswith(('test/', 'heldout/')) or
                 k == 'train_loss')
-  print('final metrics (round {}):'.format(config.rounds))
+  # the round the figures are from: a workdir holding more rounds than
+  # asked runs nothing and reports its newest (training.run warns)
+  print('final metrics (round {}):'.format(final.get('round', 0)))
   for k in keys:
     print(f'  {k:34s} {final[k]:.4f}')
 

@@ -6,6 +6,12 @@ the half-written one invisible. Beside the state we store a JSON record of the
 round, the config fingerprint and the shape signature of every leaf, so that
 restoring into a different model or algorithm fails with a message naming the
 first mismatching leaf instead of silently loading garbage.
+
+The record also holds a sha256 digest of every saved array and one of the
+record itself, checked on restore: a flipped bit on disk is refused, naming
+the checkpoint and the leaf, instead of resuming from numbers nobody saved.
+It keeps the config that wrote the state (so a refusal names each key that
+differs) and the run's running totals.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from fedjax_pfi import config as config_lib
 
 
 class CheckpointError(RuntimeError):
@@ -39,6 +47,36 @@ def fingerprint(obj: Any) -> str:
                                    default=str).encode()).hexdigest()[:16]
 
 
+def leaf_digests(tree: Any) -> dict[str, str]:
+  """``{leaf path: sha256 of its dtype, shape and bytes}`` (PRNG keys by
+  their key data), from host copies of the leaves."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h = hashlib.sha256(f'{a.dtype.str}{list(a.shape)}'.encode())
+    h.update(a.reshape(-1).view(np.uint8))  # the buffer itself, no copy
+    out[jax.tree_util.keystr(path)] = h.hexdigest()[:32]
+  return out
+
+
+def _meta_digest(meta: dict) -> str:
+  return fingerprint({k: v for k, v in meta.items() if k != 'meta_digest'})
+
+
+def _cause(e: BaseException) -> str:
+  """One line for an exception: the innermost cause's first sentence
+  (orbax and TensorStore wrap it in messages that embed long JSON specs)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  text = ' '.join(str(e).split('See full TensorStore details')[0].split())
+  if len(text) > 300:
+    text = text[:300] + '...'
+  return f'{type(e).__name__}: {text}'
+
+
 class Checkpointer:
   """Saves and restores ``ServerState`` pytrees under ``workdir/checkpoints``."""
 
@@ -54,31 +92,54 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, round_idx: int, state: Any, meta: dict) -> None:
-    meta = dict(meta, round=round_idx, signature=shape_signature(state))
+    """Writes ``state`` and the JSON record ``meta`` (plus the round, the
+    leaves' shape signature and digests) as round ``round_idx``."""
+    meta = dict(meta, round=round_idx, signature=shape_signature(state),
+                digests=leaf_digests(state))
+    meta['meta_digest'] = _meta_digest(meta)
     self._manager.save(round_idx, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self._manager.wait_until_finished()
 
+  def _refuse(self, round_idx: int, why: str) -> CheckpointError:
+    path = os.path.join(self.directory, str(round_idx))
+    return CheckpointError(
+        f'checkpoint {path} {why}. Delete that directory to resume from the '
+        'previous checkpoint, or use a fresh --workdir.')
+
   def read_meta(self, round_idx: int) -> dict:
     """The JSON record saved beside round ``round_idx``'s state: ``round``,
-    ``fingerprint`` and ``signature`` (every leaf's dtype and shape)."""
-    path = os.path.join(self.directory, str(round_idx))
+    ``fingerprint``, ``signature`` (every leaf's dtype and shape),
+    ``digests`` and, from runs of the training loop, ``config`` and
+    ``totals``."""
     try:
-      return self._manager.restore(
+      meta = self._manager.restore(
           round_idx, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # orbax raises many types for unreadable files
-      raise CheckpointError(
-          f'checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete '
-          'that directory to resume from the previous checkpoint, or use a '
-          'fresh --workdir.') from e
+      raise self._refuse(round_idx, f'is unreadable ({_cause(e)})') from e
+    if not isinstance(meta, dict):
+      raise self._refuse(round_idx, 'is corrupt: its record is not a JSON '
+                         'object')
+    if 'meta_digest' in meta and meta['meta_digest'] != _meta_digest(meta):
+      raise self._refuse(round_idx, 'is corrupt: its JSON record does not '
+                         'match the digest saved with it')
+    return meta
 
   def restore(self, round_idx: int, target: Any,
-              expected_fingerprint: Optional[str] = None) -> tuple[Any, dict]:
+              expected_fingerprint: Optional[str] = None,
+              config: Optional[dict] = None) -> tuple[Any, dict]:
     """Restores round ``round_idx`` into the structure of ``target``.
 
+    Args:
+      expected_fingerprint: the running config's fingerprint; a checkpoint
+        written under another is refused.
+      config: the running config (`fedjax_pfi.config.to_json`): a refusal
+        names each key that differs from the one the checkpoint records.
+
     Raises:
-      CheckpointError: the files are unreadable, or the stored state does not
-        match ``target`` (shapes, dtypes, structure) or the config.
+      CheckpointError: the files are unreadable or corrupt (an array whose
+        digest differs from the one saved with it), or the stored state does
+        not match ``target`` (shapes, dtypes, structure) or the config.
     """
     path = os.path.join(self.directory, str(round_idx))
     meta = self.read_meta(round_idx)
@@ -103,23 +164,54 @@ class Checkpointer:
                       f'{extra[0]}')
       raise CheckpointError(
           f'checkpoint {path} does not match this config: '
-          f'{"; ".join(detail)}. Use the config that wrote it, or a fresh '
-          '--workdir.')
+          f'{"; ".join(detail)}.{self._differences(meta, config)} Use the '
+          'config that wrote it, or a fresh --workdir.')
     if (expected_fingerprint is not None and
         meta.get('fingerprint') not in (None, expected_fingerprint)):
       raise CheckpointError(
-          f'checkpoint {path} was written by a different config '
-          f'(fingerprint {meta.get("fingerprint")} != {expected_fingerprint}).'
-          ' Resuming would mix two experiments; use a fresh --workdir, or the '
-          'same config (only `rounds` may grow).')
+          f'checkpoint {path} was written by a different config.'
+          f'{self._differences(meta, config)} Resuming would mix two '
+          'experiments: use a fresh --workdir, or the config that wrote it. '
+          'Between a run and its resumption only '
+          f'{", ".join(k + ".*" if k == "execution" else k for k in config_lib.RESUMABLE_KEYS)}'
+          ' may change.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       state = self._manager.restore(
           round_idx,
           args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except Exception as e:
-      raise CheckpointError(
-          f'checkpoint {path} is unreadable ({type(e).__name__}: {e}). Delete '
-          'that directory to resume from the previous checkpoint, or use a '
-          'fresh --workdir.') from e
-    return state['state'], meta
+      raise self._refuse(round_idx, f'is unreadable ({_cause(e)})') from e
+    state = state['state']
+    saved = meta.get('digests')
+    if saved is not None:
+      bad = [k for k, d in leaf_digests(state).items() if saved.get(k) != d]
+      if bad:
+        raise self._refuse(
+            round_idx, f'is corrupt: {len(bad)} of its {len(saved)} arrays '
+            f'differ from what was saved (sha256 digests), e.g. {bad[0]}')
+    return state, meta
+
+  def _differences(self, meta: dict, config: Optional[dict]) -> str:
+    """`` It differs in: key (A there, B here); ...`` or ``''``."""
+    if config is None:
+      return ''
+    recorded = meta.get('config')
+    source = 'the checkpoint'
+    if recorded is None:  # checkpoints written before records held it
+      config_json = os.path.join(os.path.dirname(self.directory),
+                                 'config.json')
+      try:
+        with open(config_json) as f:
+          recorded, source = json.load(f), config_json
+      except (OSError, ValueError):
+        return (' The checkpoint does not record its config, so the '
+                'differing keys cannot be named.')
+    rows = config_lib.diff(recorded, config)
+    if not rows:
+      return ''
+    shown = '; '.join(f'{k}: {a!r} in {source}, {b!r} now'
+                      for k, a, b in rows[:10])
+    more = f' (and {len(rows) - 10} more)' if len(rows) > 10 else ''
+    return f' The configs differ in {len(rows)} key(s): {shown}{more}.'
+

@@ -186,7 +186,7 @@ def load_clients(workdir: str) -> dict[str, dict[str, np.ndarray]]:
     raise FileNotFoundError(f'{path} does not exist; a run writes it after '
                             'its final evaluation.')
   out: dict[str, dict[str, np.ndarray]] = {}
-  with np.load(path) as f:
+  with np.load(path, allow_pickle=False) as f:
     for key in f.files:
       name, field = key.rsplit('/', 1)
       out.setdefault(name, {})[field] = f[key]

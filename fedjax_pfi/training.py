@@ -25,14 +25,17 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
+import warnings
 from typing import Any, Optional
 
+from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
 from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import config as config_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
@@ -45,74 +48,26 @@ from fedjax_pfi.data import registry
 from fedjax_pfi.models import zoo
 
 ALGORITHMS = algorithms.ALGORITHMS
-# Keys that may change between a run and its resumption: `execution` says how
-# a round is laid out on the hardware, never what it computes, so a run may
-# resume on another number of devices or chunk size.
-RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
+RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
+default_config = config_lib.default_config
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss; the run stopped before saving it."""
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """Every option of a run, with defaults. Configs override what they need."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.rounds = 100
-  c.clients_per_round = 10
-  c.data = ml_collections.ConfigDict(dict(
-      name='shakespeare', seq_len=80, min_chars=1000, plays=None,
-      exclude_plays=None, path=None, leaf_dir=None, alpha=1.0, beta=1.0,
-      num_clients=30, iid=False, data_seed=0, tfds_name=None, split='train',
-      client_key=None, partitioner=None, partitioner_kwargs=None,
-      label_key='label', data_dir=None, max_examples=None, min_examples=1,
-      val_fraction=0.0, test_fraction=0.2, heldout_fraction=0.1,
-      max_clients=None, seed=0, tokenizer='char', num_negatives=4,
-      eval_negatives=99, top_k=10))
-  c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
-  c.model.kwargs = ml_collections.ConfigDict()
-  # A Hugging Face safetensors directory (GPT-2 or Llama layout) for
-  # model.name='transformer'; its config.json fixes the architecture.
-  c.model.pretrained = ml_collections.FieldReference(None, field_type=str)
-  # LoRA for the PEFT algorithms (fedjax_pfi/algorithms/registry.py).
-  c.peft = ml_collections.ConfigDict(dict(
-      rank=8, alpha=16.0, dropout=0.0, target=r'attn/(q|v)$',
-      mode='activation', client_ranks='', prune_gamma=0.99,
-      prune_lambda=0.0))
-  # Personalized FL (fedjax_pfi/algorithms/registry.py) and its evaluation
-  # (fedjax_pfi/personalization.py).
-  c.personalization = ml_collections.ConfigDict(dict(
-      head='', head_epochs=1, ditto_lambda=0.1, apfl_alpha=0.25,
-      pfedme_lambda=15.0, pfedme_inner_steps=5, pfedme_personal_lr=0.0,
-      perfedavg_alpha=0.01, num_clusters=2, fedrap_lambda=0.1,
-      fedrap_mu=1e-3, fedrap_weight_decay=0.0,
-      fedrap_lr_decay=1.0, fedrap_step_decay=1.0, fedrap_curriculum='tanh',
-      finetune_epochs=1, local_epochs=0, hurt_margin=0.0))
-  c.algorithm = 'fedavg'
-  c.client = ml_collections.ConfigDict(dict(
-      optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
-      epochs=1, max_steps=None, proximal_mu=0.0, unroll='1', lr_scales=''))
-  c.server = ml_collections.ConfigDict(dict(
-      optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
-      tau=1e-3))
-  c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
-  # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
-  c.step_buckets = 'pow2'
-  # How rounds run on the hardware (results agree to float tolerance):
-  # devices: local devices the cohort is sharded over (0 = all of them);
-  # chunk_size: clients (lanes) per chunk per device, None = all at once;
-  # pack_lanes: pack the cohort's clients one after another into this many
-  # vmap lanes (0 = one lane per client, padded to the longest).
-  c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0))
-  c.execution.chunk_size = ml_collections.FieldReference(None, field_type=int)
-  c.eval_every = 10
-  c.eval_train = False      # also evaluate the global model on all train data
-  c.eval_batch_size = 64
-  c.eval_clients_per_chunk = 32
-  c.checkpoint_every = 10
-  c.progress = True
-  return c
+class NonFiniteStateError(FloatingPointError):
+  """A round left NaN/inf in the server state (an overflowing server step,
+  say); the run stopped before saving it."""
+
+
+class ResumeWarning(UserWarning):
+  """What a resumed run found in its workdir that does not match its
+  checkpoint (a lost or cut ``metrics.jsonl``, more rounds than asked)."""
+
+
+class MetricsFileError(ValueError):
+  """A row of ``metrics.jsonl`` before the checkpoint cannot be read."""
 
 
 # -- building ------------------------------------------------------------------
@@ -157,31 +112,14 @@ def validate(config, splits) -> None:
         f'{splits.train.client_names[empty[:3]].tolist()}; raise '
         'data.min_examples or lower data.test_fraction so every client keeps '
         'training data.')
-  for key in ('batch_size', 'epochs'):
-    if int(config.client[key]) < 1:
-      raise ValueError(f'client.{key} must be >= 1, got {config.client[key]}.')
-  if config.rounds < 0:
-    raise ValueError(f'rounds must be >= 0, got {config.rounds}.')
-  if not 0.0 <= config.stragglers.fraction <= 1.0:
-    raise ValueError('stragglers.fraction must lie in [0, 1], got '
-                     f'{config.stragglers.fraction}.')
-  for key in ('eval_every', 'checkpoint_every'):
-    if int(config[key]) < 1:
-      raise ValueError(f'{key} must be >= 1, got {config[key]}.')
   ex = config.execution
-  if ex.chunk_size is not None and int(ex.chunk_size) < 1:
-    raise ValueError(f'execution.chunk_size must be >= 1 or None, got '
-                     f'{ex.chunk_size}.')
-  if int(ex.pack_lanes) < 0:
-    raise ValueError(f'execution.pack_lanes must be >= 0 (0: no packing), '
-                     f'got {ex.pack_lanes}.')
   if jax.process_count() > 1 and int(ex.devices) not in (
       0, jax.device_count()):
     raise ValueError(
         f'a {jax.process_count()}-process run shards every round over all '
         f'{jax.device_count()} devices; set execution.devices=0, got '
         f'{ex.devices}.')
-  if int(ex.devices) < 0 or int(ex.devices) > jax.device_count():
+  if int(ex.devices) > jax.device_count():
     raise ValueError(
         f'execution.devices={ex.devices} but JAX sees {jax.device_count()} '
         f'devices ({jax.devices()[0].platform}); choose 0 (all) to '
@@ -225,6 +163,7 @@ class Experiment:
 
 
 def build(config) -> Experiment:
+  config_lib.check(config)  # before the data: cheap refusals first
   splits = registry.load_splits(config.data)
   validate(config, splits)
   base_model = zoo.build_model(config.model.name,
@@ -354,20 +293,78 @@ def to_global(cohort, shardings, full_rows: int):
   return jax.tree.map(put, cohort, shardings)
 
 
+def parse_metrics(path: str, upto: Optional[int] = None
+                  ) -> tuple[list[str], list[str]]:
+  """The rows of a ``metrics.jsonl`` worth keeping, as lines, and notes on
+  what was dropped.
+
+  ``upto`` (a checkpoint's round): rows past it are dropped, and so is
+  anything unreadable past the last row at or before it. An unreadable last
+  line (a run stopped while writing it) is dropped anywhere. Any other
+  unreadable row raises `MetricsFileError` naming the file and the line.
+  """
+  with open(path, 'rb') as f:
+    lines = f.read().decode('utf-8', errors='replace').split('\n')
+  numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+  kept, notes, past, torn = [], [], False, 0  # notes: what a resume says
+  for n, (lineno, line) in enumerate(numbered):
+    try:
+      row = json.loads(line)
+      r = int(row['round'])
+    except (ValueError, KeyError, TypeError) as e:
+      if n == len(numbered) - 1:
+        notes.append(f'dropped its torn last line (line {lineno}), cut off '
+                     'while it was written')
+        torn = 1
+        break
+      if past:
+        continue
+      raise MetricsFileError(
+          f'{path} line {lineno} is not a metrics row ({e}: '
+          f'{line[:80]!r}), and it lies before the checkpoint (round '
+          f'{upto}). Repair or delete that line, or use a fresh --workdir.'
+      ) from e
+    if upto is not None and r > upto:
+      past = True
+      continue
+    kept.append(line + '\n')
+  dropped = len(numbered) - len(kept) - torn
+  if dropped:
+    where = (f'past the checkpoint (round {upto})' if upto else
+             'of rounds that no checkpoint holds')
+    notes.append(f'dropped {dropped} row(s) {where}, which resuming computes '
+                 'again')
+  return kept, notes
+
+
 class MetricsWriter:
-  """Appends one JSON object per line; TensorBoard scalars beside it."""
+  """Appends one JSON object per line; TensorBoard scalars beside it.
+
+  Opening it on a resumed run keeps the rows up to the checkpoint's round
+  (`parse_metrics`) and warns (`ResumeWarning`) where the file does not
+  reach that round: a lost or cut file keeps its gap, and the running totals
+  come from the checkpoint, not from the file.
+  """
 
   def __init__(self, workdir: str, resume_round: int, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    kept = []
+    kept, notes = [], []
     if os.path.exists(self.path):  # drop rows past the restored checkpoint
-      with open(self.path) as f:
-        kept = [l for l in f if l.strip() and
-                json.loads(l)['round'] <= resume_round]
+      kept, notes = parse_metrics(self.path, resume_round)
     self.last_row = json.loads(kept[-1]) if kept else {}
     self.enabled = enabled  # a multi-host run's other processes write nothing
     if not enabled:
       return
+    if notes:  # what any crash leaves: said, not warned about
+      logging.warning('%s: %s.', self.path, '; '.join(notes))
+    if resume_round and self.last_row.get('round') != resume_round:
+      have = (f'ends at round {self.last_row["round"]}' if kept else
+              'has no rows' if os.path.exists(self.path) else 'is missing')
+      warnings.warn(
+          f'{self.path} {have} but the checkpoint is round {resume_round}: '
+          'the rows in between are lost. The run continues from the '
+          'checkpoint (with its running totals); the file keeps the gap.',
+          ResumeWarning, stacklevel=2)
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(kept)
@@ -398,8 +395,46 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  """The rows of ``workdir/metrics.jsonl`` (a torn last line left out)."""
+  kept, _ = parse_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return [json.loads(line) for line in kept]
+
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates ``workdir`` and checks that it can be written, before anything
+  is loaded; the message names ``--workdir`` and the cause."""
+  if not workdir or not str(workdir).strip():
+    raise ValueError('--workdir is empty: give the directory for metrics, '
+                     'checkpoints and the report (it is created if missing; '
+                     'an existing one is resumed).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_check'):
+      pass
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir!r} cannot be written: '
+                     f'{e.strerror or e} ({type(e).__name__}).') from e
+  return workdir
+
+
+def finite_flags(tree):
+  """One bool per floating leaf of ``tree``: all its values finite. Inside
+  the round, so checking the new state costs one reduction, no copy."""
+  leaves = [x for x in jax.tree.leaves(tree) if _floating(x)]
+  if not leaves:
+    return jax.numpy.ones((0,), bool)
+  return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])
+
+
+def _floating(x) -> bool:
+  return hasattr(x, 'dtype') and jax.numpy.issubdtype(x.dtype,
+                                                      jax.numpy.inexact)
+
+
+def floating_paths(tree) -> list[str]:
+  """The paths of `finite_flags`'s leaves, in its order."""
+  return [jax.tree_util.keystr(p) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0] if _floating(x)]
 
 
 class RunEvaluator:
@@ -584,26 +619,32 @@ class RunEvaluator:
         title=f'{self.exp.config.algorithm} on {self.exp.config.data.name}')
 
 
+def _non_finite_advice(config) -> str:
+  return (f'Lower client.learning_rate (now {config.client.learning_rate}) '
+          f'or server.learning_rate (now {config.server.learning_rate}).')
+
+
 def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   """Runs (or resumes) the experiment ``config`` in ``workdir``.
 
   Args:
     stop_after: stop after this many rounds of *this call* (to test resuming).
   Returns:
-    The last metrics row (with the final evaluation).
+    The last metrics row (with the final evaluation). Its ``round`` says
+    which round it is: a workdir holding more rounds than ``config.rounds``
+    runs nothing and returns its newest row (with a `ResumeWarning`).
   """
-  os.makedirs(workdir, exist_ok=True)
+  prepare_workdir(workdir)
   exp = build(config)
   fp = config_fingerprint(config)
-  if distributed.is_primary():
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+  recorded = config_lib.to_json(config)
 
   traces = []
 
   def counted_apply(state, cohort, key, frozen):
     traces.append(cohort.mask.shape)
-    return exp.algorithm.apply_unjitted(state, cohort, key, frozen)
+    state, metrics = exp.algorithm.apply_unjitted(state, cohort, key, frozen)
+    return state, metrics, finite_flags(state)
 
   multi = jax.process_count() > 1
   replicated = None
@@ -615,6 +656,7 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   root = jax.random.key(config.seed)
   params = initial_params(exp)
   state = exp.algorithm.init(params)
+  state_paths = floating_paths(state)
 
   def replicate(tree):
     """On every device of the mesh, from host copies (which is what a
@@ -638,15 +680,30 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
   del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
   start = 0
+  totals = {}
   latest = ckpt.latest_round()
   if latest is not None:
-    state, _ = ckpt.restore(latest, state, fp)
+    state, meta = ckpt.restore(latest, state, fp, config=recorded)
     if replicated is not None:
       state = jax.device_put(state, replicated)
     start = latest
+    totals = meta.get('totals') or {}
+  if distributed.is_primary():  # only once the workdir's config is accepted
+    tmp = os.path.join(workdir, 'config.json.tmp')
+    with open(tmp, 'w') as f:
+      json.dump(recorded, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, 'config.json'))
+  if latest is not None and latest > config.rounds:
+    warnings.warn(
+        f'{workdir} holds a run of {latest} rounds (its newest checkpoint), '
+        f'more than rounds={config.rounds}: nothing was run, and the metrics '
+        f'reported are those of round {latest}. Use a fresh --workdir to run '
+        f'{config.rounds} rounds.', ResumeWarning, stacklevel=2)
   writer = MetricsWriter(workdir, start, enabled=distributed.is_primary())
-  comm_total = {k: writer.last_row.get(f'{k}_cumulative', 0.0)
-                for k in ('comm/download_bytes', 'comm/upload_bytes')}
+  # Running totals: from the checkpoint (older checkpoints: the file's row).
+  comm_total = {k: float(totals.get(k, writer.last_row.get(
+      f'{k}_cumulative', 0.0))) for k in ('comm/download_bytes',
+                                           'comm/upload_bytes')}
   end = config.rounds if stop_after is None else min(config.rounds,
                                                      start + stop_after)
   bar = None
@@ -668,12 +725,18 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       return to_global(cohort, cohort_sharding(exp, cohort), rows)
     return cohort_lib.to_device(cohort, cohort_sharding(exp, cohort))
 
+  def kept() -> str:
+    last = ckpt.latest_round()
+    return (f'The last good checkpoint is round {last} in {ckpt.directory}'
+            if last is not None else 'No checkpoint was written before it')
+
   pending = prepare(start) if start < end else None
   t_prev = time.perf_counter()
   try:
     for r in range(start, end):
-      state, metrics = apply(state, pending,
-                             replicate(jax.random.fold_in(root, r)), frozen)
+      done = r + 1  # rounds count from 1, as in metrics.jsonl and checkpoints
+      state, metrics, finite = apply(
+          state, pending, replicate(jax.random.fold_in(root, r)), frozen)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = prepare(r + 1)
       row = evaluation.flat_metrics(jax.device_get(metrics))
@@ -681,15 +744,17 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       bad = [k for k, v in row.items()
              if k.endswith('train_loss') and not math.isfinite(v)]
       if bad:
-        last = ckpt.latest_round()
-        kept = (f'The last good checkpoint is round {last} in {ckpt.directory}'
-                if last is not None else 'No checkpoint was written before it')
         raise NonFiniteLossError(
-            f'round {r}: training loss {bad[0]} is {row[bad[0]]}; stopped '
-            f'without saving it. {kept}. Lower '
-            f'client.learning_rate (now {config.client.learning_rate}) or '
-            f'server.learning_rate (now {config.server.learning_rate}).')
-      done = r + 1
+            f'round {done}: training loss {bad[0]} is {row[bad[0]]}; stopped '
+            f'without saving it. {kept()}. {_non_finite_advice(config)}')
+      finite = np.asarray(jax.device_get(finite))
+      if not finite.all():
+        names = [p for p, ok in zip(state_paths, finite) if not ok]
+        raise NonFiniteStateError(
+            f'round {done}: its training loss was finite, but the state it '
+            f'produced holds NaN or inf in {len(names)} array(s), e.g. '
+            f'{names[0]}; stopped without saving it. {kept()}. '
+            f'{_non_finite_advice(config)}')
       if done % config.eval_every == 0 or done == config.rounds:
         view = exp.algorithm.eval_view(state, frozen)
         if multi:  # evaluate on this process's devices, from host copies
@@ -708,7 +773,8 @@ def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
       if done == config.rounds and distributed.is_primary():
         evaluate.final_report(workdir, row)
       if done % config.checkpoint_every == 0 or done == config.rounds:
-        ckpt.save(done, state, {'fingerprint': fp})
+        ckpt.save(done, state, {'fingerprint': fp, 'config': recorded,
+                                'totals': comm_total})
       if bar is not None:
         post = {'loss': f'{row["train_loss"]:.3f}',
                 'r/s': f'{1.0 / max(row["time/round_s"], 1e-9):.2f}'}

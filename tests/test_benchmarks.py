@@ -36,7 +36,10 @@ def test_fedavg_throughput_benchmark_runs():
   eff = float(re.search(r'padding efficiency ([\d.]+)', out.stdout)[1])
   assert 0.8 < eff <= 1.0, out.stdout
   assert 'simulator compilations for the whole run: 1' in out.stdout
-  for name in ('simulator', 'python_loop', 'centralized'):
+  assert 'simulator_checked compilations for the whole run: 1' in out.stdout
+  assert 'simulator / simulator_checked throughput' in out.stdout
+  for name in ('simulator', 'simulator_checked', 'python_loop',
+               'centralized'):
     assert re.search(rf'^{name}\s+[\d.]+', out.stdout, re.M), out.stdout
   assert 'simulator / centralized throughput' in out.stdout
 
@@ -65,3 +68,24 @@ def test_step_floor_benchmark_runs():
   names = re.findall(r'^(\w+)\s+[\d.]+\s+[\d.]+x$', out.stdout, re.M)
   assert names == ['python_loop', 'scan_1_lane', 'scan_2_lanes',
                    'centralized'], out.stdout
+
+
+def test_checkpoint_cost_benchmark_runs():
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.checkpoint_cost',
+       '--mib=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'^\s+1\s+[\d.]+\s+[\d.]+\s+[\d.]+$', out.stdout, re.M), (
+      out.stdout)
+
+
+def test_checkpoint_corruption_experiment_refuses_every_changed_value(
+    tmp_path):
+  """Two flipped positions: nothing is restored as other numbers."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.checkpoint_corruption',
+       f'--workdir={tmp_path}', '--every=1400'], cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'2 positions flipped', out.stdout), out.stdout
+  assert re.search(r'other\s+0', out.stdout), out.stdout

@@ -155,9 +155,10 @@ def poison_client_of_round(monkeypatch, config, round_idx):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   config = small_config(rounds=6)
-  poison_client_of_round(monkeypatch, config, 2)
+  poison_client_of_round(monkeypatch, config, 2)  # the third round (index 2)
+  # Rounds count from 1 in the message, as in metrics.jsonl and checkpoints.
   with pytest.raises(training.NonFiniteLossError,
-                     match=r'round 2: training loss train_loss is nan'
+                     match=r'round 3: training loss train_loss is nan'
                      ) as info:
     training.run(config, str(tmp_path))
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
@@ -172,7 +173,7 @@ def test_nan_in_first_round_says_no_checkpoint(tmp_path, monkeypatch):
   config = small_config(rounds=3)
   poison_client_of_round(monkeypatch, config, 0)
   with pytest.raises(training.NonFiniteLossError,
-                     match='round 0: .*No checkpoint was written before it'):
+                     match='round 1: .*No checkpoint was written before it'):
     training.run(config, str(tmp_path))
 
 

@@ -104,7 +104,9 @@ def get_config(variant: str = 'synthetic,fedavg'):
     # so that in 30 rounds of 10 a role trains about 3 times.
     # The embedded default's task: its data, model and client settings.
     default = shakespeare_fedavg.get_config()
-    c.data.update(default.data)
+    # (values, not the typed references: ConfigDict.update refuses to
+    # update one FieldReference from another)
+    c.data.update(default.data.to_dict())
     c.model = default.model
     for key in ('learning_rate', 'batch_size', 'max_steps'):
       c.client[key] = default.client[key]

@@ -22,6 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from fedjax_pfi.data import files
+
 
 @dataclasses.dataclass(frozen=True)
 class FederatedDataset:
@@ -140,15 +142,20 @@ class FederatedDataset:
           f'{directory} is not a saved FederatedDataset (no offsets.npy); '
           'write one with FederatedDataset.save.')
     mode = 'r' if mmap else None
-    columns = {
-        f[len('column_'):-len('.npy')]: np.load(os.path.join(directory, f),
-                                                 mmap_mode=mode)
-        for f in sorted(os.listdir(directory))
-        if f.startswith('column_') and f.endswith('.npy')}
-    with open(os.path.join(directory, 'metadata.json')) as f:
-      metadata = json.load(f)
-    return cls(columns, np.load(os.path.join(directory, 'offsets.npy')),
-               np.load(os.path.join(directory, 'client_names.npy')), metadata)
+    expected = 'part of a saved FederatedDataset (written by ' \
+        'FederatedDataset.save)'
+
+    def npy(f, mode=None):
+      return files.load_npy(os.path.join(directory, f), expected,
+                            mmap_mode=mode)
+
+    columns = {f[len('column_'):-len('.npy')]: npy(f, mode)
+               for f in sorted(os.listdir(directory))
+               if f.startswith('column_') and f.endswith('.npy')}
+    metadata = files.read_json(os.path.join(directory, 'metadata.json'),
+                               expected + ': a JSON object')
+    return cls(columns, npy('offsets.npy'), npy('client_names.npy'),
+               metadata)
 
   # -- queries --------------------------------------------------------------
 

@@ -11,13 +11,13 @@ white (1.0) background. Labels ``y`` are int32 in ``[0, 62)``: digits
 
 from __future__ import annotations
 
-import json
 import pathlib
 import string
 from typing import Optional, Sequence
 
 import numpy as np
 
+from fedjax_pfi.data import files
 from fedjax_pfi.data.federated import FederatedDataset
 
 NUM_CLASSES = 62
@@ -52,11 +52,14 @@ def load_npz(path, split: str = 'train') -> FederatedDataset:
   """
   if split not in SPLITS:
     raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
-  with np.load(path) as d:
-    images = d[f'{split}_images']
-    labels = d[f'{split}_labels'].astype(np.int32)
-    writer = d[f'{split}_writer'].astype(np.int64)
-    writer_ids = d['writer_ids'].astype(str)
+  keys = (f'{split}_images', f'{split}_labels', f'{split}_writer',
+          'writer_ids')
+  d = files.load_npz(path, 'a FEMNIST .npz (the LEAF subset layout: '
+                     f'arrays {", ".join(keys)})', keys)
+  images = d[f'{split}_images']
+  labels = d[f'{split}_labels'].astype(np.int32)
+  writer = d[f'{split}_writer'].astype(np.int64)
+  writer_ids = d['writer_ids'].astype(str)
   x = ((255 - images.astype(np.float32)) / 255.0)[..., None]
   return FederatedDataset.from_client_index(
       {'x': x, 'y': labels}, writer, writer_ids, num_clients=len(writer_ids),
@@ -84,15 +87,25 @@ def load_leaf_json(directory,
     A `FederatedDataset` as `load_npz`.
   """
   directory = pathlib.Path(directory)
-  files = sorted(directory.glob('*.json'))
-  if not files:
+  json_files = sorted(directory.glob('*.json'))
+  if not json_files:
     raise ValueError(f'no *.json files in {str(directory)!r}.')
   xs: dict[str, list] = {}
   ys: dict[str, list] = {}
-  for f in files:
-    data = json.loads(f.read_text())
+  expected = ('a LEAF FEMNIST json file ({"users": [...], "num_samples": '
+              '[...], "user_data": {writer: {"x": [...], "y": [...]}}})')
+  for f in json_files:
+    data = files.read_json(f, expected)
+    if not isinstance(data, dict) or not isinstance(
+        data.get('users'), list) or not isinstance(data.get('user_data'),
+                                                   dict):
+      raise files.refuse(f, expected, 'it lacks a "users" list or a '
+                         '"user_data" object')
     for user in data['users']:
-      ud = data['user_data'][user]
+      ud = data['user_data'].get(user)
+      if not isinstance(ud, dict) or 'x' not in ud or 'y' not in ud:
+        raise files.refuse(f, expected, f'"user_data" has no "x" and "y" '
+                           f'for the listed user {user!r}')
       xs.setdefault(user, []).extend(ud['x'])
       ys.setdefault(user, []).extend(ud['y'])
   if client_names is None:
@@ -105,8 +118,14 @@ def load_leaf_json(directory,
                        'client_names.')
   clients = []
   for name in client_names:
-    x = np.asarray(xs.get(name, []), np.float32).reshape(-1, 28, 28, 1)
-    y = np.asarray(ys.get(name, []), np.int32).reshape(-1)
+    try:
+      x = np.asarray(xs.get(name, []), np.float32).reshape(-1, 28, 28, 1)
+      y = np.asarray(ys.get(name, []), np.int32).reshape(-1)
+    except (ValueError, TypeError) as e:
+      raise files.refuse(directory, expected.replace('file', 'directory'),
+                         f'writer {name!r} has images that are not 784 '
+                         f'numbers or labels that are not integers ({e})'
+                         ) from e
     if x.shape[0] != y.shape[0]:
       raise ValueError(f'writer {name!r} has {x.shape[0]} images but '
                        f'{y.shape[0]} labels.')

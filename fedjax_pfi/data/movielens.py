@@ -50,6 +50,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from fedjax_pfi.data import files
 from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 
 WHEEL_REQUIREMENT = 'recbole==1.2.1'
@@ -132,28 +133,50 @@ def read_inter(path: Optional[str] = None, download: bool = True) -> bytes:
   return _from_wheel(wheel)
 
 
-def parse_inter(data: bytes) -> dict[str, np.ndarray]:
+EXPECTED = ('a RecBole atomic .inter file (UTF-8, tab-separated, a header '
+            f'naming {", ".join(c + ":type" for c in COLUMNS)}, then one '
+            'rating of numbers per line)')
+
+
+def parse_inter(data: bytes, source: str = 'the .inter file'
+                ) -> dict[str, np.ndarray]:
   """A RecBole atomic ``.inter`` file as columns ``user_id``, ``item_id``
-  (the raw ids, int64), ``rating`` and ``timestamp`` (float64)."""
-  text = data.decode('utf-8')
+  (the raw ids, int64), ``rating`` and ``timestamp`` (float64); ``source``
+  names the file in errors."""
+  text = files.read_text(source, EXPECTED, data)
   header, _, body = text.partition('\n')
   names = [h.split(':')[0] for h in header.strip().split('\t')]
   missing = [c for c in COLUMNS if c not in names]
   if missing:
-    raise ValueError(f'the .inter header {header.strip()!r} lacks the '
-                     f'column(s) {missing}; expected {list(COLUMNS)} '
-                     '(RecBole atomic format, tab-separated, name:type).')
+    raise files.refuse(source, EXPECTED, f'its header {header.strip()[:80]!r} '
+                       f'lacks the column(s) {missing}')
   if not body.strip():
-    raise ValueError('the .inter file has a header but no ratings.')
-  table = np.loadtxt(io.StringIO(body), delimiter='\t', dtype=np.float64,
-                     ndmin=2)
+    raise files.refuse(source, EXPECTED, 'it has a header but no ratings')
+  try:
+    table = np.loadtxt(io.StringIO(body), delimiter='\t', dtype=np.float64,
+                       ndmin=2)
+  except ValueError as e:
+    bad = next(((i + 2, row) for i, row in enumerate(body.split('\n'))
+                if row.strip() and not _numbers(row, len(names))), None)
+    what = (f'line {bad[0]} ({bad[1][:80]!r}) is not {len(names)} '
+            'tab-separated numbers' if bad else f'its rows cannot be read ({e})')
+    raise files.refuse(source, EXPECTED, what) from e
   if table.shape[1] != len(names):
-    raise ValueError(f'the .inter rows have {table.shape[1]} fields but the '
-                     f'header names {len(names)}.')
+    raise files.refuse(source, EXPECTED, f'its rows have {table.shape[1]} '
+                       f'fields but the header names {len(names)}')
   cols = {n: table[:, names.index(n)] for n in COLUMNS}
   for n in ('user_id', 'item_id'):
     cols[n] = cols[n].astype(np.int64)
   return cols
+
+
+def _numbers(line: str, fields: int) -> bool:
+  parts = line.rstrip('\r').split('\t')
+  try:
+    [float(p) for p in parts]  # pylint: disable=expression-not-assigned
+  except ValueError:
+    return False
+  return len(parts) == fields
 
 
 def _candidates(rng, pool: np.ndarray, rows: int, k: int) -> np.ndarray:
@@ -244,4 +267,8 @@ def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
 
 def load(path: Optional[str] = None, **kwargs) -> FederatedSplits:
   """`leave_one_out` of the ratings `read_inter` finds."""
-  return leave_one_out(parse_inter(read_inter(path)), **kwargs)
+  source = 'ml-100k.inter (from the recbole wheel)'
+  if path and not path.endswith('.whl'):
+    source = os.path.join(path, 'ml-100k.inter') if os.path.isdir(path) \
+        else path
+  return leave_one_out(parse_inter(read_inter(path), source), **kwargs)

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import pathlib
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from fedjax_pfi.data import files as data_files
 from fedjax_pfi.data import tokenizer as tokenizer_lib
 from fedjax_pfi.data.federated import FederatedDataset
 
@@ -201,9 +201,12 @@ def parse_play(markdown: str) -> list[tuple[str, str]]:
 
 
 def _as_list(names) -> Optional[list]:
+  """Names from a list, or from a string of comma-separated names (as
+  ``--config.data.plays=macbeth,hamlet`` gives them)."""
   if names is None:
     return None
-  return [names] if isinstance(names, str) else list(names)
+  names = [names] if isinstance(names, str) else list(names)
+  return [p.strip() for n in names for p in str(n).split(',') if p.strip()]
 
 
 def _check_names(given, accepted, what):
@@ -272,22 +275,30 @@ def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
   opener = gzip.open if path.suffix == '.gz' else open
   texts: dict[str, list[str]] = {}
   seen = set()
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for line in f:
-      if not line.strip():
-        continue
-      rec = json.loads(line)
-      seen.add(rec['work_id'])
-      if works is not None and rec['work_id'] not in works:
-        continue
-      if exclude_works and rec['work_id'] in exclude_works:
-        continue
-      speech = '\n'.join(
-          s.strip() for s in _BRACKET_RE.sub('', rec['text']).split('\n')
-          if s.strip())
-      if speech:
-        texts.setdefault(f"{rec['work_id']}/{rec['speaker']}", []).append(
-            speech)
+  expected = ('a speeches .jsonl(.gz) file (UTF-8, one JSON object with '
+              '"work_id", "speaker" and "text" per line)')
+  try:
+    with opener(path, 'rt', encoding='utf-8') as f:
+      records = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
+  except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip, utf-8
+    raise data_files.refuse(path, expected, f'it cannot be read ({e})') from e
+  for lineno, line in records:
+    rec = data_files.parse_json(line, path, expected, lineno)
+    if not isinstance(rec, dict) or not all(
+        isinstance(rec.get(k), str) for k in ('work_id', 'speaker', 'text')):
+      raise data_files.refuse(path, expected, f'line {lineno} lacks a '
+                              '"work_id", "speaker" or "text" string')
+    seen.add(rec['work_id'])
+    if works is not None and rec['work_id'] not in works:
+      continue
+    if exclude_works and rec['work_id'] in exclude_works:
+      continue
+    speech = '\n'.join(
+        s.strip() for s in _BRACKET_RE.sub('', rec['text']).split('\n')
+        if s.strip())
+    if speech:
+      texts.setdefault(f"{rec['work_id']}/{rec['speaker']}", []).append(
+          speech)
   _check_names(works or [], seen, 'works')
   _check_names(exclude_works or [], seen, 'exclude_works')
   return _build({k: '\n'.join(v) for k, v in texts.items()}, seq_len,

@@ -82,7 +82,11 @@ class HFTokenizer:
           f'reading {path} needs the tokenizers package: pip install '
           'tokenizers') from e
     self.name = directory
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the library raises a bare Exception
+      raise ValueError(f'{path} is not a Hugging Face tokenizer.json: '
+                       f'{e}.') from e
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     names = (pad_token,) if pad_token else _PAD_NAMES
     ids = [self._tok.token_to_id(t) for t in names]

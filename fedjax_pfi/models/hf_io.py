@@ -309,11 +309,23 @@ class _Stored(NamedTuple):
   dtype: str  # safetensors' spelling: 'F32', 'BF16', ...
 
 
+def _open_safetensors(path: Path):
+  """``safe_open`` with a message that names the file when it is not a
+  safetensors file (the library's own says only, e.g., "header too
+  large")."""
+  try:
+    return safe_open(path, framework='numpy')
+  except Exception as e:  # SafetensorError, OSError
+    raise CheckpointFormatError(
+        f'{path} is not a safetensors file (8-byte header length, JSON '
+        f'header, then the tensors): {type(e).__name__}: {e}.') from e
+
+
 def _headers(files: list[Path], model_type: str) -> dict[str, _Stored]:
   """Canonical tensor name -> `_Stored`, reading the file headers only."""
   out = {}
   for path in files:
-    with safe_open(path, framework='numpy') as f:
+    with _open_safetensors(path) as f:
       for name in f.keys():
         key = name
         if model_type == 'gpt2':  # GPT2LMHeadModel prefixes the body.
@@ -398,7 +410,7 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[TransformerConfig,
     by_file.setdefault(headers[e.name].file, []).append(e)
   params: dict = {}
   for path, entries in by_file.items():
-    with safe_open(path, framework='numpy') as f:
+    with _open_safetensors(path) as f:
       for e in entries:
         x = np.asarray(f.get_tensor(headers[e.name].name), dtype=np.float32)
         if e.transpose:

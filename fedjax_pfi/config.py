@@ -1,0 +1,246 @@
+"""A run's options: `default_config`, the checks every value passes before
+anything is loaded or traced (`check`), and how two configs differ (`diff`).
+
+Every optional field (default ``None``) is a typed
+``ml_collections.FieldReference``, so that ``--config.data.leaf_dir=DIR``
+and the like can be given on the command line: absl can override a field
+only when it knows the field's type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import ml_collections
+import numpy as np
+
+# Keys that may change between a run and its resumption: `execution` says how
+# a round is laid out on the hardware, never what it computes, so a run may
+# resume on another number of devices or chunk size.
+RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def optional(field_type):
+  """A field whose default is ``None`` that the command line can set."""
+  return ml_collections.FieldReference(None, field_type=field_type)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every option of a run, with defaults. Configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.rounds = 100
+  c.clients_per_round = 10
+  c.data = ml_collections.ConfigDict(dict(
+      name='shakespeare', seq_len=80, min_chars=1000, plays=optional(tuple),
+      exclude_plays=optional(tuple), path=optional(str),
+      leaf_dir=optional(str), alpha=1.0, beta=1.0, num_clients=30, iid=False,
+      data_seed=0, tfds_name=optional(str), split='train',
+      client_key=optional(str), partitioner=optional(str),
+      # a dict, e.g. --config.data.partitioner_kwargs="{'alpha': 0.1}"
+      partitioner_kwargs=optional(object), label_key='label',
+      data_dir=optional(str), max_examples=optional(int), min_examples=1,
+      val_fraction=0.0, test_fraction=0.2, heldout_fraction=0.1,
+      max_clients=optional(int), seed=0, tokenizer='char', num_negatives=4,
+      eval_negatives=99, top_k=10))
+  c.model = ml_collections.ConfigDict(dict(name='char_transformer'))
+  c.model.kwargs = ml_collections.ConfigDict()
+  # A Hugging Face safetensors directory (GPT-2 or Llama layout) for
+  # model.name='transformer'; its config.json fixes the architecture.
+  c.model.pretrained = optional(str)
+  # LoRA for the PEFT algorithms (fedjax_pfi/algorithms/registry.py).
+  c.peft = ml_collections.ConfigDict(dict(
+      rank=8, alpha=16.0, dropout=0.0, target=r'attn/(q|v)$',
+      mode='activation', client_ranks='', prune_gamma=0.99,
+      prune_lambda=0.0))
+  # Personalized FL (fedjax_pfi/algorithms/registry.py) and its evaluation
+  # (fedjax_pfi/personalization.py).
+  c.personalization = ml_collections.ConfigDict(dict(
+      head='', head_epochs=1, ditto_lambda=0.1, apfl_alpha=0.25,
+      pfedme_lambda=15.0, pfedme_inner_steps=5, pfedme_personal_lr=0.0,
+      perfedavg_alpha=0.01, num_clusters=2, fedrap_lambda=0.1,
+      fedrap_mu=1e-3, fedrap_weight_decay=0.0,
+      fedrap_lr_decay=1.0, fedrap_step_decay=1.0, fedrap_curriculum='tanh',
+      finetune_epochs=1, local_epochs=0, hurt_margin=0.0))
+  c.algorithm = 'fedavg'
+  c.client = ml_collections.ConfigDict(dict(
+      optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
+      epochs=1, max_steps=optional(int), proximal_mu=0.0, unroll='1',
+      lr_scales=''))
+  c.server = ml_collections.ConfigDict(dict(
+      optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
+      tau=1e-3))
+  c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
+  # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
+  c.step_buckets = 'pow2'
+  # How rounds run on the hardware (results agree to float tolerance):
+  # devices: local devices the cohort is sharded over (0 = all of them);
+  # chunk_size: clients (lanes) per chunk per device, None = all at once;
+  # pack_lanes: pack the cohort's clients one after another into this many
+  # vmap lanes (0 = one lane per client, padded to the longest).
+  c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0))
+  c.execution.chunk_size = optional(int)
+  c.eval_every = 10
+  c.eval_train = False      # also evaluate the global model on all train data
+  c.eval_batch_size = 64
+  c.eval_clients_per_chunk = 32
+  c.checkpoint_every = 10
+  c.progress = True
+  return c
+
+
+# -- checks before anything is loaded -------------------------------------------
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, (int, np.integer)) and not isinstance(
+      v, bool) and v >= low), f'>= {low}'
+
+
+def _fraction(closed_high: bool) -> tuple[Callable[[Any], bool], str]:
+  if closed_high:
+    return (lambda v: 0.0 <= v <= 1.0), 'a number in [0, 1]'
+  return (lambda v: 0.0 <= v < 1.0), 'a number in [0, 1)'
+
+
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0.0,
+                 'a finite number >= 0')
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0.0, 'a finite number > 0')
+_OPTIONAL_POSITIVE_INT = (
+    lambda v: v is None or _int_at_least(1)[0](v), '>= 1 or None')
+
+# key -> (accepts(value), what is accepted). Checked by `check`, in order,
+# before data loading; checks that need the data are `training.validate`'s.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # jax.random.key keeps a seed's low 32 bits (without jax_enable_x64):
+    # seeds 0 and 2**32 would be the same run.
+    'seed': (lambda v: _int_at_least(0)[0](v) and v < 2**32,
+             'an integer in [0, 2**32)'),
+    'rounds': _int_at_least(1),
+    'clients_per_round': _int_at_least(1),
+    'eval_every': _int_at_least(1),
+    'checkpoint_every': _int_at_least(1),
+    'eval_batch_size': _int_at_least(1),
+    'eval_clients_per_chunk': _int_at_least(1),
+    'client.batch_size': _int_at_least(1),
+    'client.epochs': _int_at_least(1),
+    'client.max_steps': _OPTIONAL_POSITIVE_INT,
+    'client.momentum': _fraction(closed_high=False),
+    'client.proximal_mu': _NON_NEGATIVE,
+    'server.momentum': _fraction(closed_high=False),
+    'server.b1': _fraction(closed_high=False),
+    'server.b2': _fraction(closed_high=False),
+    'server.tau': _POSITIVE,
+    'stragglers.fraction': _fraction(closed_high=True),
+    'data.seq_len': _int_at_least(1),
+    'data.min_chars': _int_at_least(0),
+    'data.num_clients': _int_at_least(1),
+    'data.min_examples': _int_at_least(0),
+    'data.max_examples': _OPTIONAL_POSITIVE_INT,
+    'data.max_clients': _OPTIONAL_POSITIVE_INT,
+    'data.val_fraction': _fraction(closed_high=False),
+    'data.test_fraction': _fraction(closed_high=False),
+    'data.heldout_fraction': _fraction(closed_high=False),
+    'data.num_negatives': _int_at_least(1),
+    'data.eval_negatives': _int_at_least(1),
+    'data.top_k': _int_at_least(1),
+    'peft.rank': _int_at_least(1),
+    'peft.dropout': _fraction(closed_high=False),
+    'personalization.head_epochs': _int_at_least(1),
+    'personalization.finetune_epochs': _int_at_least(0),
+    'personalization.local_epochs': _int_at_least(0),
+    'personalization.num_clusters': _int_at_least(1),
+    'personalization.pfedme_inner_steps': _int_at_least(1),
+    'personalization.hurt_margin': _NON_NEGATIVE,
+    'execution.devices': _int_at_least(0),
+    'execution.pack_lanes': _int_at_least(0),
+    'execution.chunk_size': _OPTIONAL_POSITIVE_INT,
+}
+
+# Learning rates are positive (the optimizers say so when they are built) and
+# must be float32 numbers: 1e39 becomes inf in the round.
+LEARNING_RATES = ('client.learning_rate', 'server.learning_rate',
+                  'personalization.pfedme_personal_lr')
+
+
+def get(config, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def check(config) -> None:
+  """Refuses a value no run can use, naming the option, the value and what
+  is accepted. Runs before the data is loaded and before any tracing."""
+  for key, (accepts, accepted) in CHECKS.items():
+    value = get(config, key)
+    try:
+      ok = bool(accepts(value))
+    except TypeError:  # e.g. a string where a number belongs
+      ok = False
+    if not ok:
+      raise ValueError(f'{key} must be {accepted}, got {value!r}.')
+  for key in LEARNING_RATES:
+    value = float(get(config, key))
+    if value > 0 and not (math.isfinite(value) and value <= FLOAT32_MAX):
+      raise ValueError(
+          f'{key}={value!r} does not fit float32 (the largest float32 is '
+          f'{FLOAT32_MAX:.4g}): every step would be inf or NaN. Choose a '
+          'finite learning rate.')
+  for key in ('data.path', 'data.leaf_dir'):
+    value = get(config, key)
+    if value is not None and not os.path.exists(str(value)):
+      raise FileNotFoundError(
+          f'{key}={value!r} does not exist (data.name='
+          f'{get(config, "data.name")!r}).')
+  pretrained = get(config, 'model.pretrained')
+  if pretrained is not None and not os.path.exists(pretrained):
+    raise FileNotFoundError(
+        f'model.pretrained={pretrained!r} does not exist: give a Hugging Face '
+        'checkpoint directory (config.json + model.safetensors), or pretrain '
+        'the embedded foundation model with `python -m experiments.pretrain '
+        '--config=experiments/configs/pretrain_shakespeare.py --workdir=DIR` '
+        '(it writes DIR/model).')
+  if pretrained is not None and not os.path.isfile(
+      os.path.join(pretrained, 'config.json')):
+    raise FileNotFoundError(
+        f'model.pretrained={pretrained!r} has no config.json: expected a '
+        'Hugging Face checkpoint directory (config.json + model.safetensors '
+        'or its shards).')
+
+
+# -- comparing configs ------------------------------------------------------------
+
+def to_json(config_or_dict) -> dict:
+  """The config as plain JSON values (tuples become lists), as it is stored
+  in checkpoints and ``config.json``."""
+  d = config_or_dict.to_dict() if hasattr(config_or_dict, 'to_dict') \
+      else config_or_dict
+  return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _leaves(d: dict, prefix: str = '') -> Iterator[tuple[str, Any]]:
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      yield from _leaves(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def diff(old: dict, new: dict,
+         ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[tuple[str, Any, Any]]:
+  """``[(key, old value, new value)]`` for every key on which two configs
+  (`to_json` form) differ, keys under ``ignore`` left out. A key only one
+  side has shows ``'(absent)'`` on the other."""
+  a, b = dict(_leaves(to_json(old))), dict(_leaves(to_json(new)))
+  def ignored(k):
+    return any(k == i or k.startswith(i + '.') for i in ignore)
+
+  return [(k, a.get(k, '(absent)'), b.get(k, '(absent)'))
+          for k in sorted(set(a) | set(b))
+          if not ignored(k) and a.get(k, '(absent)') != b.get(k, '(absent)')]
