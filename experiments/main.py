@@ -19,12 +19,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedjax_pfi import config as config_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import training
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to an experiment config (experiments/configs/*.py).',
-    lock_config=True)
+    **config_lib.COMMAND_LINE)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for metrics, TensorBoard and '
                                'checkpoints; re-using it resumes the run.')

@@ -9,6 +9,7 @@ only when it knows the field's type.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -23,6 +24,16 @@ import numpy as np
 RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Blocks whose keys are the user's to choose (a model's constructor
+# arguments, a partitioner's): any key is accepted there, and only there.
+OPEN_BLOCKS = ('model.kwargs', 'data.partitioner_kwargs')
+
+# How ``experiments/main.py``'s ``--config`` flag is defined: new keys are
+# accepted by the parser (``--config.model.kwargs.hidden="(16,)"``) and
+# `check` refuses any outside `OPEN_BLOCKS` (a typo), naming the nearest
+# option.
+COMMAND_LINE = dict(lock_config=False, accept_new_attributes=True)
 
 
 def optional(field_type):
@@ -176,7 +187,18 @@ def get(config, key: str):
 
 def check(config) -> None:
   """Refuses a value no run can use, naming the option, the value and what
-  is accepted. Runs before the data is loaded and before any tracing."""
+  is accepted, and an option that does not exist, naming the nearest one.
+  Runs before the data is loaded and before any tracing."""
+  known = dict(_leaves(to_json(default_config())))
+  for key, _ in _leaves(to_json(config)):
+    if key not in known and not any(
+        key == b or key.startswith(b + '.') for b in OPEN_BLOCKS):
+      near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+      hint = f'; did you mean {near[0]}?' if near else '.'
+      raise ValueError(
+          f'unknown option {key}{hint} Every option is in '
+          'fedjax_pfi/config.py:default_config(); new keys are accepted only '
+          f'under {" and ".join(OPEN_BLOCKS)}.')
   for key, (accepts, accepted) in CHECKS.items():
     value = get(config, key)
     try:

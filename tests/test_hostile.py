@@ -21,6 +21,7 @@ import sys
 import warnings
 
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 import pytest
@@ -58,7 +59,7 @@ def parse_command_line(config_arg: str, *overrides: str):
   """What `experiments/main.py`'s ``--config`` flag makes of the arguments."""
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', flag_values=fv,
-                                  lock_config=True)
+                                  **config_lib.COMMAND_LINE)
   argv = ['main', f'--config={config_arg}', *overrides]
   old, sys.argv = sys.argv, argv  # config_flags reads overrides from argv
   try:
@@ -114,6 +115,27 @@ def test_leaf_dir_from_the_command_line_reaches_the_loader(tmp_path):
   splits = registry.load_splits(config.data)
   assert splits.train.client_names.tolist() == ['f0001_01', 'f0002_02']
   assert splits.train.num_examples == 6
+
+
+def test_model_kwargs_from_the_command_line():
+  """A model's constructor arguments are the user's to choose: new keys
+  under model.kwargs are accepted, and reach the model."""
+  config = parse_command_line('experiments/configs/synthetic_fedprox.py:testing',
+                              '--config.model.name=mlp',
+                              '--config.model.kwargs.hidden=(5,)')
+  assert config.model.kwargs.hidden == (5,)
+  params = training.build(config).model.init(jax.random.key(0))
+  assert params['Dense_0']['bias'].shape == (5,)
+
+
+def test_misspelt_option_is_refused_with_the_nearest_name(tmp_path,
+                                                          monkeypatch):
+  no_data_loading(monkeypatch)
+  config = parse_command_line('experiments/configs/synthetic_fedprox.py:testing',
+                              '--config.client.learnin_rate=0.1')
+  with pytest.raises(ValueError, match=re.escape(
+      'unknown option client.learnin_rate; did you mean client.learning_rate?')):
+    training.run(config, str(tmp_path))
 
 
 def test_plays_from_the_command_line_split_on_commas():
