@@ -40,9 +40,9 @@ import numpy as np
 
 from experiments import tables
 from experiments.configs import personalization as pfl_config
+from fedjax_pfi import participation
 from fedjax_pfi import personalization
 from fedjax_pfi import training
-from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
 
 NAMES = {'local_only': 'local-only', 'fedavg': 'FedAvg',
@@ -93,9 +93,9 @@ def run_all(workdir: str, datasets, algorithms, testing: bool = False,
 def sampled_clients(config) -> np.ndarray:
   """Bool per training client: in some round's cohort (sampling depends on
   the seed, the population size and the cohort size only)."""
-  return cohort_lib.ever_sampled(
-      registry.load_splits(config.data).train.num_clients,
-      config.clients_per_round, config.seed, config.rounds)
+  return participation.ever_sampled(
+      config, registry.load_splits(config.data).train.num_clients,
+      config.rounds)
 
 
 def dataset_rows(dataset, finals, clients) -> list[dict]:

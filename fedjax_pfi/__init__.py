@@ -25,7 +25,8 @@ The public API, re-exported here:
 - evaluation: `Evaluator`, `summarize`, and the `personalization` module
   (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
   gains and silent-failure fractions; the report's files and plots);
-- the loop: `default_config`, `run` (what ``experiments/main.py`` calls).
+- the loop: `default_config`, `run` (what ``experiments/main.py`` calls),
+  `build` and `run_experiment` (the same loop over objects built by hand).
 """
 
 from fedjax_pfi import evaluation
@@ -63,8 +64,53 @@ from fedjax_pfi.models import hf_io
 from fedjax_pfi.models import transformer
 from fedjax_pfi.models.base import Model
 from fedjax_pfi.models.zoo import build_model
-from fedjax_pfi.training import default_config
 from fedjax_pfi.peft import lora
+from fedjax_pfi.training import build
+from fedjax_pfi.training import default_config
 from fedjax_pfi.training import run
+from fedjax_pfi.training import run_experiment
+
+__all__ = [
+    'Aggregator',
+    'build',
+    'build_model',
+    'client_optimizer',
+    'Cohort',
+    'default_config',
+    'ditto',
+    'evaluation',
+    'Evaluator',
+    'Execution',
+    'fed_opt',
+    'fed_partitioned',
+    'FederatedAlgorithm',
+    'FederatedDataset',
+    'FederatedSplits',
+    'fedrep_training',
+    'flora',
+    'hetlora',
+    'hf_io',
+    'load_splits',
+    'load_tokenizer',
+    'lora',
+    'Model',
+    'pack_cohort',
+    'PackedCohort',
+    'padding_efficiency',
+    'partition',
+    'personalization',
+    'personalized',
+    'run',
+    'run_experiment',
+    'sample_cohort',
+    'scaffold',
+    'server_optimizer',
+    'ServerState',
+    'stack_cohort',
+    'summarize',
+    'training',
+    'transformer',
+    'weighted_mean',
+]
 
 __version__ = '0.1.0'

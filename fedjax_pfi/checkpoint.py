@@ -131,10 +131,16 @@ class Checkpointer:
     """Restores round ``round_idx`` into the structure of ``target``.
 
     Args:
-      expected_fingerprint: the running config's fingerprint; a checkpoint
-        written under another is refused.
-      config: the running config (`fedjax_pfi.config.to_json`): a refusal
-        names each key that differs from the one the checkpoint records.
+      expected_fingerprint: the running config's fingerprint
+        (`fedjax_pfi.training.config_fingerprint`); used where ``config``
+        is not given.
+      config: the running config (`fedjax_pfi.config.to_json`). The
+        checkpoint is accepted when the config it records differs from it
+        in no key but the resumable ones (an option added since counts as
+        its default); a checkpoint that records none (written before
+        records held it) when its fingerprint is that of ``config`` over the
+        keys of the workdir's ``config.json``. A refusal names each key that
+        differs.
 
     Raises:
       CheckpointError: the files are unreadable or corrupt (an array whose
@@ -166,8 +172,7 @@ class Checkpointer:
           f'checkpoint {path} does not match this config: '
           f'{"; ".join(detail)}.{self._differences(meta, config)} Use the '
           'config that wrote it, or a fresh --workdir.')
-    if (expected_fingerprint is not None and
-        meta.get('fingerprint') not in (None, expected_fingerprint)):
+    if not self._same_experiment(meta, expected_fingerprint, config):
       raise CheckpointError(
           f'checkpoint {path} was written by a different config.'
           f'{self._differences(meta, config)} Resuming would mix two '
@@ -192,6 +197,26 @@ class Checkpointer:
             f'differ from what was saved (sha256 digests), e.g. {bad[0]}')
     return state, meta
 
+  def _config_json(self) -> Optional[dict]:
+    try:
+      with open(os.path.join(os.path.dirname(self.directory),
+                             'config.json')) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None
+
+  def _same_experiment(self, meta: dict, expected_fingerprint: Optional[str],
+                       config: Optional[dict]) -> bool:
+    if config is None:
+      return expected_fingerprint is None or meta.get('fingerprint') in (
+          None, expected_fingerprint)
+    if meta.get('config') is not None:
+      return not config_lib.diff(meta['config'], config)
+    if meta.get('fingerprint') is None:
+      return True
+    legacy = config_lib.legacy_fingerprint_dict(config, self._config_json())
+    return fingerprint(legacy) == meta['fingerprint']
+
   def _differences(self, meta: dict, config: Optional[dict]) -> str:
     """`` It differs in: key (A there, B here); ...`` or ``''``."""
     if config is None:
@@ -199,12 +224,9 @@ class Checkpointer:
     recorded = meta.get('config')
     source = 'the checkpoint'
     if recorded is None:  # checkpoints written before records held it
-      config_json = os.path.join(os.path.dirname(self.directory),
-                                 'config.json')
-      try:
-        with open(config_json) as f:
-          recorded, source = json.load(f), config_json
-      except (OSError, ValueError):
+      recorded = self._config_json()
+      source = os.path.join(os.path.dirname(self.directory), 'config.json')
+      if recorded is None:
         return (' The checkpoint does not record its config, so the '
                 'differing keys cannot be named.')
     rows = config_lib.diff(recorded, config)

@@ -13,7 +13,7 @@ import difflib
 import json
 import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import ml_collections
 import numpy as np
@@ -254,15 +254,58 @@ def _leaves(d: dict, prefix: str = '') -> Iterator[tuple[str, Any]]:
       yield f'{prefix}{k}', v
 
 
+def _filled(d: dict) -> dict:
+  """``d``'s leaves over the defaults': a key ``d`` lacks (a config written
+  before that option existed) holds its default."""
+  return {**dict(_leaves(to_json(default_config()))), **dict(_leaves(d))}
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+  return any(key == i or key.startswith(i + '.') for i in ignore)
+
+
 def diff(old: dict, new: dict,
          ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[tuple[str, Any, Any]]:
   """``[(key, old value, new value)]`` for every key on which two configs
-  (`to_json` form) differ, keys under ``ignore`` left out. A key only one
-  side has shows ``'(absent)'`` on the other."""
-  a, b = dict(_leaves(to_json(old))), dict(_leaves(to_json(new)))
-  def ignored(k):
-    return any(k == i or k.startswith(i + '.') for i in ignore)
-
+  (`to_json` form) differ, keys under ``ignore`` left out. A key one side
+  lacks holds its default there (an option added since the other was
+  written); one that is not an option at all shows ``'(absent)'``."""
+  a, b = _filled(to_json(old)), _filled(to_json(new))
   return [(k, a.get(k, '(absent)'), b.get(k, '(absent)'))
           for k in sorted(set(a) | set(b))
-          if not ignored(k) and a.get(k, '(absent)') != b.get(k, '(absent)')]
+          if not _ignored(k, ignore) and
+          a.get(k, '(absent)') != b.get(k, '(absent)')]
+
+
+def non_default(config) -> dict:
+  """``{key: value}`` of the leaves that differ from `default_config`'s,
+  resumable keys left out: what a run's fingerprint covers, so that adding
+  an option with a default changes no existing run's fingerprint."""
+  return {k: b for k, _, b in diff(default_config(), config)}
+
+
+def _restricted(d: dict, like: dict) -> dict:
+  """``d`` with only the keys ``like`` has (recursively; a block ``like``
+  holds whole, such as ``model.kwargs``, is kept whole)."""
+  out = {}
+  for k, v in d.items():
+    if k not in like:
+      continue
+    if isinstance(v, dict) and isinstance(like[k], dict) and like[k]:
+      out[k] = _restricted(v, like[k])
+    else:
+      out[k] = v
+  return out
+
+
+def legacy_fingerprint_dict(config, written: Optional[dict] = None) -> dict:
+  """What checkpoints written before `non_default` fingerprinted: the whole
+  config minus the resumable keys, restricted to the keys of the config
+  that was ``written`` (its ``config.json``), so options added since do not
+  count."""
+  d = to_json(config)
+  if written is not None:
+    d = _restricted(d, to_json(written))
+  for k in RESUMABLE_KEYS:
+    d.pop(k, None)
+  return d

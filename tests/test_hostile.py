@@ -323,21 +323,52 @@ def test_shape_mismatch_also_names_the_keys(tmp_path, one_round):
 
 def test_checkpoint_from_before_digests_still_resumes(tmp_path,
                                                      uninterrupted):  # noqa: F811
-  """A record as earlier versions wrote it (no digests, config or totals):
-  the run resumes exactly, the totals come from metrics.jsonl, and a
-  different config is named from config.json."""
+  """A record as earlier versions wrote it (no digests, config or totals,
+  and the fingerprint of the whole config): the run resumes exactly, the
+  totals come from metrics.jsonl, and a different config is named from
+  config.json."""
   training.run(small_config(), str(tmp_path), stop_after=2)
   meta = os.path.join(tmp_path, 'checkpoints', '2', 'meta', 'metadata')
   with open(meta) as f:
     record = json.load(f)
+  whole = small_config().to_dict()
+  for k in config_lib.RESUMABLE_KEYS:
+    whole.pop(k)
   with open(meta, 'w') as f:
-    json.dump({k: record[k] for k in ('fingerprint', 'round', 'signature')}, f)
+    json.dump({'fingerprint': checkpoint_lib.fingerprint(whole),
+               'round': 2, 'signature': record['signature']}, f)
   with pytest.raises(checkpoint_lib.CheckpointError, match=re.escape(
       'client.learning_rate: 0.05 in ') + '.*config.json, 0.07 now'):
     training.run(small_config(**{'client.learning_rate': 0.07}), str(tmp_path))
   training.run(small_config(), str(tmp_path))
   assert without_time(training.read_metrics(str(tmp_path))) == without_time(
       uninterrupted)
+
+
+def test_workdir_from_before_an_option_existed_resumes(tmp_path, monkeypatch,
+                                                       uninterrupted):  # noqa: F811
+  """A later version adds an option with a default: a workdir written
+  without it resumes, and ends as an uninterrupted run."""
+  training.run(small_config(), str(tmp_path), stop_after=2)
+  real = config_lib.default_config
+
+  def with_new_option():
+    c = real()
+    c.client.new_option = 3
+    return c
+
+  monkeypatch.setattr(config_lib, 'default_config', with_new_option)
+  monkeypatch.setattr(training, 'default_config', with_new_option)
+  config = small_config()
+  assert config.client.new_option == 3
+  training.run(config, str(tmp_path))
+  assert without_time(training.read_metrics(str(tmp_path))) == without_time(
+      uninterrupted)
+  config.client.new_option = 4  # now it is set: another experiment
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=re.escape('client.new_option: 3 in the checkpoint, '
+                                     '4 now')):
+    training.run(config, str(tmp_path))
 
 
 def test_fewer_rounds_on_the_command_line_says_which_round(tmp_path):

@@ -16,15 +16,13 @@ convolutions, 32 and 64 channels, each with 2x2 max-pooling, a 512 dense layer;
 Three ways of doing the same rounds, in one process, each method's timed
 rounds back to back (s/round is their mean):
 
-- ``simulator``: `fedjax_pfi`'s round, one jitted program for the whole run:
+- ``simulator``: `fedjax_pfi`'s round, the algorithm's jitted ``apply``
+  that the training loop runs (with its check of the new state), one
+  program for the whole run:
   the clients packed into ``--lanes`` vmap lanes (0: one lane per client,
   padded to the longest; see `cohort.pack_cohort`), optionally in chunks of
   ``--chunk`` lanes, the next cohort stacked and transferred while the
   current round computes;
-- ``simulator_checked``: the same round with the training loop's check of
-  the new state (`training.finite_flags`: one all-finite reduction per
-  floating leaf, inside the program, read on the host each round), the
-  cost of refusing to checkpoint a NaN/inf state;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -51,7 +49,6 @@ import numpy as np
 import optax
 
 from experiments.benchmarks import baselines
-from fedjax_pfi import training
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import server_optimizers
@@ -74,7 +71,7 @@ _REPEATS = flags.DEFINE_integer(
     'repeats', 1, 'Time every method this many times, in turn (the median '
     'is reported): close variants need it on a noisy machine.')
 _METHODS = flags.DEFINE_list(
-    'methods', 'simulator,simulator_checked,python_loop,centralized',
+    'methods', 'simulator,python_loop,centralized',
     'Which methods to time.')
 B = 20
 CLIENT_LR = 0.1
@@ -137,19 +134,7 @@ def main(argv):
                        server_optimizers.server_optimizer('fedavg',
                                                           SERVER_LR),
                        execution=execution, unroll=_UNROLL.value)
-  traces, checked_traces = [], []
-
-  def counted(state, cohort, key):
-    traces.append(1)
-    return alg.apply_unjitted(state, cohort, key)
-
-  def counted_checked(state, cohort, key):
-    checked_traces.append(1)
-    state, metrics = alg.apply_unjitted(state, cohort, key)
-    return state, metrics, training.finite_flags(state)
-
-  apply = jax.jit(counted, donate_argnums=0)
-  apply_checked = jax.jit(counted_checked, donate_argnums=0)
+  apply, traces = alg.apply, alg.traces
   sim = {'state': alg.init(params0)}
   if mesh is not None:  # the state lives replicated on the mesh from round 0
     sim['state'] = jax.device_put(sim['state'], jax.sharding.NamedSharding(
@@ -166,18 +151,14 @@ def main(argv):
       shard = shard._replace(client_ids=whole, weight=whole)
     return jax.device_put(cohort, shard)
 
-  def run_simulator(rounds, checked=False):
+  def run_simulator(rounds):
     state = sim['state']
     pending = put(stack(rounds[0])[1])
     for i, r in enumerate(rounds):
-      if checked:  # as training.run: the flags come back with the metrics
-        state, m, finite = apply_checked(state, pending, jax.random.key(r))
-      else:
-        state, m = apply(state, pending, jax.random.key(r))
+      state, m = apply(state, pending, jax.random.key(r))
       if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
         pending = put(stack(rounds[i + 1])[1])
-      jax.block_until_ready(m)
-      if checked and not np.asarray(finite).all():
+      if not np.asarray(m['state_finite']).all():  # as the training loop
         raise FloatingPointError(f'round {r}: non-finite state')
     sim['state'] = state
 
@@ -227,9 +208,8 @@ def main(argv):
         params, s = central_step(params, s, batch)
     central['params'], central['opt'] = jax.block_until_ready((params, s))
 
-  methods = {'simulator': run_simulator,
-             'simulator_checked': lambda r: run_simulator(r, checked=True),
-             'python_loop': run_loop, 'centralized': run_central}
+  methods = {'simulator': run_simulator, 'python_loop': run_loop,
+             'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
   for name, fn in methods.items():
@@ -274,9 +254,6 @@ def main(argv):
             f'{mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs '
             f'{mem.output_size_in_bytes / 2**20:.1f} MiB')
     print(f'simulator compilations for the whole run: {len(traces)}')
-    if 'simulator_checked' in methods:
-      print('simulator_checked compilations for the whole run: '
-            f'{len(checked_traces)}')
   print(f'process peak RSS: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
   print(f'{"method":12s} {"s/round":>9s} {"client-upd/s":>13s} '
@@ -288,7 +265,7 @@ def main(argv):
     print(f'{name:12s} {med[name]:9.4f} {c / med[name]:13.1f} '
           f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}{spread}')
   if 'simulator' in med:
-    for other in ('simulator_checked', 'python_loop', 'centralized'):
+    for other in ('python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
               f'{med[other] / med["simulator"]:.2f}x')

@@ -1,12 +1,41 @@
-"""Aggregators: how the server combines the cohort's client deltas.
+"""Aggregators: how the server combines the cohort's messages.
 
-An `Aggregator` is ``(init, aggregate)`` over its own state, like an optax
-transform, so clipping, noise or robust rules can wrap or replace the weighted
-mean without touching the algorithms that call it.
+A client's *message* is its update of the federated part of the model (the
+whole model, the shared body, or the LoRA adapters; never a frozen base and
+never the personal parts, which do not leave the client). An `Aggregator`
+is optax-shaped, a tuple of pure functions over its own state:
+
+- ``client(message, state, key) -> (message, stats)``: what happens to each
+  client's message inside the round before it is weighted and summed
+  (DP-FedAvg clips it), ``vmap``ped over the cohort; ``stats`` are
+  per-client scalars summed over the real clients (how many were not
+  clipped). None: the message as it is.
+- ``finalize(sums, state, key) -> (mean, state, metrics)``: the aggregate
+  from the round's sums (`rounds.message_sums`): ``sums['message']`` is
+  ``sum_c w_c m_c``, ``sums['weight']`` is ``sum_c w_c``, ``sums[name]``
+  each stat summed. ``key`` is the aggregator's own randomness (noise).
+
+``weighting`` says what ``w_c`` is: ``'examples'`` (each client's training
+examples, McMahan et al. 2017) or ``'uniform'`` (1 per client that trained).
+``needs``: ``'sum'`` aggregators run under every layout (chunked, packed,
+sharded: the messages never exist together); ``'all'`` ones need every
+message at once and run on one device, unchunked and unpacked
+(`rounds.check_layout` refuses the rest by name before tracing).
+
+The mechanisms:
+
+- `weighted_mean`: FedAvg's aggregate.
+- `gaussian`: DP-FedAvg (McMahan et al., "Learning Differentially Private
+  Recurrent Language Models", ICLR 2018): each message clipped to L2 norm
+  ``C``, Gaussian noise of std ``sigma * C`` added once to the sum, divided
+  by a fixed denominator (the expected number of clients per round), with
+  uniform weights; optionally with the adaptive clipping of Andrew et al.
+  ("Differentially Private Learning with Adaptive Clipping", NeurIPS 2021).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -14,23 +43,18 @@ import jax.numpy as jnp
 
 Params = Any
 
+WEIGHTINGS = ('examples', 'uniform')
+
 
 class Aggregator(NamedTuple):
-  """``init(params) -> state``; ``aggregate(deltas, weights, state) -> (mean, state)``.
-
-  ``deltas`` carry a leading client axis ``[C, ...]``; ``weights`` are ``[C]``
-  (0 for padded clients).
-
-  ``finalize(weighted_sum, total_weight, state) -> (mean, state)``, where
-  the aggregate is one, computes it from ``sum_c w_c delta_c`` and ``sum_c
-  w_c`` alone, which is what a chunked, packed or sharded round has (the
-  clients' deltas never exist together). None for rules that need every
-  delta at once (a median); such aggregators run unchunked only.
-  """
+  """``init``, ``finalize`` and optionally ``client`` (module docstring)."""
   init: Callable[[Params], Any]
-  aggregate: Callable[[Params, jax.Array, Any], tuple[Params, Any]]
-  finalize: Optional[Callable[[Params, jax.Array, Any],
-                              tuple[Params, Any]]] = None
+  finalize: Callable[[dict, Any, jax.Array], tuple[Params, Any, dict]]
+  client: Optional[Callable[[Params, Any, jax.Array],
+                            tuple[Params, dict]]] = None
+  weighting: str = 'examples'
+  needs: str = 'sum'
+  name: str = 'mean'
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:
@@ -39,33 +63,139 @@ def weighted_sum(deltas: Params, weights: jax.Array) -> Params:
       lambda d: jnp.tensordot(weights.astype(d.dtype), d, axes=1), deltas)
 
 
-def weighted_mean() -> Aggregator:
-  """The FedAvg aggregate: ``sum_c w_c delta_c / sum_c w_c``.
+def _over(total: jax.Array, s: jax.Array) -> jax.Array:
+  """``s / total``, a ``[k]`` total dividing ``[k, ...]`` sums row-wise."""
+  t = jnp.maximum(total, 1e-12).astype(s.dtype)
+  return s / t.reshape(t.shape + (1,) * (s.ndim - t.ndim))
 
-  With example-count weights this is McMahan et al. (2017)'s weighting; with
-  uniform weights over real clients it is the plain mean.
-  """
+
+def weighted_mean(weighting: str = 'examples') -> Aggregator:
+  """The FedAvg aggregate ``sum_c w_c m_c / sum_c w_c``: with example
+  weights McMahan et al. (2017)'s, with uniform weights the plain mean of
+  the clients that trained."""
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f'unknown weighting {weighting!r}; accepted: '
+                     f'{", ".join(WEIGHTINGS)}.')
 
   def init(params):
     del params
     return ()
 
-  def finalize(sums, total, state):
-    mean = jax.tree.map(lambda s: s / jnp.maximum(total, 1e-12).astype(s.dtype),
-                        sums)
-    return mean, state
+  def finalize(sums, state, key):
+    del key
+    mean = jax.tree.map(lambda s: _over(sums['weight'], s), sums['message'])
+    return mean, state, {}
 
-  def aggregate(deltas, weights, state):
-    return finalize(weighted_sum(deltas, weights), jnp.sum(weights), state)
-
-  return Aggregator(init, aggregate, finalize)
-
-
-AGGREGATORS = {'mean': weighted_mean}
+  return Aggregator(init, finalize, weighting=weighting,
+                    name='mean' if weighting == 'examples' else
+                    'uniform_mean')
 
 
-def get_aggregator(name: str) -> Aggregator:
-  if name not in AGGREGATORS:
+def global_norm(tree: Params) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
+def clip_by_norm(message: Params, clip_norm) -> tuple[Params, jax.Array]:
+  """``message * min(1, C / ||message||)`` and ``||message|| <= C``. An
+  infinite ``C`` returns ``message`` itself (times exactly 1)."""
+  norm = global_norm(message)
+  factor = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+  return (jax.tree.map(lambda x: x * factor.astype(x.dtype), message),
+          norm <= clip_norm)
+
+
+class AdaptiveClipping(NamedTuple):
+  """Andrew et al. (2021), Algorithm 1: after each round ``C <- C *
+  exp(-learning_rate * (b - target_quantile))`` with ``b`` the noised
+  fraction of clients whose update was not clipped, noised by
+  ``N(0, count_noise_std^2)`` on the count."""
+  target_quantile: float
+  learning_rate: float = 0.2
+  count_noise_std: float = 0.0
+
+
+def delta_noise_multiplier(noise_multiplier: float,
+                           count_noise_std: float) -> float:
+  """The noise multiplier of the updates' sum when the unclipped count takes
+  part of the budget: Andrew et al. (2021), Theorem 1, ``z_delta = (z^-2 -
+  (2 sigma_b)^-2)^(-1/2)``, so that the two releases together are one
+  Gaussian mechanism of multiplier ``z``."""
+  if count_noise_std <= 0:
+    return noise_multiplier
+  if noise_multiplier == 0:
+    return 0.0
+  rest = noise_multiplier ** -2 - (2.0 * count_noise_std) ** -2
+  if rest <= 0:
     raise ValueError(
-        f'unknown aggregator {name!r}; accepted: {", ".join(AGGREGATORS)}.')
-  return AGGREGATORS[name]()
+        f'the count noise std {count_noise_std} is too small for noise '
+        f'multiplier {noise_multiplier}: adaptive clipping needs 2 * '
+        f'count_noise_std > noise_multiplier (Andrew et al. 2021, Thm. 1).')
+  return rest ** -0.5
+
+
+def gaussian(clip_norm: float, noise_multiplier: float,
+             expected_clients: float, *, noise_scale: float = 1.0,
+             adaptive: Optional[AdaptiveClipping] = None) -> Aggregator:
+  """DP-FedAvg's aggregate (module docstring).
+
+  Args:
+    clip_norm: ``C``, the L2 bound on each message (the initial one with
+      ``adaptive``); ``inf`` clips nothing.
+    noise_multiplier: ``z``; the sum receives ``N(0, (z_delta C)^2 I)`` with
+      ``z_delta`` = `delta_noise_multiplier` (``z`` without adaptive
+      clipping).
+    expected_clients: the fixed denominator (Poisson: ``q N``; fixed-size
+      sampling: the cohort size).
+    noise_scale: multiplies the noise std: ``n / n'`` simulates the noise a
+      cohort of ``n'`` clients would see in its mean with ``n`` clients
+      (pfl-research's ``noise_cohort_size``).
+    adaptive: adaptive clipping, or None for a fixed ``C``.
+  """
+  if not clip_norm > 0:
+    raise ValueError(f'privacy.clip_norm must be > 0 (inf: no clipping), got '
+                     f'{clip_norm}.')
+  if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
+    raise ValueError(f'privacy.noise_multiplier must be a finite number >= 0, '
+                     f'got {noise_multiplier}.')
+  if not expected_clients > 0:
+    raise ValueError(f'the expected number of clients per round must be > 0, '
+                     f'got {expected_clients}.')
+  z_delta = delta_noise_multiplier(
+      noise_multiplier, adaptive.count_noise_std if adaptive else 0.0)
+
+  def init(params):
+    del params
+    return {'clip_norm': jnp.asarray(clip_norm, jnp.float32)}
+
+  def client(message, state, key):
+    del key
+    clipped, unclipped = clip_by_norm(message, state['clip_norm'])
+    return clipped, {'unclipped': unclipped.astype(jnp.float32)}
+
+  def finalize(sums, state, key):
+    c = state['clip_norm']
+    std = jnp.float32(z_delta * noise_scale) * c
+    leaves, tree = jax.tree.flatten(sums['message'])
+    keys = jax.random.split(jax.random.fold_in(key, 0), len(leaves))
+    noised = [s + (std * jax.random.normal(k, s.shape, jnp.float32)).astype(
+        s.dtype) if z_delta else s for s, k in zip(leaves, keys)]
+    mean = jax.tree.map(lambda s: s / jnp.asarray(expected_clients, s.dtype),
+                        jax.tree.unflatten(tree, noised))
+    unclipped = sums['unclipped']
+    metrics = {'privacy/clip_norm': c, 'privacy/noise_std': std,
+               # what the simulator knows and a real server does not
+               'privacy/unclipped_fraction': unclipped / jnp.maximum(
+                   sums['clients'], 1.0)}
+    if adaptive is not None:
+      noisy = unclipped + adaptive.count_noise_std * jax.random.normal(
+          jax.random.fold_in(key, 1), (), jnp.float32)
+      b = noisy / jnp.float32(expected_clients)
+      c = c * jnp.exp(-jnp.float32(adaptive.learning_rate) *
+                      (b - jnp.float32(adaptive.target_quantile)))
+      metrics['privacy/unclipped_fraction_noised'] = b
+    return mean, {'clip_norm': c}, metrics
+
+  return Aggregator(init, finalize, client=client, weighting='uniform',
+                    name='dp_gaussian' if adaptive is None else
+                    'dp_gaussian_adaptive')

@@ -286,14 +286,18 @@ class PackedOutput(NamedTuple):
   """What a packed cohort's lanes send back: sums over their clients.
 
   Attributes:
-    weighted_delta: ``sum_c weight[c] * delta_c`` (no client axis).
+    weighted_delta: ``sum_c weight[c] * delta_c`` (no client axis), of the
+      messages ``sums_fn`` returns where one is given.
     num_steps, loss_sum, count, examples: per cohort slot ``[C]``.
+    sums: the other sums of ``sums_fn`` (`rounds.message_sums`'s stats),
+      or ``{}``.
   """
   weighted_delta: Params
   num_steps: jax.Array
   loss_sum: jax.Array
   count: jax.Array
   examples: jax.Array
+  sums: dict = {}
 
 
 def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
@@ -315,12 +319,17 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
   ``lanes`` holds ``batches`` (column -> ``[L, T, B, ...]``), ``mask``
   ``[L, T, B]`` and ``slot``, ``local_step``, ``first``, ``last`` ``[L, T]``;
   ``keys`` and ``weight`` are per cohort slot ``[C]``; ``window=(lo, k)``
-  trains lanes ``lo:lo + k`` only (a chunk). Returns a `PackedOutput` whose
-  per-client leaves are ``[C]``.
+  trains lanes ``lo:lo + k`` only (a chunk). ``sums_fn(deltas, w,
+  lane_keys)``, where given, turns the finishing clients' deltas ``[L,
+  ...]`` (``w`` their weights, 0 for lanes not finishing; ``lane_keys``
+  their clients' keys) into sums (`rounds.message_sums`: each client's
+  whole delta is at hand at its last step, so DP's clipping applies here).
+  Returns a `PackedOutput` whose per-client leaves are ``[C]``.
   """
   client_step = _client_step(model, optimizer, proximal_mu)
 
-  def train(init_params, lanes, keys, weight, frozen=None, window=None):
+  def train(init_params, lanes, keys, weight, frozen=None, window=None,
+            sums_fn=None):
     mask = lanes['mask']
     lo, num_lanes = (0, mask.shape[0]) if window is None else window
     # The small per-step arrays of this window's lanes; batches and mask are
@@ -370,6 +379,11 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
       w = jnp.where(last & (slot >= 0), weight[jnp.maximum(slot, 0)], 0.0)
 
       def accumulate(acc):
+        if sums_fn is not None:
+          deltas = jax.tree.map(lambda p, p0: p - p0[None], params,
+                                init_params)
+          sums = sums_fn(deltas, w, keys[jnp.maximum(slot, 0)])
+          return jax.tree.map(jnp.add, acc, sums)
         return jax.tree.map(
             lambda a, p, p0: a + jnp.tensordot(w.astype(p.dtype), p - p0[None],
                                                axes=1), acc, params,
@@ -383,6 +397,11 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     opt_lanes = jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_lanes,) + jnp.shape(x)), opt0)
     acc0 = jax.tree.map(jnp.zeros_like, init_params)
+    if sums_fn is not None:
+      acc0 = jax.tree.map(
+          lambda a: jnp.zeros(a.shape, a.dtype),
+          jax.eval_shape(sums_fn, params0, jnp.zeros([num_lanes], jnp.float32),
+                         jax.random.split(jax.random.key(0), num_lanes)))
     (_, _, acc), (l, n, active, ex) = over_steps(
         body, (params0, opt_lanes, acc0), core_take(mask, lo, num_lanes),
         unroll, ys=((jnp.float32,) * 2 + (bool, jnp.int32), num_lanes))
@@ -390,7 +409,11 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     seg = jnp.where(meta['slot'] >= 0, meta['slot'], num_slots).T.reshape(-1)
     per_slot = lambda v: jax.ops.segment_sum(
         v.reshape(-1).astype(jnp.float32), seg, num_slots + 1)[:num_slots]
+    sums = {}
+    if sums_fn is not None:
+      sums = dict(acc)
+      acc = sums.pop('message')
     return PackedOutput(acc, per_slot(active).astype(jnp.int32), per_slot(l),
-                        per_slot(n), per_slot(ex))
+                        per_slot(n), per_slot(ex), sums)
 
   return train

@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.models import base
 
@@ -55,10 +57,15 @@ def client_losses(model: base.Model, models, batches, mask):
 
 def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
          server_optimizer: optax.GradientTransformation, num_clients: int, *,
-         num_clusters: int, unroll=1, name: str = 'ifca'
-         ) -> core.FederatedAlgorithm:
+         num_clusters: int, unroll=1,
+         aggregator: aggregators_lib.Aggregator | None = None,
+         name: str = 'ifca') -> core.FederatedAlgorithm:
   """IFCA (module docstring); ``init`` takes the stacked ``[k]`` models
-  (`stack_inits`)."""
+  (`stack_inits`). ``aggregator`` combines each cluster's deltas (its
+  ``finalize`` sees ``[k, ...]`` sums and ``[k]`` weights; DP-FedAvg clips
+  every client's delta and noises every cluster's sum, each over the fixed
+  denominator: a client changes one cluster's sum by at most ``C``)."""
+  aggregator = aggregator or aggregators_lib.weighted_mean()
   train = client_updates.local_training(model, client_optimizer,
                                         unroll=unroll)
 
@@ -67,7 +74,8 @@ def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
     if k != num_clusters:
       raise ValueError(f'{name} expects {num_clusters} stacked models, got {k}.')
     return core.ServerState(
-        models, server_optimizer.init(models), (), jnp.zeros([], jnp.int32),
+        models, server_optimizer.init(models), aggregator.init(models),
+        jnp.zeros([], jnp.int32),
         client_states={'cluster': jnp.full([num_clients], -1, jnp.int32)})
 
   def apply(state, cohort, key, frozen=None):
@@ -76,18 +84,22 @@ def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
     choice = jnp.argmin(client_losses(model, state.params, cohort.batches,
                                       cohort.mask), axis=1)
     start = jax.tree.map(lambda m: m[choice], state.params)
-    out = train(start, cohort.batches, cohort.mask, core.client_keys(key, ids))
-    onehot = jax.nn.one_hot(choice, num_clusters) * cohort.weight[:, None]
-    total = jnp.sum(onehot, axis=0)                      # [k]
-    mean_delta = jax.tree.map(
-        lambda d: jnp.tensordot(onehot.T, d, axes=1) / jnp.maximum(
-            total, 1e-12).reshape((-1,) + (1,) * (d.ndim - 1)), out.delta)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
+    keys = core.client_keys(key, ids)
+    out = train(start, cohort.batches, cohort.mask, keys)
+    onehot = jax.nn.one_hot(choice, num_clusters)
+    w = rounds.client_weights(aggregator, cohort.weight)
+    sums = rounds.message_sums(aggregator, state.agg_state, out.delta, w, keys,
+                               groups=onehot)
+    total = jnp.sum(onehot * w[:, None], axis=0)          # [k]
+    sums['weight'] = total
+    mean_delta, agg_state, agg_metrics = aggregator.finalize(
+        sums, state.agg_state, rounds.aggregator_key(key))
+    new_params, opt_state = rounds.server_step(
+        server_optimizer, state.params, state.opt_state, mean_delta)
     chosen = total > 0  # a model no client chose stays as it was
     params = jax.tree.map(
-        lambda p, u: jnp.where(chosen.reshape((-1,) + (1,) * (p.ndim - 1)),
-                               p + u, p), state.params, updates)
+        lambda p, q: jnp.where(chosen.reshape((-1,) + (1,) * (p.ndim - 1)),
+                               q, p), state.params, new_params)
     opt_state = jax.tree.map(
         lambda new, old: jnp.where(
             chosen.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
@@ -100,10 +112,11 @@ def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
     metrics['clusters_chosen'] = jnp.sum(chosen)
+    metrics.update(agg_metrics)
     one = param_groups.num_bytes(jax.tree.map(lambda p: p[0], state.params))
     metrics.update(core.comm_metrics(cohort, num_clusters * one, one))
     return state._replace(params=params, opt_state=opt_state,
-                          round=state.round + 1,
+                          agg_state=agg_state, round=state.round + 1,
                           client_states=client_states), metrics
 
   def eval_view(state, frozen):
@@ -111,5 +124,7 @@ def ifca(model: base.Model, client_optimizer: optax.GradientTransformation,
     return core.EvalView(jax.tree.map(lambda p: p[0], state.params),
                          clusters=state.params)
 
-  return core.make_algorithm(init, apply, name, eval_view=eval_view,
-                             has_global_model=False, clusters=num_clusters)
+  return core.make_algorithm(
+      init, apply, name,
+      capabilities=core.Capabilities(personal_state=True, private=True),
+      eval_view=eval_view, has_global_model=False, clusters=num_clusters)

@@ -18,10 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-import optax
 
-from fedjax_pfi.algorithms import aggregators
-from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.data.cohort import Cohort
 
 Params = Any
@@ -76,40 +73,114 @@ def _global_view(state, frozen):
   return EvalView(state.params)
 
 
-class FederatedAlgorithm(NamedTuple):
-  """``init(params) -> ServerState``; ``apply(state, cohort, key, frozen=None)
-  -> (state, metrics)``.
+class Evaluation(NamedTuple):
+  """What evaluation needs from an algorithm, beside its round.
 
-  ``apply`` is jitted with ``state`` donated; ``apply_unjitted`` is the same
-  function without ``jax.jit`` (for tests and for composing into larger
-  programs). ``frozen_part(params)`` is the part of the full params passed as
-  ``frozen`` (None for algorithms that train everything); ``eval_view(state,
-  frozen)`` and ``combine(shared, personal_row)`` say what to evaluate, and
-  ``eval_model`` with which model when it is not the one trained (FLoRA
-  merges its adapters into the base and evaluates the plain base model).
+  ``view(state, frozen)`` and ``combine(shared, personal_row)`` say what to
+  evaluate (`EvalView`), and ``model`` with which model when it is not the
+  one trained (FLoRA merges its adapters into the base and evaluates the
+  plain base model).
 
   ``finetune``: how evaluation personalizes the global model for the
   training population: ``''`` not at all (FedAvg, or algorithms whose
   personal state already is the personalization), ``'trainable'`` each
   client fine-tunes the leaves it trains (FedAvg + FT), ``'all'`` every leaf
   including the frozen ones (FedBABU fine-tunes its fixed head).
-  ``has_global_model``: ``eval_view(...).params`` is a model worth
-  comparing each client with (False where it holds untrained personal
-  initialisations: FedPer's head, LG-FedAvg's body, local-only).
-  ``finetune_lr``: the fine-tuning step (Per-FedAvg's inner ``alpha``).
+  ``has_global_model``: ``view(...).params`` is a model worth comparing each
+  client with (False where it holds untrained personal initialisations:
+  FedPer's head, LG-FedAvg's body, local-only). ``finetune_lr``: the
+  fine-tuning step (Per-FedAvg's inner ``alpha``; 0: the client learning
+  rate). ``clusters``: clustered FL's number of models (params ``[k, ...]``).
+  """
+  view: Callable[[ServerState, Params], EvalView] = _global_view
+  combine: Optional[Callable[[Params, Params], Params]] = None
+  model: Any = None
+  finetune: str = ''
+  has_global_model: bool = True
+  finetune_lr: float = 0.0
+  clusters: int = 0
+
+
+class Capabilities(NamedTuple):
+  """What an algorithm's round can run under and what it keeps, declared by
+  the algorithm and checked in one place (`registry.check`), before
+  tracing.
+
+  Attributes:
+    chunked, sharded, packed: its round runs with ``execution.chunk_size``,
+      on several devices, on packed lanes (rounds that sum the clients'
+      messages; a round that needs every client's update at once runs on one
+      device, unchunked and unpacked).
+    personal_state: it keeps state per client in the store.
+    private: a DP aggregator applies to what it aggregates (a federated part
+      whose deltas the aggregator sees).
+    plain_sgd: ``''`` for any client optimizer, or why it needs plain SGD
+      (the sentence after its name in the refusal).
+    lr_scales: it accepts per-leaf step sizes (``client.lr_scales``).
+  """
+  chunked: bool = False
+  sharded: bool = False
+  packed: bool = False
+  personal_state: bool = False
+  private: bool = False
+  plain_sgd: str = ''
+  lr_scales: bool = True
+
+
+class FederatedAlgorithm(NamedTuple):
+  """``init(params) -> ServerState``; ``apply(state, cohort, key, frozen=None)
+  -> (state, metrics)``.
+
+  ``apply`` is jitted with ``state`` donated; ``apply_unjitted`` is the same
+  function without ``jax.jit`` (for composing into larger programs).
+  ``frozen_part(params)`` is the part of the full params passed as
+  ``frozen`` (None for algorithms that train everything). What evaluation
+  needs travels beside the round in ``evaluation`` (`Evaluation`; its fields
+  are also read as ``eval_view``, ``combine``, ``eval_model``, ``finetune``,
+  ``has_global_model``, ``finetune_lr``, ``clusters``), and what the round
+  can run under in ``capabilities`` (`Capabilities`).
+
+  The jitted ``apply`` is the program the training loop runs: its metrics
+  also hold ``'state_finite'`` (`finite_flags` of the new state, which the
+  loop checks before saving it), and each trace appends to ``traces`` (one
+  entry per compilation).
   """
   init: Callable[[Params], ServerState]
   apply: Callable[..., tuple[ServerState, dict]]
   apply_unjitted: Callable[..., tuple[ServerState, dict]]
   name: str
   frozen_part: Callable[[Params], Params] = _no_frozen
-  eval_view: Callable[[ServerState, Params], EvalView] = _global_view
-  combine: Optional[Callable[[Params, Params], Params]] = None
-  eval_model: Any = None  # the Model to evaluate with, if not the trained one
-  finetune: str = ''
-  has_global_model: bool = True
-  finetune_lr: float = 0.0  # 0: the client learning rate
-  clusters: int = 0  # clustered FL: the number of models (params [k, ...])
+  evaluation: Evaluation = Evaluation()
+  capabilities: Capabilities = Capabilities()
+  traces: list = []
+
+  @property
+  def eval_view(self):
+    return self.evaluation.view
+
+  @property
+  def combine(self):
+    return self.evaluation.combine
+
+  @property
+  def eval_model(self):
+    return self.evaluation.model
+
+  @property
+  def finetune(self) -> str:
+    return self.evaluation.finetune
+
+  @property
+  def has_global_model(self) -> bool:
+    return self.evaluation.has_global_model
+
+  @property
+  def finetune_lr(self) -> float:
+    return self.evaluation.finetune_lr
+
+  @property
+  def clusters(self) -> int:
+    return self.evaluation.clusters
 
 
 class Execution(NamedTuple):
@@ -265,40 +336,55 @@ def comm_metrics(cohort: Cohort, download, upload) -> dict:
   }
 
 
-def make_algorithm(init, apply, name, **fields) -> FederatedAlgorithm:
-  """Jits ``apply`` with the state donated.
+def make_algorithm(init, apply, name, *, frozen_part=_no_frozen,
+                   capabilities: Capabilities = Capabilities(),
+                   execution: Execution = Execution(),
+                   eval_view=_global_view, eval_model=None,
+                   **evaluation) -> FederatedAlgorithm:
+  """Jits ``apply`` with the state donated (`FederatedAlgorithm`).
 
   ``init``'s state is copied: the state owns its buffers, so donating it
   never invalidates the caller's arrays (only the state is copied, not a
-  frozen base the params may hold). ``fields`` are the optional
-  `FederatedAlgorithm` fields.
+  frozen base the params may hold). With a mesh in ``execution`` the state
+  and metrics come back replicated on it, so every process of a multi-host
+  run reads them whole. ``eval_view``, ``eval_model`` and ``evaluation``
+  are the `Evaluation` fields (``combine``, ``finetune``,
+  ``has_global_model``, ``finetune_lr``, ``clusters``).
   """
+  traces = []
 
   def owning_init(params):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), init(params))
 
-  return FederatedAlgorithm(owning_init, jax.jit(apply, donate_argnums=0),
-                            apply, name, **fields)
+  def checked(state, cohort, key, frozen=None):
+    traces.append(jax.tree.map(jnp.shape, cohort.mask))
+    state, metrics = apply(state, cohort, key, frozen)
+    return state, {**metrics, 'state_finite': finite_flags(state)}
+
+  replicated = None
+  if execution.mesh is not None:
+    replicated = jax.sharding.NamedSharding(execution.mesh, P())
+  jitted = jax.jit(checked, donate_argnums=0, out_shardings=replicated)
+  return FederatedAlgorithm(
+      owning_init, jitted, apply, name, frozen_part,
+      Evaluation(view=eval_view, model=eval_model, **evaluation), capabilities,
+      traces)
 
 
-def fedavg_server_update(state: ServerState, cohort: Cohort, delta, aggregator,
-                         server_optimizer, loss_sum, count, num_steps,
-                         client_states) -> tuple[ServerState, dict]:
-  """The end of a FedAvg-shaped round whose clients returned ``delta``
-  (leaves ``[C, ...]``) of the whole ``state.params``: the aggregator's
-  weighted mean, the server optimizer on ``-mean``, the round's metrics and
-  bytes (the model down and up per client), the new state with
-  ``client_states``."""
-  mean_delta, agg_state = aggregator.finalize(
-      aggregators.weighted_sum(delta, cohort.weight),
-      jnp.sum(cohort.weight), state.agg_state)
-  updates, opt_state = server_optimizer.update(
-      jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = round_metrics(cohort, loss_sum, count, num_steps, mean_delta,
-                          jnp.sum(cohort.mask, (1, 2)))
-  size = param_groups.num_bytes(state.params)
-  metrics.update(comm_metrics(cohort, size, size))
-  return state._replace(params=params, opt_state=opt_state,
-                        agg_state=agg_state, round=state.round + 1,
-                        client_states=client_states), metrics
+def finite_flags(tree):
+  """One bool per floating leaf of ``tree``: all its values finite. Inside
+  the round, so checking the new state costs one reduction, no copy."""
+  leaves = [x for x in jax.tree.leaves(tree) if _floating(x)]
+  if not leaves:
+    return jnp.ones((0,), bool)
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _floating(x) -> bool:
+  return hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def floating_paths(tree) -> list[str]:
+  """The paths of `finite_flags`'s leaves, in its order."""
+  return [jax.tree_util.keystr(p) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0] if _floating(x)]

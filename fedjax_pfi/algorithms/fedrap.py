@@ -75,7 +75,7 @@ def fedrap(model: base.Model, server_optimizer: optax.GradientTransformation,
            num_clients: int, *, lr: float, item_lr: float, lam: float,
            mu: float, weight_decay: float = 0.0, lr_decay: float = 1.0,
            step_decay: float = 1.0, curriculum: str = 'tanh',
-           name: str = 'fedrap') -> core.FederatedAlgorithm:
+           aggregator=None, name: str = 'fedrap') -> core.FederatedAlgorithm:
   """FedRAP (module docstring) on `recommender.ranking_model`'s lists."""
   if curriculum not in CURRICULA:
     raise ValueError(f'unknown FedRAP curriculum {curriculum!r}; accepted: '
@@ -126,7 +126,7 @@ def fedrap(model: base.Model, server_optimizer: optax.GradientTransformation,
   alg = meta_mixed.personal_round(
       step, server_optimizer, num_clients, lambda shared: {}, name=name,
       combine=param_groups.merge, with_round=True, uniform_mean=True,
-      has_global_model=False)
+      has_global_model=False, aggregator=aggregator, lr_scales=True)
 
   def init(params):
     shared, personal = split(params)
@@ -152,5 +152,7 @@ def fedrap(model: base.Model, server_optimizer: optax.GradientTransformation,
     return core.EvalView(param_groups.merge(state.params, state.extra),
                          state.params, state.client_states)
 
-  return core.make_algorithm(init, apply, name, eval_view=eval_view,
-                             combine=alg.combine, has_global_model=False)
+  return core.make_algorithm(init, apply, name,
+                             capabilities=alg.capabilities,
+                             eval_view=eval_view, combine=alg.combine,
+                             has_global_model=False)

@@ -46,9 +46,15 @@ import optax
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.models import base
 from fedjax_pfi.peft import lora
+
+
+# Both keep every client's rank; neither averages deltas (FLoRA stacks them,
+# HetLoRA weighs them by their own norms), so no DP aggregator applies.
+CAPABILITIES = core.Capabilities(personal_state=True)
 
 
 def _adapter_bytes_per_rank(adapters) -> int:
@@ -122,9 +128,10 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
         node = node[q]
       node[last] = {**node[last], 'kernel': -delta_w.astype(
           node[last]['kernel'].dtype)}
-    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state,
-                                                 state.params)
-    params = optax.apply_updates(state.params, updates)
+    # (the pseudo-gradient is the negated merged update)
+    params, opt_state = rounds.server_step(
+        server_optimizer, state.params, state.opt_state,
+        jax.tree.map(jnp.negative, pseudo_grad))
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, {})
     metrics['delta_norm'] = jnp.sqrt(delta_norm_sq)
@@ -142,7 +149,8 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
                metrics['comm/upload_bytes']},
         client_states=client_states), metrics
 
-  return core.make_algorithm(init, apply, name, eval_model=model)
+  return core.make_algorithm(init, apply, name, eval_model=model,
+                             capabilities=CAPABILITIES)
 
 
 def hetlora(model: base.Model, cfg: lora.LoraConfig,
@@ -220,9 +228,8 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
     mean_delta = jax.tree.map(
         lambda t, g: jnp.tensordot(w, t - g[None], axes=1), trained,
         state.params)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = rounds.server_step(server_optimizer, state.params,
+                                           state.opt_state, mean_delta)
     metrics = core.round_metrics(cohort, out.loss_sum, out.count,
                                  out.num_steps, mean_delta)
     per_rank = state.extra['bytes_per_rank']
@@ -246,4 +253,5 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
     return {**shared, 'lora': lora.truncate(shared['lora'], personal['rank'])}
 
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
-                             eval_view=eval_view, combine=combine)
+                             capabilities=CAPABILITIES, eval_view=eval_view,
+                             combine=combine)

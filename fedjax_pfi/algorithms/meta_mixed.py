@@ -45,6 +45,7 @@ import optax
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.models import base
 
@@ -71,6 +72,8 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
                    num_clients: int, personal_init: Callable, *, name: str,
                    combine=None, round_start=None, with_round: bool = False,
                    uniform_mean: bool = False,
+                   aggregator: aggregators_lib.Aggregator | None = None,
+                   lr_scales: bool = False,
                    **fields) -> core.FederatedAlgorithm:
   """A round over ``step`` (module docstring); ``personal_init(params)`` is
   every client's initial personal state (``{}`` for none), and
@@ -80,8 +83,12 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
   and its stored state (default: the stored state). ``with_round``: ``step``
   takes the rounds completed as a last argument (schedules over rounds).
   ``uniform_mean``: every client's ``w_i`` counts equally in the server's
-  mean instead of by its examples."""
-  aggregator = aggregators_lib.weighted_mean()
+  mean instead of by its examples. ``lr_scales``: ``step`` takes per-leaf
+  step sizes (FedRAP's item tables). ``aggregator``: of the ``w_i - w``
+  (default: the weighted mean; `aggregators.gaussian` for DP-FedAvg on the
+  shared model: the personal state never leaves the client)."""
+  aggregator = aggregator or aggregators_lib.weighted_mean(
+      'uniform' if uniform_mean else 'examples')
 
   def guarded(w, p, batch, m, key, s, r):  # a padded step leaves the client be
     nw, np_, l, n = step(w, p, batch, m, key, s, *((r,) if with_round else ()))
@@ -126,12 +133,10 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
     delta = jax.tree.map(jnp.subtract, w, w0)
     client_states = (store.scatter(state.client_states, ids, p, ids >= 0)
                      if has_personal else state.client_states)
-    if uniform_mean:
-      cohort = cohort._replace(weight=(cohort.weight > 0).astype(
-          cohort.weight.dtype))
-    return core.fedavg_server_update(state, cohort, delta, aggregator,
-                                     server_optimizer, loss_sum, count, steps,
-                                     client_states)
+    sums = rounds.cohort_sums(aggregator, state.agg_state, delta, cohort, key)
+    return rounds.finish(state, cohort, key, aggregator, server_optimizer,
+                         sums, loss_sum=loss_sum, count=count,
+                         num_steps=steps, client_states=client_states)
 
   def eval_view(state, frozen):
     del frozen
@@ -139,12 +144,17 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       return core.EvalView(state.params)
     return core.EvalView(state.params, state.params, state.client_states)
 
-  return core.make_algorithm(init, apply, name, eval_view=eval_view,
-                             combine=combine, **fields)
+  capabilities = core.Capabilities(
+      personal_state=combine is not None, private=True,
+      plain_sgd="takes the paper's plain SGD steps (client.learning_rate is "
+      'its step size)', lr_scales=lr_scales)
+  return core.make_algorithm(init, apply, name, capabilities=capabilities,
+                             eval_view=eval_view, combine=combine, **fields)
 
 
 def apfl(model: base.Model, lr: float, server_optimizer, num_clients: int, *,
-         alpha: float, name: str = 'apfl') -> core.FederatedAlgorithm:
+         alpha: float, aggregator=None,
+         name: str = 'apfl') -> core.FederatedAlgorithm:
   """APFL with mixing weight ``alpha`` initialised to ``alpha`` and
   adapted per client (module docstring)."""
   if not 0.0 <= alpha <= 1.0:
@@ -170,12 +180,12 @@ def apfl(model: base.Model, lr: float, server_optimizer, num_clients: int, *,
   return personal_round(
       step, server_optimizer, num_clients,
       lambda params: {'v': params, 'alpha': jnp.asarray(alpha, jnp.float32)},
-      name=name, combine=combine)
+      name=name, combine=combine, aggregator=aggregator)
 
 
 def pfedme(model: base.Model, lr: float, server_optimizer, num_clients: int,
            *, lam: float, inner_steps: int, personal_lr: float,
-           name: str = 'pfedme') -> core.FederatedAlgorithm:
+           aggregator=None, name: str = 'pfedme') -> core.FederatedAlgorithm:
   """pFedMe (module docstring)."""
   if lam <= 0 or inner_steps < 1 or personal_lr <= 0:
     raise ValueError(
@@ -200,11 +210,11 @@ def pfedme(model: base.Model, lr: float, server_optimizer, num_clients: int,
   return personal_round(step, server_optimizer, num_clients,
                         lambda params: params, name=name,
                         combine=lambda w, theta: theta,
-                        round_start=lambda w, theta: w)
+                        round_start=lambda w, theta: w, aggregator=aggregator)
 
 
 def per_fedavg(model: base.Model, lr: float, server_optimizer, *,
-               alpha: float, hessian_free: bool,
+               alpha: float, hessian_free: bool, aggregator=None,
                name: str = 'perfedavg') -> core.FederatedAlgorithm:
   """Per-FedAvg, first-order or Hessian-free (module docstring); ``lr`` is
   the outer step ``beta``, ``alpha`` the inner one."""
@@ -229,4 +239,5 @@ def per_fedavg(model: base.Model, lr: float, server_optimizer, *,
             jnp.sum(stats.count) + jnp.sum(stats2.count))
 
   return personal_round(step, server_optimizer, 1, lambda params: {},
-                        name=name, finetune='trainable', finetune_lr=alpha)
+                        name=name, finetune='trainable', finetune_lr=alpha,
+                        aggregator=aggregator)

@@ -39,6 +39,7 @@ from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.models import base
@@ -48,12 +49,13 @@ def fed_partitioned(model: base.Model,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation,
                     aggregator: aggregators_lib.Aggregator | None = None, *,
+                    transform: rounds.ClientTransform | None = None,
                     frozen: Optional[str] = None,
                     personal: Optional[str] = None,
                     num_clients: Optional[int] = None,
                     proximal_mu: float = 0.0, unroll=1,
                     execution: core.Execution = core.Execution(),
-                    client_train=None,
+                    client_train=None, federated: bool = True,
                     name: str = 'fedavg', **algorithm_fields
                     ) -> core.FederatedAlgorithm:
   """Builds FedAvg over the ``global`` part of a params partition.
@@ -65,7 +67,10 @@ def fed_partitioned(model: base.Model,
       round for each client).
     server_optimizer: optax transform applied to ``-mean_delta`` of the global
       part.
-    aggregator: combines client deltas (default: example-weighted mean).
+    aggregator: combines the global parts' deltas (default: example-weighted
+      mean; `aggregators.gaussian` for DP-FedAvg), summed chunk by chunk.
+    transform: a `rounds.ClientTransform` of each client's message before
+      the aggregator's client step (None: none).
     frozen: regex of the leaves nobody trains (`param_groups.split`); they
       are `FederatedAlgorithm.frozen_part` and go to ``apply`` as ``frozen``.
     personal: regex of the leaves each client keeps in the store.
@@ -80,16 +85,19 @@ def fed_partitioned(model: base.Model,
       batches, mask, keys, frozen, window) -> ClientOutput`` whose ``delta``
       covers the global and the personal leaves; ``global_params`` is
       unbatched, ``personal_rows`` the cohort's rows ``[k, ...]``.
+    federated: False where the global part is empty (local-only training:
+      nothing is sent, so there is nothing for a DP aggregator to protect).
     name: for metrics and checkpoints.
     **algorithm_fields: further `core.FederatedAlgorithm` fields
       (``finetune``, ``has_global_model``).
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
-  if aggregator.finalize is None:
+  if aggregator.needs != 'sum':
     raise ValueError(
-        f'{name} aggregates the sums of weighted deltas (chunked, packed or '
-        'sharded); its aggregator has no finalize(weighted_sum, total, '
-        'state).')
+        f"{name} sums the clients' messages chunk by chunk (chunked, packed "
+        f'or sharded); aggregator {aggregator.name!r} needs every message at '
+        'once.')
+  hooked = aggregator.client is not None or transform is not None
   train = client_updates.local_training(model, client_optimizer,
                                         proximal_mu=proximal_mu, unroll=unroll)
   packed_train = client_updates.packed_training(
@@ -117,7 +125,7 @@ def fed_partitioned(model: base.Model,
   def unpacked_sums(lanes, shared, lo, k, num_slots):
     """Clients ``lo:lo + k`` of an unpacked cohort -> the round's sums (the
     per-client ones indexed by cohort slot, ``[num_slots]``)."""
-    params, client_states, frozen_params, key = shared
+    params, client_states, frozen_params, key, agg_state = shared
     ids, slot, weight = (core.take(lanes[n], lo, k)
                          for n in ('ids', 'slot', 'weight'))
     has_personal = bool(jax.tree.leaves(client_states))
@@ -134,7 +142,9 @@ def fed_partitioned(model: base.Model,
     delta = param_groups.select(out.delta, global_paths.__contains__)
     to_slots = lambda v: jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[
         slot].add(v)
-    sums = {'delta': aggregators_lib.weighted_sum(delta, weight),
+    messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
+                                   transform)
+    sums = {'delta': messages.pop('message'), 'agg': messages,
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
             'examples': to_slots(jnp.sum(core.take(lanes['mask'], lo, k),
@@ -146,15 +156,20 @@ def fed_partitioned(model: base.Model,
     return sums
 
   def packed_sums(lanes, shared, lo, k):
-    params, _, frozen_params, key, ids, weight = shared
+    params, _, frozen_params, key, ids, weight, agg_state = shared
+    sums_fn = None
+    if hooked:
+      sums_fn = lambda deltas, w, lane_keys: rounds.message_sums(
+          aggregator, agg_state, deltas, w, lane_keys, transform)
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
-                       frozen=frozen_params, window=(lo, k))
-    return {'delta': out.weighted_delta, 'loss_sum': out.loss_sum,
-            'count': out.count, 'num_steps': out.num_steps,
-            'examples': out.examples}
+                       frozen=frozen_params, window=(lo, k), sums_fn=sums_fn)
+    return {'delta': out.weighted_delta, 'agg': out.sums,
+            'loss_sum': out.loss_sum, 'count': out.count,
+            'num_steps': out.num_steps, 'examples': out.examples}
 
   def apply(state: core.ServerState, cohort, key, frozen_params=None):
     ids = cohort.client_ids
+    weight = rounds.client_weights(aggregator, cohort.weight)
     has_personal = bool(jax.tree.leaves(state.client_states))
     if isinstance(cohort, cohort_lib.PackedCohort):
       if has_personal or client_train is not None:
@@ -165,33 +180,26 @@ def fed_partitioned(model: base.Model,
           'batches', 'mask', 'slot', 'local_step', 'first', 'last')}
       sums = core.sum_over_clients(
           packed_sums, lanes, (state.params, (), frozen_params, key, ids,
-                               cohort.weight), execution)
+                               weight, state.agg_state), execution)
     else:
       num_slots = ids.shape[0]
-      lanes = {'ids': ids, 'slot': jnp.arange(num_slots),
-               'weight': cohort.weight, 'batches': cohort.batches,
-               'mask': cohort.mask}
+      lanes = {'ids': ids, 'slot': jnp.arange(num_slots), 'weight': weight,
+               'batches': cohort.batches, 'mask': cohort.mask}
       sums = core.sum_over_clients(
-          functools.partial(unpacked_sums, num_slots=num_slots), lanes, (state.params, state.client_states,
-                                 frozen_params, key), execution)
+          functools.partial(unpacked_sums, num_slots=num_slots), lanes,
+          (state.params, state.client_states, frozen_params, key,
+           state.agg_state), execution)
     if has_personal:
       client_states = store.scatter(state.client_states, ids,
                                     sums['personal'], ids >= 0)
     else:
       client_states = state.client_states
-    mean_delta, agg_state = aggregator.finalize(
-        sums['delta'], jnp.sum(cohort.weight), state.agg_state)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, sums['loss_sum'], sums['count'],
-                                 sums['num_steps'], mean_delta,
-                                 sums['examples'])
-    size = param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(cohort, size, size))
-    return state._replace(params=params, opt_state=opt_state,
-                          agg_state=agg_state, round=state.round + 1,
-                          client_states=client_states), metrics
+    return rounds.finish(
+        state, cohort, key, aggregator, server_optimizer,
+        {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},
+        loss_sum=sums['loss_sum'], count=sums['count'],
+        num_steps=sums['num_steps'], examples=sums['examples'],
+        client_states=client_states)
 
   def frozen_part(params):
     return split(params).frozen
@@ -205,6 +213,11 @@ def fed_partitioned(model: base.Model,
       return core.EvalView(full)
     return core.EvalView(full, shared, state.client_states)
 
+  capabilities = core.Capabilities(
+      chunked=True, sharded=True,
+      packed=personal is None and client_train is None,
+      personal_state=personal is not None, private=federated)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
+                             capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,
                              **algorithm_fields)

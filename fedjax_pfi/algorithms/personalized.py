@@ -41,6 +41,7 @@ from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store
 from fedjax_pfi.models import base
 
@@ -122,7 +123,9 @@ def fedrep_training(model: base.Model,
 
 def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
           server_optimizer: optax.GradientTransformation, num_clients: int, *,
-          lam: float, unroll=1, name: str = 'ditto') -> core.FederatedAlgorithm:
+          lam: float, unroll=1,
+          aggregator: aggregators_lib.Aggregator | None = None,
+          name: str = 'ditto') -> core.FederatedAlgorithm:
   """Ditto with FedAvg as the global solver (Li et al. 2021, Algorithm 1).
 
   A round: each sampled client trains a copy of the global ``w`` on its
@@ -131,10 +134,12 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
   same batches with the gradient of ``lam/2 ||v_i - w||^2`` added, ``w``
   being the model broadcast this round. ``v_i`` starts as the initial
   params. Evaluation uses each client's ``v_i``; ``w`` is the global model.
+  ``aggregator`` combines the deltas of ``w`` (DP-FedAvg clips and noises
+  them; ``v_i`` never leaves the client).
   """
   if lam < 0:
     raise ValueError(f'ditto lambda must be >= 0, got {lam}.')
-  aggregator = aggregators_lib.weighted_mean()
+  aggregator = aggregator or aggregators_lib.weighted_mean()
   train = client_updates.local_training(model, client_optimizer,
                                         unroll=unroll)
   personal_train = client_updates.local_training(
@@ -158,9 +163,12 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
     client_states = store.scatter(
         state.client_states, ids, jax.tree.map(jnp.add, mine, own.delta),
         ids >= 0)
-    state, metrics = core.fedavg_server_update(
-        state, cohort, out.delta, aggregator, server_optimizer, out.loss_sum,
-        out.count, out.num_steps, client_states)
+    sums = rounds.cohort_sums(aggregator, state.agg_state, out.delta, cohort,
+                              key)
+    state, metrics = rounds.finish(
+        state, cohort, key, aggregator, server_optimizer, sums,
+        loss_sum=out.loss_sum, count=out.count, num_steps=out.num_steps,
+        client_states=client_states)
     metrics['personal_train_loss'] = jnp.sum(own.loss_sum) / jnp.maximum(
         jnp.sum(own.count), 1.0)
     return state, metrics
@@ -169,6 +177,8 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
     del frozen
     return core.EvalView(state.params, None, state.client_states)
 
-  return core.make_algorithm(init, apply, name, eval_view=eval_view,
-                             combine=lambda shared, mine: mine)
+  return core.make_algorithm(
+      init, apply, name,
+      capabilities=core.Capabilities(personal_state=True, private=True),
+      eval_view=eval_view, combine=lambda shared, mine: mine)
 

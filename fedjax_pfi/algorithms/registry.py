@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import clustered
 from fedjax_pfi.algorithms import core
@@ -73,23 +74,29 @@ LORA_PARTITIONS = {
     'local_lora': (r'^base/', r'^lora/'),
 }
 HETERO_LORA = ('flora', 'hetlora')
-# Personalized FL (`personalized`); those keeping per-client state:
-PERSONAL_STATE = ('local_only', 'fedper', 'lg_fedavg', 'fedrep', 'ditto',
-                  'apfl', 'pfedme', 'fedrap')
-# Their own rounds (not partitions): one device, unchunked, unpacked.
-OWN_ROUNDS = ('ditto', 'apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf',
-              'ifca', 'hypcluster', 'fedrap')
-PLAIN_SGD = ('apfl', 'pfedme', 'perfedavg_fo', 'perfedavg_hf', 'fedrap')
-PERSONALIZED = (('fedavg_ft', 'fedbabu') + PERSONAL_STATE +
-                ('perfedavg_fo', 'perfedavg_hf', 'ifca', 'hypcluster'))
-ALGORITHMS = (('fedavg', 'fedprox', 'scaffold') + tuple(LORA_PARTITIONS) +
-              HETERO_LORA + PERSONALIZED)
 
 
 class Built(NamedTuple):
   algorithm: core.FederatedAlgorithm
   model: base.Model            # what the clients train
   init_params: Callable[[Any], Any]  # key -> the params `algorithm.init` takes
+
+
+class Context(NamedTuple):
+  """What every builder reads: the config and what is built from it."""
+  config: Any
+  base_model: base.Model
+  num_clients: int
+  execution: core.Execution
+  server: Any            # the server optimizer
+  unroll: Any
+  aggregator: Any        # None: the algorithm's own (the weighted mean)
+
+  def client_optimizer(self):
+    cl = self.config.client
+    return client_updates.client_optimizer(
+        cl.optimizer, cl.learning_rate, momentum=cl.momentum,
+        lr_scales=cl.lr_scales)
 
 
 def parse_unroll(value) -> int | bool:
@@ -129,177 +136,222 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
   return lora.assign_ranks(num_clients, ranks, seed)
 
 
-# Algorithms whose rounds run chunked, packed or sharded (`core.Execution`):
-# the rest aggregate something other than a weighted sum of deltas.
-SCALABLE = (('fedavg', 'fedprox') + tuple(LORA_PARTITIONS) +
-            tuple(n for n in PERSONALIZED if n not in OWN_ROUNDS))
+# -- the builders, one per family ------------------------------------------------
 
 
-def build(config, base_model: base.Model, num_clients: int,
-          execution: core.Execution = core.Execution()) -> Built:
-  """The algorithm a config names (errors before any tracing)."""
-  name = config.algorithm
-  if name not in ALGORITHMS:
-    raise ValueError(f'unknown algorithm {name!r}; accepted: '
-                     f'{", ".join(ALGORITHMS)}.')
-  if name not in SCALABLE and (execution != core.Execution() or int(
-      config.get('execution', {}).get('pack_lanes', 0) or 0)):
+def _fedavg(name: str, ctx: Context) -> Built:
+  cl = ctx.config.client
+  alg = fedavg.fed_opt(ctx.base_model, ctx.client_optimizer(), ctx.server,
+                       ctx.aggregator, proximal_mu=cl.proximal_mu,
+                       unroll=ctx.unroll, execution=ctx.execution, name=name)
+  return Built(alg, ctx.base_model, ctx.base_model.init)
+
+
+def _scaffold(name: str, ctx: Context) -> Built:
+  alg = scaffold.scaffold(ctx.base_model, ctx.config.client.learning_rate,
+                          ctx.server, ctx.num_clients, unroll=ctx.unroll)
+  return Built(alg, ctx.base_model, ctx.base_model.init)
+
+
+def _lora_partition(name: str, ctx: Context) -> Built:
+  model = lora.lora_model(ctx.base_model, lora_config(ctx.config.peft))
+  frozen, personal = LORA_PARTITIONS[name]
+  alg = partitioned.fed_partitioned(
+      model, ctx.client_optimizer(), ctx.server, ctx.aggregator, frozen=frozen,
+      personal=personal, num_clients=ctx.num_clients, unroll=ctx.unroll,
+      execution=ctx.execution, federated=name != 'local_lora', name=name)
+  return Built(alg, model, model.init)
+
+
+def _flora(name: str, ctx: Context) -> Built:
+  cfg = lora_config(ctx.config.peft)
+  ranks = client_ranks(ctx.config.peft, ctx.num_clients, ctx.config.seed)
+  alg = hetero_lora.flora(ctx.base_model, cfg, ctx.client_optimizer(),
+                          ctx.server, ranks, unroll=ctx.unroll)
+  return Built(alg, ctx.base_model, ctx.base_model.init)
+
+
+def _hetlora(name: str, ctx: Context) -> Built:
+  peft = ctx.config.peft
+  cfg = lora_config(peft)
+  ranks = client_ranks(peft, ctx.num_clients, ctx.config.seed)
+  model = lora.lora_model(ctx.base_model, cfg)
+  alg = hetero_lora.hetlora(
+      model, cfg, ctx.client_optimizer(), ctx.server, ranks,
+      prune_gamma=float(peft.prune_gamma),
+      prune_lambda=float(peft.prune_lambda), unroll=ctx.unroll)
+  return Built(alg, model, model.init)
+
+
+def _ditto(name: str, ctx: Context) -> Built:
+  alg = personalized.ditto(
+      ctx.base_model, ctx.client_optimizer(), ctx.server, ctx.num_clients,
+      lam=float(ctx.config.personalization.ditto_lambda), unroll=ctx.unroll,
+      aggregator=ctx.aggregator)
+  return Built(alg, ctx.base_model, ctx.base_model.init)
+
+
+def _meta_mixed(name: str, ctx: Context) -> Built:
+  pc, lr = ctx.config.personalization, float(ctx.config.client.learning_rate)
+  m, agg = ctx.base_model, ctx.aggregator
+  if name == 'apfl':
+    alg = meta_mixed.apfl(m, lr, ctx.server, ctx.num_clients,
+                          alpha=float(pc.apfl_alpha), aggregator=agg)
+  elif name == 'pfedme':
+    alg = meta_mixed.pfedme(
+        m, lr, ctx.server, ctx.num_clients, lam=float(pc.pfedme_lambda),
+        inner_steps=int(pc.pfedme_inner_steps),
+        personal_lr=float(pc.pfedme_personal_lr) or lr, aggregator=agg)
+  else:
+    alg = meta_mixed.per_fedavg(
+        m, lr, ctx.server, alpha=float(pc.perfedavg_alpha),
+        hessian_free=name == 'perfedavg_hf', aggregator=agg, name=name)
+  return Built(alg, m, m.init)
+
+
+def _fedrap(name: str, ctx: Context) -> Built:
+  pc, cl = ctx.config.personalization, ctx.config.client
+  lr = float(cl.learning_rate)
+  scales = client_updates.parse_lr_scales(cl.lr_scales)
+  item_lr = {client_updates.lr_scale(scales, f'{k}/embedding')
+             for k in ('personal_items', 'global_items')}
+  if len(item_lr) > 1:
+    raise ValueError(
+        f'client.lr_scales={cl.lr_scales!r} gives the two item tables '
+        'different steps; FedRAP steps both with one item lr.')
+  if client_updates.lr_scale(scales, 'score/kernel') != 1.0:
+    raise ValueError(
+        f'client.lr_scales={cl.lr_scales!r} scales the user embedding; its '
+        'step is client.learning_rate.')
+  alg = fedrap.fedrap(
+      ctx.base_model, ctx.server, ctx.num_clients, lr=lr,
+      item_lr=lr * item_lr.pop(), lam=float(pc.fedrap_lambda),
+      mu=float(pc.fedrap_mu), weight_decay=float(pc.fedrap_weight_decay),
+      lr_decay=float(pc.fedrap_lr_decay),
+      step_decay=float(pc.fedrap_step_decay),
+      curriculum=str(pc.fedrap_curriculum), aggregator=ctx.aggregator)
+  fedrap.split(jax.eval_shape(ctx.base_model.init, jax.random.key(0)))
+  return Built(alg, ctx.base_model, ctx.base_model.init)
+
+
+def _ifca(name: str, ctx: Context) -> Built:
+  k = int(ctx.config.personalization.num_clusters)
+  init = clustered.stack_inits(ctx.base_model.init, k)
+  alg = clustered.ifca(ctx.base_model, ctx.client_optimizer(), ctx.server,
+                       ctx.num_clients, num_clusters=k, unroll=ctx.unroll,
+                       aggregator=ctx.aggregator, name=name)
+  return Built(alg, ctx.base_model, init)
+
+
+def _partition(name: str, ctx: Context) -> Built:
+  """The personalized algorithms that are partitions (`personalized`)."""
+  m, opt = ctx.base_model, ctx.client_optimizer()
+  shapes = jax.eval_shape(m.init, jax.random.key(0))
+  pc = ctx.config.personalization
+  head = str(pc.head or '') or personalized.head_pattern(m, shapes)
+  param_groups.split(shapes, head)  # a head that matches nothing fails here
+  kw = dict(num_clients=ctx.num_clients, unroll=ctx.unroll,
+            execution=ctx.execution, name=name)
+  fed = lambda **more: partitioned.fed_partitioned(
+      m, opt, ctx.server, ctx.aggregator, **kw, **more)
+  if name == 'fedavg_ft':
+    alg = fed(finetune='trainable')
+  elif name == 'fedbabu':
+    alg = fed(frozen=head, finetune='all')
+  elif name == 'local_only':
+    alg = fed(personal='.', has_global_model=False, federated=False)
+  elif name == 'fedper':
+    alg = fed(personal=head, has_global_model=False)
+  elif name == 'lg_fedavg':
+    alg = fed(personal=personalized.body_pattern(head), has_global_model=False)
+  else:  # fedrep
+    alg = fed(personal=head, has_global_model=False,
+              client_train=personalized.fedrep_training(
+                  m, opt, head_epochs=int(pc.head_epochs),
+                  epochs=int(ctx.config.client.epochs), unroll=ctx.unroll))
+  return Built(alg, m, m.init)
+
+
+BUILDERS: dict[str, Callable[[str, Context], Built]] = {
+    'fedavg': _fedavg, 'fedprox': _fedavg, 'scaffold': _scaffold,
+    **{n: _lora_partition for n in LORA_PARTITIONS},
+    'flora': _flora, 'hetlora': _hetlora,
+    **{n: _partition for n in ('local_only', 'fedavg_ft', 'fedper',
+                               'lg_fedavg', 'fedrep', 'fedbabu')},
+    'ditto': _ditto,
+    **{n: _meta_mixed for n in ('apfl', 'pfedme', 'perfedavg_fo',
+                                'perfedavg_hf')},
+    'ifca': _ifca, 'hypcluster': _ifca, 'fedrap': _fedrap,
+}
+ALGORITHMS = tuple(BUILDERS)
+
+
+def check(config, alg: core.FederatedAlgorithm,
+          execution: core.Execution) -> None:
+  """Refuses, by name and before tracing, what ``alg``'s capabilities
+  (`core.Capabilities`) rule out for ``config``."""
+  name, caps = alg.name, alg.capabilities
+  lanes = int(config.get('execution', {}).get('pack_lanes', 0) or 0)
+  if ((execution.chunk_size is not None and not caps.chunked) or
+      (execution.mesh is not None and not caps.sharded) or
+      (lanes and not caps.packed and not caps.chunked)):
     raise ValueError(
         f'algorithm {name!r} runs on one device, unchunked and unpacked (its '
         'server step needs every client\'s update, not only their weighted '
-        f'sum); execution.* options work with {", ".join(SCALABLE)}.')
-  personal = (name in LORA_PARTITIONS and LORA_PARTITIONS[name][1] is not None
-              or name in PERSONAL_STATE)
-  if personal and int(config.get('execution', {}).get('pack_lanes', 0) or 0):
+        'sum); execution.* options work with the algorithms whose round sums '
+        'the clients\' messages: the FedAvg family, the LoRA partitions and '
+        'the personalized partitions.')
+  if lanes and not caps.packed:
     raise ValueError(
         f'algorithm {name!r} keeps personal state per client, which packed '
         'lanes do not carry; set execution.pack_lanes=0 (chunking and '
         'sharding work).')
+  cl = config.client
+  if caps.plain_sgd and (cl.optimizer != 'sgd' or cl.momentum):
+    raise ValueError(f'{name} {caps.plain_sgd}; got client optimizer '
+                     f'{cl.optimizer!r} with momentum {cl.momentum}.')
+  if not caps.lr_scales and cl.lr_scales:
+    raise ValueError(f'client.lr_scales={cl.lr_scales!r}: {name} takes one '
+                     "step size for every leaf; set client.lr_scales=''.")
+
+
+def build(config, base_model: base.Model, num_clients: int,
+          execution: core.Execution = core.Execution(),
+          aggregator: aggregators_lib.Aggregator | None = None) -> Built:
+  """The algorithm a config names (errors before any tracing).
+
+  ``aggregator``: combines the federated part's messages (None: the
+  algorithm's own, the weighted mean); `check` refuses it for an
+  algorithm that does not aggregate deltas a DP aggregator could protect.
+  """
+  name = config.algorithm
+  if name not in BUILDERS:
+    raise ValueError(f'unknown algorithm {name!r}; accepted: '
+                     f'{", ".join(ALGORITHMS)}.')
   cl, sv = config.client, config.server
-  server = server_optimizers.server_optimizer(
-      sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
-      b2=sv.b2, tau=sv.tau)
-  unroll = parse_unroll(cl.unroll)
-  if name == 'scaffold':
-    if cl.optimizer != 'sgd' or cl.momentum:
-      raise ValueError(
-          'scaffold needs plain client SGD (its control-variate update divides'
-          f' by K * lr); got client optimizer {cl.optimizer!r} with momentum '
-          f'{cl.momentum}.')
-    alg = scaffold.scaffold(base_model, cl.learning_rate, server, num_clients,
-                            unroll=unroll)
-    return Built(alg, base_model, base_model.init)
   if name != 'fedprox' and cl.proximal_mu:
     raise ValueError(
         f'client.proximal_mu={cl.proximal_mu} is FedProx; set '
         "--config.algorithm=fedprox (or proximal_mu=0).")
-  opt = client_updates.client_optimizer(cl.optimizer, cl.learning_rate,
-                                        momentum=cl.momentum,
-                                        lr_scales=cl.lr_scales)
-  if name in PERSONALIZED:
-    return _personalized(name, config, base_model, opt, server, num_clients,
-                         unroll, execution)
-  if name in ('fedavg', 'fedprox'):
-    alg = fedavg.fed_opt(base_model, opt, server, proximal_mu=cl.proximal_mu,
-                         unroll=unroll, execution=execution, name=name)
-    return Built(alg, base_model, base_model.init)
-  cfg = lora_config(config.peft)
   if str(config.peft.client_ranks or '') and name not in HETERO_LORA:
     raise ValueError(
         f'peft.client_ranks={config.peft.client_ranks!r} gives clients '
         f'different ranks, which only {", ".join(HETERO_LORA)} support; '
-        f'algorithm {name!r} gives every client rank {cfg.rank}.')
+        f'algorithm {name!r} gives every client rank {config.peft.rank}.')
   if config.peft.prune_lambda and name != 'hetlora':
     raise ValueError(f'peft.prune_lambda={config.peft.prune_lambda} is '
                      f"HetLoRA's self-pruning; algorithm {name!r} has none.")
-  if name in LORA_PARTITIONS:
-    model = lora.lora_model(base_model, cfg)
-    frozen, personal = LORA_PARTITIONS[name]
-    alg = partitioned.fed_partitioned(
-        model, opt, server, frozen=frozen, personal=personal,
-        num_clients=num_clients, unroll=unroll, execution=execution,
-        name=name)
-    return Built(alg, model, model.init)
-  ranks = client_ranks(config.peft, num_clients, config.seed)
-  if name == 'flora':
-    alg = hetero_lora.flora(base_model, cfg, opt, server, ranks,
-                            unroll=unroll)
-    return Built(alg, base_model, base_model.init)
-  model = lora.lora_model(base_model, cfg)
-  alg = hetero_lora.hetlora(
-      model, cfg, opt, server, ranks,
-      prune_gamma=float(config.peft.prune_gamma),
-      prune_lambda=float(config.peft.prune_lambda), unroll=unroll)
-  return Built(alg, model, model.init)
-
-
-def _personalized(name, config, base_model, opt, server, num_clients, unroll,
-                  execution) -> Built:
-  """The personalized algorithms (`personalized`) on the base model."""
-  pc = config.personalization
-  cl = config.client
-  if name in PLAIN_SGD and (cl.optimizer != 'sgd' or cl.momentum):
+  server = server_optimizers.server_optimizer(
+      sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
+      b2=sv.b2, tau=sv.tau)
+  ctx = Context(config, base_model, num_clients, execution, server,
+                parse_unroll(cl.unroll), aggregator)
+  built = BUILDERS[name](name, ctx)
+  check(config, built.algorithm, execution)
+  if aggregator is not None and not built.algorithm.capabilities.private:
     raise ValueError(
-        f'{name} takes the paper\'s plain SGD steps (client.learning_rate is '
-        f'its step size); got client optimizer {cl.optimizer!r} with '
-        f'momentum {cl.momentum}.')
-  if name in PLAIN_SGD and name != 'fedrap' and cl.lr_scales:
-    raise ValueError(f'client.lr_scales={cl.lr_scales!r}: {name} takes one '
-                     "step size for every leaf; set client.lr_scales=''.")
-  lr = float(cl.learning_rate)
-  if name == 'ditto':
-    alg = personalized.ditto(base_model, opt, server, num_clients,
-                             lam=float(pc.ditto_lambda), unroll=unroll)
-    return Built(alg, base_model, base_model.init)
-  if name == 'apfl':
-    alg = meta_mixed.apfl(base_model, lr, server, num_clients,
-                          alpha=float(pc.apfl_alpha))
-    return Built(alg, base_model, base_model.init)
-  if name == 'pfedme':
-    alg = meta_mixed.pfedme(
-        base_model, lr, server, num_clients, lam=float(pc.pfedme_lambda),
-        inner_steps=int(pc.pfedme_inner_steps),
-        personal_lr=float(pc.pfedme_personal_lr) or lr)
-    return Built(alg, base_model, base_model.init)
-  if name in ('perfedavg_fo', 'perfedavg_hf'):
-    alg = meta_mixed.per_fedavg(
-        base_model, lr, server, alpha=float(pc.perfedavg_alpha),
-        hessian_free=name == 'perfedavg_hf', name=name)
-    return Built(alg, base_model, base_model.init)
-  if name == 'fedrap':
-    scales = client_updates.parse_lr_scales(cl.lr_scales)
-    item_lr = {client_updates.lr_scale(scales, f'{k}/embedding')
-               for k in ('personal_items', 'global_items')}
-    if len(item_lr) > 1:
-      raise ValueError(
-          f'client.lr_scales={cl.lr_scales!r} gives the two item tables '
-          'different steps; FedRAP steps both with one item lr.')
-    if client_updates.lr_scale(scales, 'score/kernel') != 1.0:
-      raise ValueError(
-          f'client.lr_scales={cl.lr_scales!r} scales the user embedding; its '
-          'step is client.learning_rate.')
-    alg = fedrap.fedrap(
-        base_model, server, num_clients, lr=lr,
-        item_lr=lr * item_lr.pop(), lam=float(pc.fedrap_lambda),
-        mu=float(pc.fedrap_mu), weight_decay=float(pc.fedrap_weight_decay),
-        lr_decay=float(pc.fedrap_lr_decay),
-        step_decay=float(pc.fedrap_step_decay),
-        curriculum=str(pc.fedrap_curriculum))
-    fedrap.split(jax.eval_shape(base_model.init, jax.random.key(0)))
-    return Built(alg, base_model, base_model.init)
-  if name in ('ifca', 'hypcluster'):
-    k = int(pc.num_clusters)
-    init = clustered.stack_inits(base_model.init, k)
-    alg = clustered.ifca(base_model, opt, server, num_clients, num_clusters=k,
-                         unroll=unroll, name=name)
-    return Built(alg, base_model, init)
-  shapes = jax.eval_shape(base_model.init, jax.random.key(0))
-  head = str(pc.head or '') or personalized.head_pattern(
-      base_model, shapes)
-  param_groups.split(shapes, head)  # a head that matches nothing fails here
-  kw = dict(num_clients=num_clients, unroll=unroll, execution=execution,
-            name=name)
-  if name == 'fedavg_ft':
-    alg = partitioned.fed_partitioned(base_model, opt, server,
-                                      finetune='trainable', **kw)
-  elif name == 'fedbabu':
-    alg = partitioned.fed_partitioned(base_model, opt, server, frozen=head,
-                                      finetune='all', **kw)
-  elif name == 'local_only':
-    alg = partitioned.fed_partitioned(base_model, opt, server, personal='.',
-                                      has_global_model=False, **kw)
-  elif name == 'fedper':
-    alg = partitioned.fed_partitioned(base_model, opt, server, personal=head,
-                                      has_global_model=False, **kw)
-  elif name == 'lg_fedavg':
-    alg = partitioned.fed_partitioned(
-        base_model, opt, server, personal=personalized.body_pattern(head),
-        has_global_model=False, **kw)
-  else:  # fedrep
-    alg = partitioned.fed_partitioned(
-        base_model, opt, server, personal=head,
-        client_train=personalized.fedrep_training(
-            base_model, opt, head_epochs=int(pc.head_epochs),
-            epochs=int(config.client.epochs), unroll=unroll),
-        has_global_model=False, **kw)
-  return Built(alg, base_model, base_model.init)
+        f'aggregator {aggregator.name!r} cannot be used with algorithm '
+        f'{name!r}: it aggregates no federated part whose client deltas the '
+        'aggregator sees (it sends nothing, or combines its clients\' '
+        'updates its own way).')
+  return built

@@ -23,8 +23,16 @@ from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import store as store_lib
 from fedjax_pfi.models import base
+
+
+# Its control variates are sent too, and they are not clipped: no DP.
+CAPABILITIES = core.Capabilities(
+    personal_state=True, lr_scales=False,
+    plain_sgd='needs plain client SGD (its control-variate update divides by '
+    'K * lr)')
 
 
 def scaffold(model: base.Model, client_learning_rate: float,
@@ -82,17 +90,13 @@ def scaffold(model: base.Model, client_learning_rate: float,
     c = jax.tree.map(lambda cg, d: cg + d / num_clients, c, dc_sum)
     store = store_lib.scatter(state.client_states, ids, c_i_new, real)
 
-    mean_delta, agg_state = aggregator.aggregate(out.delta, cohort.weight,
-                                                 state.agg_state)
-    updates, opt_state = server_optimizer.update(
-        jax.tree.map(jnp.negative, mean_delta), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = core.round_metrics(cohort, out.loss_sum, out.count,
-                                 out.num_steps, mean_delta)
+    sums = rounds.cohort_sums(aggregator, state.agg_state, out.delta, cohort,
+                              key)
     # Each client receives (x, c) and sends (delta y, delta c_i).
     size = 2 * param_groups.num_bytes(state.params)
-    metrics.update(core.comm_metrics(cohort, size, size))
-    return core.ServerState(params, opt_state, agg_state, state.round + 1,
-                            {'c': c}, store), metrics
+    return rounds.finish(state, cohort, key, aggregator, server_optimizer,
+                         sums, loss_sum=out.loss_sum, count=out.count,
+                         num_steps=out.num_steps, download=size, upload=size,
+                         extra={'c': c}, client_states=store)
 
-  return core.make_algorithm(init, apply, name)
+  return core.make_algorithm(init, apply, name, capabilities=CAPABILITIES)

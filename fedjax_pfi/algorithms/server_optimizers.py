@@ -79,5 +79,3 @@ def server_optimizer(name: str, learning_rate: float = 1.0,
       f'unknown server optimizer {name!r}; accepted: fedavg, fedavgm, '
       'fedadagrad, fedadam, fedyogi.')
 
-
-SERVER_OPTIMIZERS = ('fedavg', 'fedavgm', 'fedadagrad', 'fedadam', 'fedyogi')

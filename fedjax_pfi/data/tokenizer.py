@@ -4,8 +4,9 @@
   padding, so ``vocab_size = 257``. No vocabulary file, nothing to download,
   every string encodes losslessly. The embedded default foundation model uses
   it.
-- ``'char'``: the 98-symbol LEAF Shakespeare vocabulary of
-  `fedjax_pfi.data.shakespeare` (padding 0, out-of-vocabulary 1).
+- ``'char'``: the 98-symbol LEAF Shakespeare vocabulary (``VOCAB``;
+  padding 0, out-of-vocabulary 1), which `fedjax_pfi.data.shakespeare`
+  re-exports.
 - a directory holding a Hugging Face ``tokenizer.json`` (`HFTokenizer`), read
   with the ``tokenizers`` package when it is installed, e.g. the tokenizer
   that ships beside a pretrained checkpoint.
@@ -18,6 +19,7 @@ loss.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable, Optional
 
 import numpy as np
@@ -39,21 +41,46 @@ class ByteTokenizer:
         'utf-8', errors='replace')
 
 
-class CharTokenizer:
-  """The LEAF Shakespeare character vocabulary (see `shakespeare.VOCAB`)."""
-  name = 'char'
+# -- the LEAF Shakespeare character vocabulary ---------------------------------
 
-  def __init__(self):
-    from fedjax_pfi.data import shakespeare  # pylint: disable=g-import-not-at-top
-    self._lib = shakespeare
-    self.pad_id = shakespeare.PAD_ID
-    self.vocab_size = shakespeare.VOCAB_SIZE
+PAD_ID = 0
+OOV_ID = 1
+VOCAB = ('<pad>', '<oov>', '\n') + tuple(chr(c) for c in range(32, 127))
+VOCAB_SIZE = len(VOCAB)
+NORMALIZE = {'\u2014': '--', '\u2013': '-', '\u2018': "'", '\u2019': "'",
+             '\u201c': '"', '\u201d': '"'}
+
+_TABLE = np.full(128, OOV_ID, np.int32)
+_TABLE[ord('\n')] = 2
+_TABLE[32:127] = np.arange(3, VOCAB_SIZE)
+_NORMALIZE_RE = re.compile('|'.join(NORMALIZE))
+
+
+def encode_chars(text: str) -> np.ndarray:
+  """Character ids int32 ``[len]`` of ``text`` (after ``NORMALIZE``)."""
+  text = _NORMALIZE_RE.sub(lambda m: NORMALIZE[m.group(0)], text)
+  cp = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+  return np.where(cp < 128, _TABLE[np.minimum(cp, 127)], OOV_ID).astype(
+      np.int32)
+
+
+def decode_chars(ids: Iterable[int]) -> str:
+  """Text of ids; pads are dropped and OOV shows as U+FFFD."""
+  return ''.join('\ufffd' if i == OOV_ID else VOCAB[i]
+                 for i in np.asarray(ids).reshape(-1) if i != PAD_ID)
+
+
+class CharTokenizer:
+  """The LEAF Shakespeare character vocabulary (``VOCAB`` above)."""
+  name = 'char'
+  pad_id = PAD_ID
+  vocab_size = VOCAB_SIZE
 
   def encode(self, text: str) -> np.ndarray:
-    return self._lib.encode(text)
+    return encode_chars(text)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._lib.decode(ids)
+    return decode_chars(ids)
 
 
 _PAD_NAMES = ('<pad>', '[PAD]', '<|pad|>', '<|endoftext|>', '</s>')
@@ -106,9 +133,6 @@ class HFTokenizer:
                                       else ids).reshape(-1)
            if int(i) != self.pad_id]
     return self._tok.decode(ids)
-
-
-TOKENIZERS = ('byte', 'char')
 
 
 def load_tokenizer(spec: str, pad_token: Optional[str] = None):
