@@ -82,7 +82,8 @@ def row_of(metrics: dict, prefix: str = 'test/') -> dict:
 def trainable_params(exp, params) -> int:
   """Parameters a client trains: everything it does not hold frozen (for
   FLoRA and HetLoRA, the adapters of the largest rank)."""
-  count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))
+  def count(t):
+    return int(sum(x.size for x in jax.tree.leaves(t)))
   if exp.config.algorithm == 'flora':  # params are the base; adapters fresh
     r_max = int(algorithms.client_ranks(
         exp.config.peft, exp.splits.train.num_clients, exp.config.seed).max())
@@ -169,7 +170,8 @@ def write_table(workdir: str, rows: list[dict], config, ranks: str) -> None:
   for r in rows:
     share = (f'{r["bytes"] / full:.3f}' if full and r['method'] not in (
         'pretrained', 'centralized') else '-')
-    fmt = lambda v: '-' if v is None else f'{v:.3f}'
+    def fmt(v):
+      return '-' if v is None else f'{v:.3f}'
     lines.append(
         f'| {NAMES.get(r["method"], r["method"])} | '
         f'{fmt(r["client_accuracy_mean"])} | {fmt(r["client_accuracy_p10"])} '

@@ -173,7 +173,8 @@ def plot_dataset(directory: str, dataset: str, clients) -> None:
 
 
 def write_table(workdir: str, rows: list[dict]) -> None:
-  fmt = lambda v: '-' if v is None else f'{v:.3f}'
+  def fmt(v):
+    return '-' if v is None else f'{v:.3f}'
   lines = ['| dataset | algorithm | clients trained | client mean | client '
            'p10 | worst | gain vs FedAvg | hurt vs FedAvg | hurt vs local-only '
            '| held-out adapted | MB sent+received |',

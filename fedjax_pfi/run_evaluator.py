@@ -59,10 +59,12 @@ class RunEvaluator:
     opt = client_updates.client_optimizer(
         c.client.optimizer, c.client.learning_rate, momentum=c.client.momentum,
         lr_scales=c.client.lr_scales)
-    adapter = lambda epochs, opt=opt: personalization.Adapter(
-        model, opt, epochs=epochs, batch_size=c.client.batch_size,
-        clients_per_chunk=c.eval_clients_per_chunk,
-        eval_batch_size=c.eval_batch_size, seed=c.seed)
+    def adapter(epochs, opt=opt):
+      return personalization.Adapter(
+          model, opt, epochs=epochs, batch_size=c.client.batch_size,
+          clients_per_chunk=c.eval_clients_per_chunk,
+          eval_batch_size=c.eval_batch_size, seed=c.seed)
+
     ft_opt = opt if not exp.algorithm.finetune_lr else \
         client_updates.client_optimizer(
             c.client.optimizer, exp.algorithm.finetune_lr,
@@ -106,8 +108,10 @@ class RunEvaluator:
     for j, m in enumerate(on_train):
       loss[j, m.client_ids] = m.loss
     pick = np.argmin(loss[:, ids], axis=0)
-    take = lambda f: np.take_along_axis(
-        np.stack([getattr(m, f) for m in on_test]), pick[None], 0)[0]
+    def take(f):
+      return np.take_along_axis(
+          np.stack([getattr(m, f) for m in on_test]), pick[None], 0)[0]
+
     return evaluation.ClientMetrics(ids, take('loss_sum'), take('correct'),
                                     take('count'), on_test[0].num_examples)
 

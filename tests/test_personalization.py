@@ -221,8 +221,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path, algorithm):
   training.run(config, whole)
   training.run(config, split, stop_after=1)
   training.run(config, split)
-  strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(
-      'time/')} for r in rows]
+  def strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith('time/')}
+            for r in rows]
   assert strip(training.read_metrics(split)) == strip(
       training.read_metrics(whole))
   a, b = (personalization.load_clients(d)['personalized'] for d in (whole,

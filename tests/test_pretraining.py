@@ -62,8 +62,9 @@ def test_personalise_the_pretrained_model_and_resume(pretrained, tmp_path,
   training.run(config, full_dir)
   training.run(config, part_dir, stop_after=2)
   training.run(config, part_dir)
-  strip = lambda rows: [{k: v for k, v in r.items()
-                         if not k.startswith('time/')} for r in rows]
+  def strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith('time/')}
+            for r in rows]
   full = training.read_metrics(full_dir)
   assert strip(training.read_metrics(part_dir)) == strip(full)
   assert full[-1]['comm/upload_bytes_cumulative'] == sum(

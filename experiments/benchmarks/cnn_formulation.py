@@ -261,9 +261,9 @@ def bench_model(model_name, args):
     if not fed:
       continue
     ref = outs[fed[0]]
-    ref_norm = float(jnp.sqrt(sum(jnp.sum(l * l)
-                                  for l in jax.tree.leaves(ref))))
-    scale = max(float(jnp.max(jnp.abs(l))) for l in jax.tree.leaves(ref))
+    ref_norm = float(jnp.sqrt(sum(jnp.sum(leaf * leaf)
+                                  for leaf in jax.tree.leaves(ref))))
+    scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(ref))
     print(f'  {label} {float(lr_v):g}: mean delta vs {fed[0]} '
           f'(max |delta| {scale:.3e}, |delta| {ref_norm:.3e}):')
     for v in fed[1:]:

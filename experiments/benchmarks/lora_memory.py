@@ -135,7 +135,8 @@ def main(argv):
   cohorts = [int(c) for c in _COHORTS.value]
   _, init = build('lora')
   p = jax.eval_shape(init, jax.random.key(0))
-  nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  def nbytes(t):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
   model_b, adapter_b = nbytes(p['base']), nbytes(p['lora'])
   print(f'jax {jax.__version__}, {jax.default_backend()}; model dim '
         f'{_DIM.value} x {_LAYERS.value} layers, {model_b / 1e6:.2f} MB, adapters {adapter_b / 1e6:.3f} MB; batch '

@@ -249,7 +249,8 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
   def train(init_params, batches, mask, keys, correction=None, frozen=None,
             aux=None, window=None, anchor=None):
     num_clients = keys.shape[0]
-    batched = lambda t: None if t is None else 0
+    def batched(t):
+      return None if t is None else 0
     cohort_step = jax.vmap(
         client_step,
         in_axes=(0, 0, None if anchor is not None else 0, 0, 0, 0, None,
@@ -257,15 +258,16 @@ def local_training(model: base.Model, optimizer: optax.GradientTransformation,
     prox_to = init_params if anchor is None else anchor
 
     def body(carry, s):
-      at_step = lambda x: core_window(x, s, window)
+      def at_step(x):
+        return core_window(x, s, window)
       m = at_step(mask)
 
       def run(carry):
         params, opt_state, loss_sum, count, steps = carry
-        params, opt_state, l, n, active = cohort_step(
+        params, opt_state, loss, n, active = cohort_step(
             params, opt_state, prox_to, jax.tree.map(at_step, batches), m,
             keys, s, correction, frozen, aux)
-        return (params, opt_state, loss_sum + l, count + n,
+        return (params, opt_state, loss_sum + loss, count + n,
                 steps + active.astype(jnp.int32))
 
       return jax.lax.cond(jnp.any(m), run, lambda c: c, carry), None
@@ -347,8 +349,10 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
     step_all = jax.vmap(lane_step)
 
     def body(carry, t):
-      at = lambda x: jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False)
-      in_place = lambda x: core_window(x, t, window)
+      def at(x):
+        return jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False)
+      def in_place(x):
+        return core_window(x, t, window)
       m, slot, local_step = in_place(mask), at(meta['slot']), at(
           meta['local_step'])
       first, last = at(meta['first']), at(meta['last'])
@@ -356,8 +360,9 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
       # Each lax.cond carries only what it may change.
       def reset(po):
         params, opt_state = po
-        pick = lambda x0, x: jnp.where(
-            first.reshape((-1,) + (1,) * (x.ndim - 1)), x0[None], x)
+        def pick(x0, x):
+          return jnp.where(first.reshape((-1,) + (1,) * (x.ndim - 1)),
+                           x0[None], x)
         return (jax.tree.map(pick, init_params, params),
                 jax.tree.map(pick, opt0, opt_state))
 
@@ -367,12 +372,12 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
       zeros = jnp.zeros([num_lanes], jnp.float32)
 
       def run(po):
-        params, opt_state, l, n, active = step_all(
+        params, opt_state, loss, n, active = step_all(
             *po, jax.tree.map(in_place, lanes['batches']), m, slot,
             local_step)
-        return (params, opt_state), (l, n, active)
+        return (params, opt_state), (loss, n, active)
 
-      (params, opt_state), (l, n, active) = jax.lax.cond(
+      (params, opt_state), (loss, n, active) = jax.lax.cond(
           jnp.any(m), run,
           lambda po: (po, (zeros, zeros, jnp.zeros([num_lanes], bool))),
           (params, opt_state))
@@ -390,7 +395,7 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
             init_params)
 
       acc = jax.lax.cond(jnp.any(w != 0), accumulate, lambda a: a, acc)
-      return (params, opt_state, acc), (l, n, active, jnp.sum(m, axis=1))
+      return (params, opt_state, acc), (loss, n, active, jnp.sum(m, axis=1))
 
     params0 = jax.tree.map(
         lambda p: jnp.broadcast_to(p, (num_lanes,) + p.shape), init_params)
@@ -402,18 +407,19 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
           lambda a: jnp.zeros(a.shape, a.dtype),
           jax.eval_shape(sums_fn, params0, jnp.zeros([num_lanes], jnp.float32),
                          jax.random.split(jax.random.key(0), num_lanes)))
-    (_, _, acc), (l, n, active, ex) = over_steps(
+    (_, _, acc), (loss, n, active, ex) = over_steps(
         body, (params0, opt_lanes, acc0), core_take(mask, lo, num_lanes),
         unroll, ys=((jnp.float32,) * 2 + (bool, jnp.int32), num_lanes))
     # [T, L] per-step values -> per cohort slot [C].
     seg = jnp.where(meta['slot'] >= 0, meta['slot'], num_slots).T.reshape(-1)
-    per_slot = lambda v: jax.ops.segment_sum(
-        v.reshape(-1).astype(jnp.float32), seg, num_slots + 1)[:num_slots]
+    def per_slot(v):
+      return jax.ops.segment_sum(v.reshape(-1).astype(jnp.float32), seg,
+                                 num_slots + 1)[:num_slots]
     sums = {}
     if sums_fn is not None:
       sums = dict(acc)
       acc = sums.pop('message')
-    return PackedOutput(acc, per_slot(active).astype(jnp.int32), per_slot(l),
+    return PackedOutput(acc, per_slot(active).astype(jnp.int32), per_slot(loss),
                         per_slot(n), per_slot(ex), sums)
 
   return train

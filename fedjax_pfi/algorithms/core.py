@@ -256,7 +256,7 @@ def sum_over_clients(fn: Callable, lanes: Any, shared: Any,
                          '(Execution.slots).')
       zero = jax.tree.map(
           lambda a: jnp.zeros(a.shape, a.dtype),
-          jax.eval_shape(lambda l, s: fn(l, s, jnp.int32(0), k), lanes,
+          jax.eval_shape(lambda lanes_, s: fn(lanes_, s, jnp.int32(0), k), lanes,
                          shared))
 
       def body(acc, i):

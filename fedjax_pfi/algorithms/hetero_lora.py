@@ -185,7 +185,8 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
     tail = ((j >= lo) & (j < rank)).astype(jnp.float32)
     # sqrt(max(., tiny)): the tail of a fresh B is zero, where sqrt's
     # gradient is infinite.
-    norm = lambda x: jnp.sqrt(jnp.maximum(jnp.sum(x), 1e-30))
+    def norm(x):
+      return jnp.sqrt(jnp.maximum(jnp.sum(x), 1e-30))
     return sum(norm(jnp.square(a) * tail) * norm(jnp.square(b) * tail[:, None])
                for a, b in lora.pairs(adapters))
 

@@ -91,10 +91,10 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       'uniform' if uniform_mean else 'examples')
 
   def guarded(w, p, batch, m, key, s, r):  # a padded step leaves the client be
-    nw, np_, l, n = step(w, p, batch, m, key, s, *((r,) if with_round else ()))
+    nw, np_, loss, n = step(w, p, batch, m, key, s, *((r,) if with_round else ()))
     active = jnp.any(m)
     return (client_updates.tree_where(active, nw, w),
-            client_updates.tree_where(active, np_, p), l, n, active)
+            client_updates.tree_where(active, np_, p), loss, n, active)
 
   cohort_step = jax.vmap(guarded, in_axes=(0, 0, 0, 0, 0, None, None))
 
@@ -119,10 +119,10 @@ def personal_round(step: Step, server_optimizer: optax.GradientTransformation,
       def run(carry):
         w, p, loss_sum, count, steps = carry
         m = mask[:, s]
-        w, p, l, n, active = cohort_step(
+        w, p, loss, n, active = cohort_step(
             w, p, jax.tree.map(lambda x: x[:, s], cohort.batches), m, keys, s,
             state.round)
-        return w, p, loss_sum + l, count + n, steps + active.astype(jnp.int32)
+        return w, p, loss_sum + loss, count + n, steps + active.astype(jnp.int32)
       return jax.lax.cond(jnp.any(mask[:, s]), run, lambda x: x, carry), None
 
     w0 = store.broadcast(state.params, c)
@@ -231,7 +231,8 @@ def per_fedavg(model: base.Model, lr: float, server_optimizer, *,
     tmp = _axpy(-alpha, g1, w)
     (_, stats2), g2 = grad(tmp, batch, second, jax.random.fold_in(key, 1))
     if hessian_free:
-      g_at = lambda q: grad(q, batch, first, key)[1]
+      def g_at(q):
+        return grad(q, batch, first, key)[1]
       hv = jax.jvp(g_at, (w,), (g2,))[1]
       g2 = _axpy(-alpha, hv, g2)
     return (_axpy(-lr, g2, w), p,

@@ -105,9 +105,10 @@ def split(params: Params, frozen: Optional[str] = None,
     if rx is not None and not any(rx.search(p) for p in paths):
       raise ValueError(f'pattern {pattern!r} matches no parameter; the '
                        f'parameters are e.g. {paths[:6]}.')
-  is_frozen = lambda p: fz is not None and bool(fz.search(p))
-  is_personal = lambda p: (not is_frozen(p) and ps is not None and
-                           bool(ps.search(p)))
+  def is_frozen(p):
+    return fz is not None and bool(fz.search(p))
+  def is_personal(p):
+    return not is_frozen(p) and ps is not None and bool(ps.search(p))
   parts = Parts(select(params, is_frozen), select(
       params, lambda p: not is_frozen(p) and not is_personal(p)),
                 select(params, is_personal))

@@ -140,8 +140,8 @@ def fed_partitioned(model: base.Model,
                   frozen=frozen_params, window=(lo, k))
     global_paths = set(param_groups.leaf_paths(params))
     delta = param_groups.select(out.delta, global_paths.__contains__)
-    to_slots = lambda v: jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[
-        slot].add(v)
+    def to_slots(v):
+      return jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[slot].add(v)
     messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
                                    transform)
     sums = {'delta': messages.pop('message'), 'agg': messages,
@@ -159,8 +159,9 @@ def fed_partitioned(model: base.Model,
     params, _, frozen_params, key, ids, weight, agg_state = shared
     sums_fn = None
     if hooked:
-      sums_fn = lambda deltas, w, lane_keys: rounds.message_sums(
-          aggregator, agg_state, deltas, w, lane_keys, transform)
+      def sums_fn(deltas, w, lane_keys):
+        return rounds.message_sums(aggregator, agg_state, deltas, w,
+                                   lane_keys, transform)
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
                        frozen=frozen_params, window=(lo, k), sums_fn=sums_fn)
     return {'delta': out.weighted_delta, 'agg': out.sums,

@@ -252,8 +252,9 @@ def _partition(name: str, ctx: Context) -> Built:
   param_groups.split(shapes, head)  # a head that matches nothing fails here
   kw = dict(num_clients=ctx.num_clients, unroll=ctx.unroll,
             execution=ctx.execution, name=name)
-  fed = lambda **more: partitioned.fed_partitioned(
-      m, opt, ctx.server, ctx.aggregator, **kw, **more)
+  def fed(**more):
+    return partitioned.fed_partitioned(
+        m, opt, ctx.server, ctx.aggregator, **kw, **more)
   if name == 'fedavg_ft':
     alg = fed(finetune='trainable')
   elif name == 'fedbabu':

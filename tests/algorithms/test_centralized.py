@@ -42,11 +42,11 @@ def test_frozen_leaves_do_not_move_and_callback_reports():
   seen = []
   out = centralized.train(
       model, params, ds, optimizer=optax.sgd(0.5), batch_size=8, num_steps=10,
-      frozen=r'^base/', callback=lambda s, p, l: seen.append((s, l)),
+      frozen=r'^base/', callback=lambda s, p, loss: seen.append((s, loss)),
       callback_every=4)
   for a, b in zip(jax.tree.leaves(out['base']),
                   jax.tree.leaves(params['base'])):
     np.testing.assert_array_equal(a, b)
   assert np.any(np.asarray(out['lora']['Dense_0']['b']))
   assert [s for s, _ in seen] == [4, 8, 10]
-  assert all(np.isfinite(l) for _, l in seen)
+  assert all(np.isfinite(loss) for _, loss in seen)

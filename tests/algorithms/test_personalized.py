@@ -199,7 +199,8 @@ def test_ditto_matches_reference_loop(setup):
   params0 = built.init_params(jax.random.key(1))
   state = alg.init(params0)
   glob, own = params0, {}
-  everything = lambda s, path: True
+  def everything(s, path):
+    return True
   for r, ids in enumerate([np.array([0, 3, 5]), np.array([3, 6, 1])]):
     cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=EPOCHS,
                                      seed=SEED, round_idx=r,
@@ -348,7 +349,8 @@ def test_per_fedavg_matches_reference_loop(setup, name):
                          ds.num_clients)
   params0 = built.init_params(jax.random.key(1))
   flat0, unravel = jax.flatten_util.ravel_pytree(params0)
-  loss = lambda q, b: reference.mean_loss(model, q, b, None)
+  def loss(q, b):
+    return reference.mean_loss(model, q, b, None)
   grad = grad_of(model)
   ref = {'w': params0}
 

@@ -5,7 +5,7 @@ import pytest
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from fedjax_pfi.data import tfds_bridge  # pylint: disable=g-import-not-at-top
+from fedjax_pfi.data import tfds_bridge  # noqa: E402  (after the skip)
 
 
 def test_mnist_dirichlet_partition():

@@ -119,9 +119,9 @@ def test_init():
 
 
 def test_count_params_gpt2_formula():
-  v, d, p, l, f = 11, 16, 8, 2, 64
+  v, d, p, n_layers, f = 11, 16, 8, 2, 64
   per_block = 2 * 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
-  assert count_params(_init(GPT2)) == v * d + p * d + l * per_block + 2 * d
+  assert count_params(_init(GPT2)) == v * d + p * d + n_layers * per_block + 2 * d
 
 
 def test_presets():
@@ -182,7 +182,8 @@ def test_input_errors():
 @pytest.mark.parametrize('cfg', [GPT2, LLAMA], ids=['gpt2', 'llama'])
 def test_causal(cfg):
   params = _init(cfg)
-  apply = lambda x: _apply(cfg)({'params': params}, x)
+  def apply(x):
+    return _apply(cfg)({'params': params}, x)
   tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
   logits = apply(tokens)
   assert logits.shape == (2, 8, cfg.vocab_size)

@@ -43,7 +43,7 @@ def test_local_sweep_runs_and_resumes(tmp_path):
   finals = []
   for d, _ in jobs:
     with open(os.path.join(d, 'metrics.jsonl')) as f:
-      rows = [json.loads(l) for l in f]
+      rows = [json.loads(line) for line in f]
     assert [r['round'] for r in rows] == [1, 2, 3]
     finals.append(rows[-1]['train_loss'])
   assert finals[0] != finals[1]  # the override reached the run
@@ -95,4 +95,4 @@ def test_sweep_cli_dry_run(tmp_path):
        f'--config={CONFIG}', '--grid=seed=0,1', '--dry_run'], cwd=ROOT,
       capture_output=True, text=True, timeout=120, check=True)
   lines = out.stdout.strip().splitlines()
-  assert len(lines) == 2 and all('--config.seed=' in l for l in lines)
+  assert len(lines) == 2 and all('--config.seed=' in line for line in lines)

@@ -33,7 +33,7 @@ def test_assign_lanes_balances_work():
   # Longest first to the least-loaded lane: 5 | 4 | 3, then 3 -> lane 2
   # (load 3), 2 -> lane 1 (4), 1 -> lane 0 (5); the 0-step client is left out.
   assert lanes == [[0, 1], [6, 4], [2, 3]]
-  assert [int(steps[l].sum()) for l in map(np.array, lanes)] == [6, 6, 6]
+  assert [int(steps[lane].sum()) for lane in map(np.array, lanes)] == [6, 6, 6]
 
 
 def test_pack_cohort_layout_and_efficiency(setup):
@@ -63,7 +63,7 @@ def test_pack_cohort_layout_and_efficiency(setup):
   real = ds.client_sizes[ids].sum()
   assert cohort_lib.padding_efficiency(stacked) == pytest.approx(
       real / (steps.max() * 6 * B))
-  longest = max(np.sum(packed.slot[l] >= 0) for l in range(2))
+  longest = max(np.sum(packed.slot[lane] >= 0) for lane in range(2))
   assert cohort_lib.padding_efficiency(packed) == pytest.approx(
       real / (longest * 2 * B))
   assert (cohort_lib.padding_efficiency(packed) >
@@ -194,7 +194,7 @@ def test_lane_length_bound_holds_for_every_cohort():
     for r in range(20):
       ids = rng.choice(population.size, cohort_size, replace=False)
       packed = cohort_lib.assign_lanes(population[ids], lanes)
-      longest = max(int(population[ids][l].sum()) for l in packed)
+      longest = max(int(population[ids][lane].sum()) for lane in packed)
       assert longest <= bound
   # By hand: the 3 largest of [5, 1, 3, 3] sum to 11; 2 lanes: 6 + 5 = 11.
   assert cohort_lib.lane_length_bound(np.array([5, 1, 3, 3]), 3, 2) == 11

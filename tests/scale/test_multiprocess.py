@@ -24,7 +24,7 @@ def run(cmd):
 
 def rows(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def assert_same(a, b, tol=1e-5):
