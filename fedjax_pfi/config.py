@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Optional
 import ml_collections
 import numpy as np
 
+from fedjax_pfi import privacy
+
 # Keys that may change between a run and its resumption: `execution` says how
 # a round is laid out on the hardware, never what it computes, so a run may
 # resume on another number of devices or chunk size.
@@ -83,9 +85,20 @@ def default_config() -> ml_collections.ConfigDict:
       optimizer='sgd', learning_rate=0.1, momentum=0.0, batch_size=10,
       epochs=1, max_steps=optional(int), proximal_mu=0.0, unroll='1',
       lr_scales=''))
+  # weighting: '' (each client by its examples; uniformly under DP),
+  # 'examples' or 'uniform'.
   c.server = ml_collections.ConfigDict(dict(
       optimizer='fedavg', learning_rate=1.0, momentum=0.9, b1=0.9, b2=0.99,
-      tau=1e-3))
+      tau=1e-3, weighting=''))
+  # User-level DP (fedjax_pfi/privacy.py): mechanism 'none', 'gaussian'
+  # (DP-FedAvg) or 'adaptive' (adaptive clipping); target_epsilon
+  # calibrates noise_multiplier before training with `accountant`.
+  c.privacy = ml_collections.ConfigDict(dict(
+      mechanism='none', clip_norm=1.0, noise_multiplier=1.0,
+      target_epsilon=optional(float), delta=1e-5, sampling='poisson',
+      accountant='pld', target_quantile=0.5, clip_learning_rate=0.2,
+      count_noise_std=optional(float), noise_cohort_size=optional(int),
+      noise_population=optional(int)))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
   # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
   c.step_buckets = 'pow2'
@@ -207,6 +220,11 @@ def check(config) -> None:
       ok = False
     if not ok:
       raise ValueError(f'{key} must be {accepted}, got {value!r}.')
+  if get(config, 'server.weighting') not in ('', 'examples', 'uniform'):
+    raise ValueError(
+        f"server.weighting must be '', 'examples' or 'uniform', got "
+        f"{get(config, 'server.weighting')!r}.")
+  privacy.check(config)
   for key in LEARNING_RATES:
     value = float(get(config, key))
     if value > 0 and not (math.isfinite(value) and value <= FLOAT32_MAX):

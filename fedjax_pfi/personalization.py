@@ -303,11 +303,14 @@ def _save(fig, workdir, name):
   return path
 
 
-def write_report(workdir: str, final: Mapping[str, float]) -> str:
-  """``report.json``: the final distribution, gains and silent failures."""
+def write_report(workdir: str, final: Mapping[str, float],
+                 extra: Optional[Mapping] = None) -> str:
+  """``report.json``: the final distribution, gains and silent failures,
+  the privacy spent, and ``extra`` (the accountant's inputs)."""
   keep = {k: v for k, v in final.items()
           if k.startswith(('test/', 'val/', 'global/', 'local/', 'heldout/',
-                           'heldout_adapted/', 'vs_', 'fedrap/'))}
+                           'heldout_adapted/', 'vs_', 'fedrap/', 'privacy/'))}
+  keep.update(extra or {})
   path = os.path.join(workdir, 'report.json')
   with open(path + '.tmp', 'w') as f:
     json.dump(keep, f, indent=1, sort_keys=True)

@@ -190,12 +190,14 @@ class RunEvaluator:
     self.last = results
     return out
 
-  def final_report(self, workdir: str, row: dict) -> None:
-    """Per-client results, ``report.json`` and the plots, in ``workdir``."""
+  def final_report(self, workdir: str, row: dict,
+                   extra: Optional[dict] = None) -> None:
+    """Per-client results, ``report.json`` (with ``extra``) and the plots,
+    in ``workdir``."""
     personalization.save_clients(workdir, self.last,
                                  self.exp.splits.train.client_sizes,
                                  self.last_sampled)
-    personalization.write_report(workdir, row)
+    personalization.write_report(workdir, row, extra)
     personalization.plot_run(
         workdir, read_metrics(workdir),
         personalization.load_clients(workdir),

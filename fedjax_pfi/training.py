@@ -44,6 +44,8 @@ from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import placement
+from fedjax_pfi import privacy
+from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.data import cohort as cohort_lib
@@ -155,6 +157,7 @@ class Experiment:
   init_params: Any  # key -> the initial params (pretrained weights, adapters)
   base_model: Any   # the model before PEFT wraps it (== model otherwise)
   execution: core.Execution = core.Execution()
+  privacy: Any = None  # a `privacy.Mechanism` under DP
 
 
 def build(config) -> Experiment:
@@ -166,8 +169,17 @@ def build(config) -> Experiment:
                                pretrained=config.model.pretrained,
                                **config.model.kwargs.to_dict())
   execution = make_execution(config)
-  built = algorithms.build(config, base_model, splits.train.num_clients,
-                           execution)
+  population = splits.train.num_clients
+  mechanism = privacy.build(
+      config, population, participation.expected_clients(config, population))
+  if mechanism is not None:
+    aggregator = mechanism.aggregator
+  elif config.server.weighting == 'uniform':
+    aggregator = aggregators.weighted_mean('uniform')
+  else:
+    aggregator = None
+  built = algorithms.build(config, base_model, population, execution,
+                           aggregator)
   max_steps = int(cohort_lib.client_steps(
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())
@@ -182,7 +194,8 @@ def build(config) -> Experiment:
   else:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,
-                    max_steps, built.init_params, base_model, execution)
+                    max_steps, built.init_params, base_model, execution,
+                    mechanism)
 
 
 def initial_params(exp: Experiment):
@@ -246,6 +259,21 @@ def prepare_workdir(workdir: str) -> str:
     raise ValueError(f'--workdir={workdir!r} cannot be written: '
                      f'{e.strerror or e} ({type(e).__name__}).') from e
   return workdir
+
+
+def privacy_report(exp: Experiment) -> dict:
+  """What ``report.json`` records of the privacy mechanism: the
+  accountant's inputs (anyone can recompute epsilon with dp-accounting)
+  and the clip norm; ``{}`` without DP."""
+  if exp.privacy is None:
+    return {}
+  p = exp.config.privacy
+  return {**exp.privacy.accountant.accounting.report(),
+          'privacy/mechanism': p.mechanism,
+          'privacy/clip_norm_initial': exp.privacy.clip_norm,
+          'privacy/calibrated_to_epsilon': p.target_epsilon,
+          'privacy/accountant': p.accountant,
+          'privacy/rounds': exp.config.rounds}
 
 
 def _non_finite_advice(config) -> str:
@@ -338,6 +366,18 @@ def run_experiment(exp: Experiment, workdir: str, *,
       return placement.to_global(cohort, shardings, rows)
     return cohort_lib.to_device(cohort, shardings)
 
+  accountant = exp.privacy.accountant if exp.privacy is not None else None
+
+  def epsilon(done: int) -> dict:
+    """Epsilon spent by ``done`` rounds: RDP every round; PLD (0.3-2 s a
+    call) at evaluation and checkpoint rounds and at the end."""
+    out = {'privacy/epsilon_rdp': accountant.epsilon_rdp(done)}
+    if accountant.has_pld and (done % config.eval_every == 0 or
+                               done % config.checkpoint_every == 0 or
+                               done == config.rounds):
+      out['privacy/epsilon_pld'] = accountant.epsilon_pld(done)
+    return out
+
   def kept() -> str:
     last = ckpt.latest_round()
     return (f'The last good checkpoint is round {last} in {ckpt.directory}'
@@ -377,6 +417,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
       for k in comm_total:
         comm_total[k] += row.get(k, 0.0)
         row[f'{k}_cumulative'] = comm_total[k]
+      if exp.privacy is not None:
+        row.update(epsilon(done))
       now = time.perf_counter()
       row['time/round_s'] = now - t_prev
       row['time/compilations'] = len(traces) - compiled_before
@@ -385,7 +427,7 @@ def run_experiment(exp: Experiment, workdir: str, *,
       row = {'round': done, **row}
       writer.write(done, row)
       if done == config.rounds and distributed.is_primary():
-        evaluate.final_report(workdir, row)
+        evaluate.final_report(workdir, row, privacy_report(exp))
       if done % config.checkpoint_every == 0 or done == config.rounds:
         ckpt.save(done, state, {'fingerprint': fp, 'config': recorded,
                                 'totals': comm_total})
@@ -394,6 +436,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
                 'r/s': f'{1.0 / max(row["time/round_s"], 1e-9):.2f}'}
         if 'test/accuracy' in row:
           post['acc'] = f'{row["test/accuracy"]:.3f}'
+        if 'privacy/epsilon_rdp' in row:
+          post['eps'] = f'{row.get("privacy/epsilon_pld", row["privacy/epsilon_rdp"]):.2f}'
         bar.set_postfix(post)
         bar.update(1)
   finally:
