@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import partitioned
@@ -29,6 +30,10 @@ def run(ds, model, params0, layout, execution):
     alg = partitioned.fed_partitioned(
         model, optax.adam(0.01), server_opt, personal=r'Dense_1/',
         num_clients=ds.num_clients, execution=execution)
+  elif layout == 'private':  # DP-FedAvg: clipped per client, noised once
+    alg = fedavg.fed_opt(model, optax.sgd(0.1), server_opt,
+                         aggregators.gaussian(0.3, 0.8, 7.0),
+                         execution=execution)
   else:
     alg = fedavg.fed_opt(model, optax.sgd(0.1), server_opt, proximal_mu=0.1,
                          execution=execution)
@@ -57,9 +62,9 @@ def main():
                           hidden=(5,))
   params0 = model.init(jax.random.key(0))
   out = {}
-  for layout in ('stacked', 'packed', 'personal'):
+  for layout in ('stacked', 'packed', 'personal', 'private'):
     results = {}
-    for n in (1, 2, 4, 8):
+    for n in ((1, 2, 8) if layout == 'private' else (1, 2, 4, 8)):
       mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('clients',))
       for chunk in (None, 1):
         results[(n, chunk)] = run(ds, model, params0, layout,

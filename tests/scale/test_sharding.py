@@ -32,6 +32,17 @@ def test_same_result_on_1_2_4_8_devices_chunked_or_not(diffs, layout):
     assert d < 2e-5, (layout, name, d)
 
 
+def test_private_rounds_on_1_2_8_devices_chunked_or_not(diffs):
+  """DP-FedAvg sharded: each device clips its clients, the sums are
+  psum-ed, the noise is drawn once from the round's key: the same round."""
+  got = diffs['private']
+  assert sorted(got) == sorted(f'{n}x{c}' for n in (1, 2, 8)
+                               for c in ('None', '1'))
+  assert diffs['private_param_scale'] > 0.1
+  for name, d in got.items():
+    assert d < 2e-5, (name, d)
+
+
 def test_training_loop_on_4_and_2_devices_equals_one(diffs):
   got = diffs['training']
   assert got['rounds'] == 4
