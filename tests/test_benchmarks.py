@@ -36,7 +36,9 @@ def test_fedavg_throughput_benchmark_runs():
   eff = float(re.search(r'padding efficiency ([\d.]+)', out.stdout)[1])
   assert 0.8 < eff <= 1.0, out.stdout
   assert 'simulator compilations for the whole run: 1' in out.stdout
-  for name in ('simulator', 'python_loop', 'centralized'):
+  assert 'simulator_dp compilations for the whole run: 1' in out.stdout
+  assert 'simulator / simulator_dp throughput' in out.stdout
+  for name in ('simulator', 'simulator_dp', 'python_loop', 'centralized'):
     assert re.search(rf'^{name}\s+[\d.]+', out.stdout, re.M), out.stdout
   assert 'simulator / centralized throughput' in out.stdout
 

@@ -23,6 +23,9 @@ rounds back to back (s/round is their mean):
   padded to the longest; see `cohort.pack_cohort`), optionally in chunks of
   ``--chunk`` lanes, the next cohort stacked and transferred while the
   current round computes;
+- ``simulator_dp``: the same round with DP-FedAvg (clip 1, noise
+  multiplier 1, uniform weights): its cost is the ratio ``simulator /
+  simulator_dp``;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -49,6 +52,7 @@ import numpy as np
 import optax
 
 from experiments.benchmarks import baselines
+from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import server_optimizers
@@ -71,7 +75,7 @@ _REPEATS = flags.DEFINE_integer(
     'repeats', 1, 'Time every method this many times, in turn (the median '
     'is reported): close variants need it on a noisy machine.')
 _METHODS = flags.DEFINE_list(
-    'methods', 'simulator,python_loop,centralized',
+    'methods', 'simulator,simulator_dp,python_loop,centralized',
     'Which methods to time.')
 B = 20
 CLIENT_LR = 0.1
@@ -130,15 +134,24 @@ def main(argv):
   masks = {r: stack(r)[1].mask for r in timed}
 
   # -- simulator ----------------------------------------------------------------
-  alg = fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
-                       server_optimizers.server_optimizer('fedavg',
-                                                          SERVER_LR),
-                       execution=execution, unroll=_UNROLL.value)
-  apply, traces = alg.apply, alg.traces
-  sim = {'state': alg.init(params0)}
-  if mesh is not None:  # the state lives replicated on the mesh from round 0
-    sim['state'] = jax.device_put(sim['state'], jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
+  def simulator(aggregator=None):
+    return fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
+                          server_optimizers.server_optimizer('fedavg',
+                                                             SERVER_LR),
+                          aggregator, execution=execution,
+                          unroll=_UNROLL.value)
+
+  alg = simulator()
+  # DP-FedAvg on the same round: every client clipped inside the vmapped
+  # round (packed: at its last step), Gaussian noise once on the sum.
+  private = simulator(aggregators.gaussian(1.0, 1.0, float(c)))
+  traces = alg.traces
+  replicate = (lambda s: s) if mesh is None else (
+      lambda s: jax.device_put(s, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec())))
+  # The state lives replicated on the mesh from round 0.
+  sim = {'state': replicate(alg.init(params0)),
+         'private': replicate(private.init(params0))}
 
   def put(cohort):
     if mesh is None:
@@ -151,16 +164,16 @@ def main(argv):
       shard = shard._replace(client_ids=whole, weight=whole)
     return jax.device_put(cohort, shard)
 
-  def run_simulator(rounds):
-    state = sim['state']
+  def run_simulator(rounds, which='state', algorithm=alg):
+    state = sim[which]
     pending = put(stack(rounds[0])[1])
     for i, r in enumerate(rounds):
-      state, m = apply(state, pending, jax.random.key(r))
+      state, m = algorithm.apply(state, pending, jax.random.key(r))
       if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
         pending = put(stack(rounds[i + 1])[1])
       if not np.asarray(m['state_finite']).all():  # as the training loop
         raise FloatingPointError(f'round {r}: non-finite state')
-    sim['state'] = state
+    sim[which] = state
 
   # -- Python loop over clients -----------------------------------------------
   opt = optax.sgd(CLIENT_LR)
@@ -208,8 +221,9 @@ def main(argv):
         params, s = central_step(params, s, batch)
     central['params'], central['opt'] = jax.block_until_ready((params, s))
 
-  methods = {'simulator': run_simulator, 'python_loop': run_loop,
-             'centralized': run_central}
+  methods = {'simulator': run_simulator,
+             'simulator_dp': lambda r: run_simulator(r, 'private', private),
+             'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
   for name, fn in methods.items():
@@ -254,6 +268,9 @@ def main(argv):
             f'{mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs '
             f'{mem.output_size_in_bytes / 2**20:.1f} MiB')
     print(f'simulator compilations for the whole run: {len(traces)}')
+    if 'simulator_dp' in methods:
+      print('simulator_dp compilations for the whole run: '
+            f'{len(private.traces)}')
   print(f'process peak RSS: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
   print(f'{"method":12s} {"s/round":>9s} {"client-upd/s":>13s} '
@@ -265,7 +282,7 @@ def main(argv):
     print(f'{name:12s} {med[name]:9.4f} {c / med[name]:13.1f} '
           f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}{spread}')
   if 'simulator' in med:
-    for other in ('python_loop', 'centralized'):
+    for other in ('simulator_dp', 'python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
               f'{med[other] / med["simulator"]:.2f}x')
