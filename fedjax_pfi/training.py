@@ -160,9 +160,14 @@ class Experiment:
   privacy: Any = None  # a `privacy.Mechanism` under DP
 
 
-def build(config) -> Experiment:
+def build(config, *, splits=None, transform=None) -> Experiment:
+  """Everything a run needs, from ``config``; ``splits`` (the data, already
+  loaded) and ``transform`` (a `rounds.ClientTransform` of each client's
+  message, e.g. `audit.canary_transform`) replace what the config would
+  build."""
   config_lib.check(config)  # before the data: cheap refusals first
-  splits = registry.load_splits(config.data)
+  if splits is None:
+    splits = registry.load_splits(config.data)
   validate(config, splits)
   base_model = zoo.build_model(config.model.name,
                                splits.train.columns['x'][:2], splits.metadata,
@@ -179,7 +184,7 @@ def build(config) -> Experiment:
   else:
     aggregator = None
   built = algorithms.build(config, base_model, population, execution,
-                           aggregator)
+                           aggregator, transform)
   max_steps = int(cohort_lib.client_steps(
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())

@@ -27,7 +27,7 @@ from fedjax_pfi.models import base
 def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
             server_optimizer: optax.GradientTransformation,
             aggregator: aggregators_lib.Aggregator | None = None, *,
-            proximal_mu: float = 0.0, unroll=1,
+            transform=None, proximal_mu: float = 0.0, unroll=1,
             execution: core.Execution = core.Execution(),
             name: str = 'fedavg') -> core.FederatedAlgorithm:
   """Builds a FedAvg-family algorithm (every parameter trained and averaged).
@@ -37,7 +37,9 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
     client_optimizer: optax transform for local steps (re-initialised each
       round for each client).
     server_optimizer: optax transform applied to ``-mean_delta``.
-    aggregator: combines client deltas (default: example-weighted mean).
+    aggregator: combines client deltas (default: example-weighted mean;
+      `aggregators.gaussian` for DP-FedAvg).
+    transform: a `rounds.ClientTransform` of each client's delta first.
     proximal_mu: FedProx's mu; 0 gives FedAvg/FedOpt.
     unroll: ``lax.scan`` unroll of the local steps.
     execution: chunking and sharding of the round (`core.Execution`).
@@ -45,4 +47,5 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
   """
   return partitioned.fed_partitioned(
       model, client_optimizer, server_optimizer, aggregator,
-      proximal_mu=proximal_mu, unroll=unroll, execution=execution, name=name)
+      transform=transform, proximal_mu=proximal_mu, unroll=unroll,
+      execution=execution, name=name)

@@ -143,7 +143,7 @@ def fed_partitioned(model: base.Model,
     def to_slots(v):
       return jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[slot].add(v)
     messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
-                                   transform)
+                                   transform, ids=ids)
     sums = {'delta': messages.pop('message'), 'agg': messages,
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
@@ -159,11 +159,12 @@ def fed_partitioned(model: base.Model,
     params, _, frozen_params, key, ids, weight, agg_state = shared
     sums_fn = None
     if hooked:
-      def sums_fn(deltas, w, lane_keys):
+      def sums_fn(deltas, w, lane_keys, lane_ids):
         return rounds.message_sums(aggregator, agg_state, deltas, w,
-                                   lane_keys, transform)
+                                   lane_keys, transform, ids=lane_ids)
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
-                       frozen=frozen_params, window=(lo, k), sums_fn=sums_fn)
+                       frozen=frozen_params, window=(lo, k), sums_fn=sums_fn,
+                       client_ids=ids)
     return {'delta': out.weighted_delta, 'agg': out.sums,
             'loss_sum': out.loss_sum, 'count': out.count,
             'num_steps': out.num_steps, 'examples': out.examples}

@@ -91,6 +91,7 @@ class Context(NamedTuple):
   server: Any            # the server optimizer
   unroll: Any
   aggregator: Any        # None: the algorithm's own (the weighted mean)
+  transform: Any = None  # a `rounds.ClientTransform`, or None
 
   def client_optimizer(self):
     cl = self.config.client
@@ -142,8 +143,9 @@ def client_ranks(peft, num_clients: int, seed: int) -> np.ndarray:
 def _fedavg(name: str, ctx: Context) -> Built:
   cl = ctx.config.client
   alg = fedavg.fed_opt(ctx.base_model, ctx.client_optimizer(), ctx.server,
-                       ctx.aggregator, proximal_mu=cl.proximal_mu,
-                       unroll=ctx.unroll, execution=ctx.execution, name=name)
+                       ctx.aggregator, transform=ctx.transform,
+                       proximal_mu=cl.proximal_mu, unroll=ctx.unroll,
+                       execution=ctx.execution, name=name)
   return Built(alg, ctx.base_model, ctx.base_model.init)
 
 
@@ -157,7 +159,8 @@ def _lora_partition(name: str, ctx: Context) -> Built:
   model = lora.lora_model(ctx.base_model, lora_config(ctx.config.peft))
   frozen, personal = LORA_PARTITIONS[name]
   alg = partitioned.fed_partitioned(
-      model, ctx.client_optimizer(), ctx.server, ctx.aggregator, frozen=frozen,
+      model, ctx.client_optimizer(), ctx.server, ctx.aggregator,
+      transform=ctx.transform, frozen=frozen,
       personal=personal, num_clients=ctx.num_clients, unroll=ctx.unroll,
       execution=ctx.execution, federated=name != 'local_lora', name=name)
   return Built(alg, model, model.init)
@@ -251,7 +254,7 @@ def _partition(name: str, ctx: Context) -> Built:
   head = str(pc.head or '') or personalized.head_pattern(m, shapes)
   param_groups.split(shapes, head)  # a head that matches nothing fails here
   kw = dict(num_clients=ctx.num_clients, unroll=ctx.unroll,
-            execution=ctx.execution, name=name)
+            execution=ctx.execution, transform=ctx.transform, name=name)
   def fed(**more):
     return partitioned.fed_partitioned(
         m, opt, ctx.server, ctx.aggregator, **kw, **more)
@@ -316,14 +319,22 @@ def check(config, alg: core.FederatedAlgorithm,
                      "step size for every leaf; set client.lr_scales=''.")
 
 
+# The builders that pass a `rounds.ClientTransform` to their round.
+TRANSFORMS = ('fedavg', 'fedprox', *LORA_PARTITIONS, 'local_only',
+              'fedavg_ft', 'fedper', 'lg_fedavg', 'fedrep', 'fedbabu')
+
+
 def build(config, base_model: base.Model, num_clients: int,
           execution: core.Execution = core.Execution(),
-          aggregator: aggregators_lib.Aggregator | None = None) -> Built:
+          aggregator: aggregators_lib.Aggregator | None = None,
+          transform=None) -> Built:
   """The algorithm a config names (errors before any tracing).
 
   ``aggregator``: combines the federated part's messages (None: the
   algorithm's own, the weighted mean); `check` refuses it for an
   algorithm that does not aggregate deltas a DP aggregator could protect.
+  ``transform``: a `rounds.ClientTransform` of each client's message
+  (the rounds that sum messages chunk by chunk take one).
   """
   name = config.algorithm
   if name not in BUILDERS:
@@ -345,8 +356,11 @@ def build(config, base_model: base.Model, num_clients: int,
   server = server_optimizers.server_optimizer(
       sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
       b2=sv.b2, tau=sv.tau)
+  if transform is not None and name not in TRANSFORMS:
+    raise ValueError(f'algorithm {name!r} takes no per-client transform; '
+                     f'these do: {", ".join(TRANSFORMS)}.')
   ctx = Context(config, base_model, num_clients, execution, server,
-                parse_unroll(cl.unroll), aggregator)
+                parse_unroll(cl.unroll), aggregator, transform)
   built = BUILDERS[name](name, ctx)
   check(config, built.algorithm, execution)
   if aggregator is not None and not built.algorithm.capabilities.private:

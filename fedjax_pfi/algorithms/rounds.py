@@ -52,6 +52,10 @@ class ClientTransform(NamedTuple):
   ``init``; a transform that keeps state across rounds, such as error
   feedback, keeps it in the per-client store). Compose with `chain`.
 
+  ``select(state, client_id) -> state``, where given, turns ``init``'s
+  state into client ``client_id``'s own (a canary's direction; later a
+  client's row of a store); without it every client gets ``init``'s.
+
   Why clipping is not one of these: DP-FedAvg's clip norm is server state
   that the noise scales with and that adaptive clipping updates from the
   noised count, so it lives with the noise in the `aggregators.gaussian`
@@ -60,6 +64,7 @@ class ClientTransform(NamedTuple):
   """
   init: Callable[[Params], Any]
   apply: Callable[[Params, Any, jax.Array], tuple[Params, Any]]
+  select: Callable[[Any, jax.Array], Any] | None = None
 
 
 def identity() -> ClientTransform:
@@ -79,7 +84,11 @@ def chain(*transforms: ClientTransform) -> ClientTransform:
       out.append(s)
     return message, tuple(out)
 
-  return ClientTransform(init, apply)
+  def select(states, client_id):
+    return tuple(s if t.select is None else t.select(s, client_id)
+                 for t, s in zip(transforms, states))
+
+  return ClientTransform(init, apply, select)
 
 
 def aggregator_key(key: jax.Array) -> jax.Array:
@@ -99,7 +108,8 @@ def client_weights(aggregator: aggregators_lib.Aggregator,
 def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
                  messages: Params, weights: jax.Array, keys: jax.Array,
                  transform: ClientTransform | None = None,
-                 groups: jax.Array | None = None) -> dict:
+                 groups: jax.Array | None = None,
+                 ids: jax.Array | None = None) -> dict:
   """One chunk's sums: ``'message'`` (``sum_c w_c m_c`` of the messages
   after ``transform`` and the aggregator's ``client`` step), ``'clients'``
   (how many have ``w_c > 0``) and each per-client stat of that step summed
@@ -109,7 +119,8 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   ``[k]``. Without a transform or a ``client`` step the sum is exactly
   `aggregators.weighted_sum`'s. ``groups`` (``[k, G]`` one-hot): the
   messages are summed per group, ``'message'`` leaves ``[G, ...]`` (IFCA's
-  clusters).
+  clusters). ``ids``: the clients' ids ``[k]``, for a transform's
+  ``select``.
   """
   real = (weights > 0).astype(jnp.float32)
   sums = {'clients': jnp.sum(real)}
@@ -118,8 +129,13 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
     own = jax.vmap(lambda k: jax.random.fold_in(k, AGGREGATOR_STREAM))(keys)
   if transform is not None:
     state0 = transform.init(jax.tree.map(lambda x: x[0], messages))
-    messages, _ = jax.vmap(transform.apply, in_axes=(0, None, 0))(
-        messages, state0, jax.vmap(lambda k: jax.random.fold_in(k, 1))(own))
+    tkeys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(own)
+    if transform.select is None:
+      messages, _ = jax.vmap(transform.apply, in_axes=(0, None, 0))(
+          messages, state0, tkeys)
+    else:
+      states = jax.vmap(transform.select, in_axes=(None, 0))(state0, ids)
+      messages, _ = jax.vmap(transform.apply)(messages, states, tkeys)
   if aggregator.client is not None:
     messages, stats = jax.vmap(aggregator.client, in_axes=(0, None, 0))(
         messages, agg_state, own)
@@ -175,7 +191,8 @@ def cohort_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   chunk): `message_sums` over the whole cohort plus ``'weight'``."""
   w = client_weights(aggregator, cohort.weight)
   sums = message_sums(aggregator, agg_state, messages, w,
-                      core.client_keys(key, cohort.client_ids), transform)
+                      core.client_keys(key, cohort.client_ids), transform,
+                      ids=cohort.client_ids)
   sums['weight'] = jnp.sum(w)
   return sums
 
