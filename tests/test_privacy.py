@@ -19,10 +19,12 @@ import pytest
 from fedjax_pfi import privacy
 from fedjax_pfi import training
 from fedjax_pfi.algorithms import aggregators
+from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import fedavg
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.algorithms import personalized
+from fedjax_pfi.algorithms import registry
 from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
@@ -446,3 +448,15 @@ def test_transform_chain_runs_before_the_aggregator(setup):
       jax.tree.map(lambda a, p: a - p, outs[1].params, params0),
       jax.tree.map(lambda a, p: 0.5 * (a - p), outs[0].params, params0),
       atol=1e-6)
+
+
+def test_an_aggregator_needing_every_message_is_refused_by_layout(setup):
+  ds, model, _ = setup
+  needs_all = aggregators.weighted_mean()._replace(needs='all',
+                                                   name='median')
+  with pytest.raises(ValueError, match=re.escape(
+      "aggregator 'median' of 'fedavg' needs every client's message at once, "
+      'so it runs on one device, unchunked and unpacked; unset '
+      'execution.chunk_size.')):
+    registry.build(small_config(**{'execution.chunk_size': 2}), model,
+                   ds.num_clients, core.Execution(chunk_size=2), needs_all)

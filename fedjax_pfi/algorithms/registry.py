@@ -61,6 +61,7 @@ from fedjax_pfi.algorithms import meta_mixed
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.algorithms import personalized
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import scaffold
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.models import base
@@ -361,6 +362,12 @@ def build(config, base_model: base.Model, num_clients: int,
                      f'these do: {", ".join(TRANSFORMS)}.')
   ctx = Context(config, base_model, num_clients, execution, server,
                 parse_unroll(cl.unroll), aggregator, transform)
+  if aggregator is not None:  # before building: fed_partitioned only sums
+    rounds.check_layout(
+        aggregator, chunked=execution.chunk_size is not None,
+        sharded=execution.mesh is not None,
+        packed=bool(int(config.get('execution', {}).get('pack_lanes', 0) or
+                        0)), algorithm=name)
   built = BUILDERS[name](name, ctx)
   check(config, built.algorithm, execution)
   if aggregator is not None and not built.algorithm.capabilities.private:
