@@ -22,7 +22,8 @@ Sampling (``privacy.sampling``): ``'poisson'`` (each client takes part
 independently with ``q = clients_per_round / population``; accounted with
 RDP and PLD under add-or-remove-one) or ``'fixed'`` (``clients_per_round``
 drawn without replacement; accounted with RDP under replace-one, which PLD
-does not support).
+does not support; replacing a client moves the sum by up to ``2 C``, so the
+accountant's Gaussian has multiplier ``z / 2``).
 
 `Accountant` gives epsilon at ``privacy.delta`` after ``t`` rounds:
 ``epsilon_rdp`` (cheap: one round's RDP curve times ``t``) and
@@ -86,11 +87,21 @@ class Accounting(NamedTuple):
     return ('add_or_remove_one' if self.sampling == 'poisson' else
             'replace_one')
 
+  @property
+  def sensitivity(self) -> float:
+    """How far one client moves the noised sum, in clip norms: adding or
+    removing a client moves it by at most ``C``, replacing one by ``2 C``
+    (and adaptive clipping's count of bits in {-1/2, 1/2} by 1/2 and 1)."""
+    return 1.0 if self.sampling == 'poisson' else 2.0
+
   def event(self, rounds: int, noise_multiplier: Optional[float] = None
             ) -> dp_accounting.DpEvent:
-    """``rounds`` rounds as one `dp_accounting.DpEvent`."""
+    """``rounds`` rounds as one `dp_accounting.DpEvent`, whose Gaussian's
+    multiplier is the noise std over the sensitivity: ``z / sensitivity``
+    (dp-accounting's ``GaussianDpEvent`` takes it relative to the
+    l2-sensitivity under the accountant's neighbouring relation)."""
     z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
-    gauss = dp_accounting.GaussianDpEvent(z)
+    gauss = dp_accounting.GaussianDpEvent(z / self.sensitivity)
     if self.sampling == 'poisson':
       one = dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gauss)
     else:
@@ -113,6 +124,10 @@ class Accounting(NamedTuple):
             'privacy/cohort': self.cohort,
             'privacy/delta': self.delta,
             'privacy/neighboring_relation': self.relation,
+            'privacy/sensitivity_clip_norms': self.sensitivity,
+            # what dp-accounting's GaussianDpEvent is given
+            'privacy/event_noise_multiplier': (self.noise_multiplier /
+                                               self.sensitivity),
             'privacy/extrapolated': self.extrapolated}
 
 

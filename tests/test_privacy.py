@@ -260,13 +260,20 @@ def test_fixed_size_sampling_is_rdp_replace_one():
   acc = privacy.Accountant(privacy.Accounting(1.2, 'fixed', 500, 20, 1e-5))
   direct = rdp_privacy_accountant.RdpAccountant(
       neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  # Replacing one client moves the clipped sum by up to 2C: the Gaussian's
+  # std z C is 1.2 / 2 of that sensitivity.
   direct.compose(dp_accounting.SelfComposedDpEvent(
       dp_accounting.SampledWithoutReplacementDpEvent(
-          500, 20, dp_accounting.GaussianDpEvent(1.2)), 300))
+          500, 20, dp_accounting.GaussianDpEvent(0.6)), 300))
   assert abs(acc.epsilon_rdp(300) - direct.get_epsilon(1e-5)) < 1e-9
   assert acc.epsilon_pld(300) is None
-  assert acc.accounting.report()['privacy/neighboring_relation'] == (
-      'replace_one')
+  report = acc.accounting.report()
+  assert report['privacy/neighboring_relation'] == 'replace_one'
+  assert (report['privacy/sensitivity_clip_norms'],
+          report['privacy/event_noise_multiplier']) == (2.0, 0.6)
+  poisson = privacy.Accounting(1.2, 'poisson', 500, 20, 1e-5).report()
+  assert (poisson['privacy/sensitivity_clip_norms'],
+          poisson['privacy/event_noise_multiplier']) == (1.0, 1.2)
 
 
 @pytest.mark.parametrize('kind', ['rdp', 'pld'])
@@ -336,19 +343,24 @@ def test_packed_and_chunked_private_rounds_equal_the_plain_layout(tmp_path):
 
 def test_adaptive_clipping_follows_andrew_et_al(setup):
   """C_{t+1} = C_t exp(-eta (b~ - gamma)) with b~ the noised unclipped
-  fraction over the expected clients; the delta noise is z_delta C_t with
+  fraction over the expected clients, released from bits shifted by 1/2
+  (sensitivity 1/2); the delta noise is z_delta C_t with
   z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2."""
   adaptive = aggregators.AdaptiveClipping(0.5, 0.2, count_noise_std=2.0)
   agg = aggregators.gaussian(CLIP, Z, expected_clients=4.0,
                              adaptive=adaptive)
   params = {'w': jnp.zeros([3])}
-  sums = {'message': params, 'weight': 4.0, 'clients': 4.0,
+  # 5 clients took part (Poisson: not the expected 4), 3 were not clipped.
+  sums = {'message': params, 'weight': 5.0, 'clients': 5.0,
           'unclipped': jnp.float32(3.0)}
   key = jax.random.key(5)
   _, state, metrics = agg.finalize(sums, agg.init(params), key)
   count_noise = 2.0 * float(jax.random.normal(jax.random.fold_in(key, 1), (),
                                               jnp.float32))
-  b = (3.0 + count_noise) / 4.0
+  # released: sum of (b_i - 1/2) = 3 - 5/2, plus the noise
+  b = (3.0 - 2.5 + count_noise) / 4.0 + 0.5
+  np.testing.assert_allclose(float(metrics['privacy/unclipped_fraction_noised']),
+                             b, rtol=1e-6)
   np.testing.assert_allclose(float(state['clip_norm']),
                              CLIP * np.exp(-0.2 * (b - 0.5)), rtol=1e-6)
   z_delta = (Z ** -2 - 4.0 ** -2) ** -0.5

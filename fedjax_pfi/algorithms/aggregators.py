@@ -108,8 +108,10 @@ def clip_by_norm(message: Params, clip_norm) -> tuple[Params, jax.Array]:
 class AdaptiveClipping(NamedTuple):
   """Andrew et al. (2021), Algorithm 1: after each round ``C <- C *
   exp(-learning_rate * (b - target_quantile))`` with ``b`` the noised
-  fraction of clients whose update was not clipped, noised by
-  ``N(0, count_noise_std^2)`` on the count."""
+  fraction of clients whose update was not clipped: ``b = (sum_i (b_i -
+  1/2) + N(0, count_noise_std^2)) / m + 1/2`` over the ``m`` expected
+  clients, the bits shifted by 1/2 so that one client moves the released
+  sum by at most 1/2 (their Section 3)."""
   target_quantile: float
   learning_rate: float = 0.2
   count_noise_std: float = 0.0
@@ -188,9 +190,14 @@ def gaussian(clip_norm: float, noise_multiplier: float,
                'privacy/unclipped_fraction': unclipped / jnp.maximum(
                    sums['clients'], 1.0)}
     if adaptive is not None:
-      noisy = unclipped + adaptive.count_noise_std * jax.random.normal(
-          jax.random.fold_in(key, 1), (), jnp.float32)
-      b = noisy / jnp.float32(expected_clients)
+      # Each client's bit is released as b_i - 1/2, so adding or removing a
+      # client moves the sum by 1/2 (the sensitivity Theorem 1's 2 sigma_b
+      # assumes; TF Privacy's QuantileEstimatorQuery does the same), and
+      # 1/2 is added back after dividing by the expected count.
+      noisy = (unclipped - 0.5 * sums['clients'] +
+               jnp.float32(adaptive.count_noise_std * noise_scale) *
+               jax.random.normal(jax.random.fold_in(key, 1), (), jnp.float32))
+      b = noisy / jnp.float32(expected_clients) + 0.5
       c = c * jnp.exp(-jnp.float32(adaptive.learning_rate) *
                       (b - jnp.float32(adaptive.target_quantile)))
       metrics['privacy/unclipped_fraction_noised'] = b
