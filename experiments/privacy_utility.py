@@ -15,7 +15,11 @@ client against the non-private run (``EPSILON = inf``) of the same model:
   ignores); by data-size tercile too;
 - whether DP hurts small clients most (Bagdasaryan et al., NeurIPS 2019):
   the small and large terciles' hurt fractions compared by a two-proportion
-  z-test.
+  z-test;
+- a ``no training`` row per model (the model every run starts from: the
+  pretrained model for ``fedit``), and for each run the fraction of clients
+  it leaves worse than that (the same z-test): fine-tuning under DP can end
+  below not fine-tuning at all.
 
 Writes ``table.md``, ``table.json`` and ``privacy_utility.png``.
 """
@@ -33,6 +37,7 @@ import numpy as np
 
 from experiments import tables
 from experiments.configs import privacy_utility as pu_config
+from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
 from fedjax_pfi import training
 
@@ -93,6 +98,24 @@ def _z_quantile(q: float) -> float:
   return (lo + hi) / 2
 
 
+def starting_point(config) -> dict:
+  """Each client's test accuracy with the model every run starts from (the
+  pretrained model with zero adapters for ``fedit``; the random
+  initialisation for ``fedavg``), in `personalization.load_clients`' form."""
+  exp = training.build(config)
+  params = training.initial_params(exp)
+  view = exp.algorithm.eval_view(exp.algorithm.init(params),
+                                 exp.algorithm.frozen_part(params))
+  c = exp.config
+  m = evaluation.Evaluator(exp.algorithm.eval_model or exp.model,
+                           c.eval_batch_size, c.eval_clients_per_chunk,
+                           combine=exp.algorithm.combine).evaluate(
+                               view.params, exp.splits.test)
+  return {'client_ids': m.client_ids, 'accuracy': m.accuracy,
+          'count': m.count,
+          'train_size': exp.splits.train.client_sizes[m.client_ids]}
+
+
 def run_all(workdir: str, models, epsilons, *, testing: bool = False,
             alpha: float = 0.05) -> list[dict]:
   rows = []
@@ -109,6 +132,13 @@ def run_all(workdir: str, models, epsilons, *, testing: bool = False,
         finals[eps] = (final, json.load(f),
                        personalization.load_clients(wd)['personalized'])
     _, _, plain = finals['inf']
+    start = starting_point(pu_config.get_config(
+        f'{model},inf' + (',testing' if testing else '')))
+    rows.append({'model': model, 'epsilon_target': 'no training',
+                 'epsilon_pld': None, 'epsilon_rdp': None,
+                 'noise_multiplier': None, 'clip_norm': None,
+                 'sampling_rate': None, 'rounds': 0,
+                 **join(start, plain, alpha), 'hurt_vs_start': None})
     for eps, (final, report, clients) in finals.items():
       row = {'model': model, 'epsilon_target': eps,
              'epsilon_pld': report.get('privacy/epsilon_pld'),
@@ -118,6 +148,8 @@ def run_all(workdir: str, models, epsilons, *, testing: bool = False,
              'sampling_rate': report.get('privacy/sampling_rate'),
              'rounds': final['round']}
       row.update(join(clients, plain, alpha))
+      # Worse than not training at all (the pretrained model, for fedit)?
+      row['hurt_vs_start'] = join(clients, start, alpha)['hurt']
       rows.append(row)
   write(workdir, rows)
   return rows
@@ -128,9 +160,10 @@ def write(workdir: str, rows: list[dict]) -> None:
     return '-' if v is None else f'{v:.{digits}f}'
   lines = ['| model | target eps | eps (PLD) | noise mult. | clients | client '
            'mean | p10 | worst | hurt (z-test) | hurt small / medium / large '
-           '| acc. drop small / large | small hurt more: p |',
+           '| acc. drop small / large | small hurt more: p | worse than no '
+           'training |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
-           '| --- |']
+           '| --- | --- |']
   for r in rows:
     lines.append(
         f'| {r["model"]} | {r["epsilon_target"]} | {fmt(r["epsilon_pld"], 2)} '
@@ -139,7 +172,8 @@ def write(workdir: str, rows: list[dict]) -> None:
         f'{fmt(r["client_worst"])} | {fmt(r["hurt"])} | '
         f'{fmt(r["hurt_small"])} / {fmt(r["hurt_medium"])} / '
         f'{fmt(r["hurt_large"])} | {fmt(r["drop_small"])} / '
-        f'{fmt(r["drop_large"])} | {fmt(r["small_vs_large_p"], 3)} |')
+        f'{fmt(r["drop_large"])} | {fmt(r["small_vs_large_p"], 3)} | '
+        f'{fmt(r.get("hurt_vs_start"))} |')
   tables.write(workdir, lines, rows)
   plot(workdir, rows)
 
@@ -150,11 +184,16 @@ def plot(workdir: str, rows: list[dict]) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for model in sorted({r['model'] for r in rows}):
-    mine = [r for r in rows if r['model'] == model]
+    mine = [r for r in rows if r['model'] == model and
+            r['epsilon_target'] != 'no training']
     x = [r['epsilon_pld'] if r['epsilon_pld'] is not None else 32.0
          for r in mine]  # the non-private run drawn at the right
-    axes[0].plot(x, [r['client_mean'] for r in mine], 'o-',
-                 label=f'{model} mean')
+    line, = axes[0].plot(x, [r['client_mean'] for r in mine], 'o-',
+                         label=f'{model} mean')
+    for r in rows:
+      if r['model'] == model and r['epsilon_target'] == 'no training':
+        axes[0].axhline(r['client_mean'], color=line.get_color(), ls=':',
+                        label=f'{model}: no training')
     axes[0].plot(x, [r['client_p10'] for r in mine], 's--',
                  label=f'{model} p10')
     for size, style in (('small', 'o-'), ('large', '^--')):

@@ -47,9 +47,18 @@ def test_table_and_plot_are_written(tmp_path):
           clients([0.5, 0.4, 0.3], [100] * 3, [1, 5, 9]),
           clients([0.5, 0.45, 0.3], [100] * 3, [1, 5, 9]), 0.05))
       rows.append(row)
-  privacy_utility.write(str(tmp_path), rows)
+  start = {'model': 'fedit', 'epsilon_target': 'no training',
+           'epsilon_pld': None, 'noise_multiplier': None,
+           'hurt_vs_start': None}
+  start.update(privacy_utility.join(
+      clients([0.45, 0.45, 0.3], [100] * 3, [1, 5, 9]),
+      clients([0.5, 0.45, 0.3], [100] * 3, [1, 5, 9]), 0.05))
+  rows[-1]['hurt_vs_start'] = 0.0
+  privacy_utility.write(str(tmp_path), rows + [start])
   text = (tmp_path / 'table.md').read_text()
   assert text.count('\n| fedavg |') == 2 and '| fedit | 4 | 3.90 |' in text
+  assert '| fedit | no training | - |' in text
+  assert text.splitlines()[-2].endswith('| 0.000 |')  # fedit, 4
   assert (tmp_path / 'privacy_utility.png').stat().st_size > 1000
 
 
@@ -64,3 +73,18 @@ def test_clip_probe_prints_the_norm_distribution():
   assert len(fractions) == 25 and fractions == sorted(fractions)
   assert fractions[-1] == 1.0
   assert 'median between' in out.stdout
+
+
+def test_run_all_end_to_end_with_the_starting_point(tmp_path):
+  """The real loop on the non-private testing variant (the private ones run
+  in tests/test_configs.py): a no-training row, evaluated on the same
+  clients, and the fraction the run leaves worse than no training."""
+  rows = privacy_utility.run_all(str(tmp_path), ['fedavg'], ['inf'],
+                                 testing=True)
+  assert [r['epsilon_target'] for r in rows] == ['no training', 'inf']
+  start, plain = rows
+  assert start['rounds'] == 0 and start['hurt_vs_start'] is None
+  assert plain['hurt'] == 0.0  # the non-private run against itself
+  assert 0.0 <= plain['hurt_vs_start'] <= 1.0
+  assert start['clients'] == plain['clients'] > 0
+  assert '| fedavg | no training |' in (tmp_path / 'table.md').read_text()
