@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from scipy import stats
 
 from experiments import privacy_utility
 
@@ -35,6 +37,11 @@ def test_join_counts_hurt_only_beyond_noise():
   np.testing.assert_allclose(row['drop_small'], 0.1)
   np.testing.assert_allclose(row['client_worst'], 0.4)
   assert row['small_vs_large_p'] < 0.05
+  # Terciles of sizes 1..30: small {1, 2}, large {20, 30}; their drops
+  # 0.1, 0.1 against 0, 0.03: Mann-Whitney U = 4 of 4.
+  assert row['drop_small_vs_large_p'] == pytest.approx(
+      stats.mannwhitneyu([0.1, 0.1], [0.0, 0.03],
+                         alternative='greater').pvalue)
 
 
 def test_table_and_plot_are_written(tmp_path):
