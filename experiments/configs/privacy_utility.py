@@ -22,9 +22,12 @@ Variants ``MODEL,EPSILON`` (append ``,testing`` for a tiny run in seconds;
 Every role with at least two windows (80 characters; 64 bytes for
 ``fedit``) is a client, its windows split 80/20 into train/test; 50 clients
 per round in expectation, at most 8 local steps of batch 10 (8), for 200
-rounds (``fedit``: 40, which 2 CPU cores run in about 10 minutes per
-epsilon; the pretrained model gains little from more). BUILD_NOTES.md ("User-level DP on Shakespeare") has the table and
-how the clip norms were chosen.
+rounds (``fedit``: 40, about 6 minutes per epsilon on 2 CPU cores).
+
+Expected (BUILD_NOTES.md, "User-level DP on Shakespeare", with the table
+and how the clip norms were chosen): per-client mean accuracy 0.334
+without DP and 0.130 at epsilon 8 for ``fedavg``; 0.455 and 0.402 for
+``fedit``, whose pretrained model alone scores 0.453.
 """
 
 from experiments.configs import shakespeare_fedavg
