@@ -472,3 +472,17 @@ def test_an_aggregator_needing_every_message_is_refused_by_layout(setup):
       'execution.chunk_size.')):
     registry.build(small_config(**{'execution.chunk_size': 2}), model,
                    ds.num_clients, core.Execution(chunk_size=2), needs_all)
+
+
+def test_a_transform_is_refused_by_a_round_that_cannot_take_one(setup):
+  ds, model, _ = setup
+  halve = rounds.ClientTransform(
+      lambda params: (),
+      lambda m, state, key: (jax.tree.map(lambda x: 0.5 * x, m), state))
+  built = registry.build(small_config(), model, ds.num_clients,
+                         transform=halve)
+  assert built.algorithm.capabilities.transforms
+  with pytest.raises(ValueError, match=re.escape(
+      "algorithm 'ditto' takes no per-client transform")):
+    registry.build(small_config(algorithm='ditto'), model, ds.num_clients,
+                   transform=halve)

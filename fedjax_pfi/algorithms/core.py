@@ -117,6 +117,8 @@ class Capabilities(NamedTuple):
     plain_sgd: ``''`` for any client optimizer, or why it needs plain SGD
       (the sentence after its name in the refusal).
     lr_scales: it accepts per-leaf step sizes (``client.lr_scales``).
+    transforms: its round passes each client's message through a
+      `rounds.ClientTransform` (``registry.build(transform=...)``).
   """
   chunked: bool = False
   sharded: bool = False
@@ -125,6 +127,7 @@ class Capabilities(NamedTuple):
   private: bool = False
   plain_sgd: str = ''
   lr_scales: bool = True
+  transforms: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

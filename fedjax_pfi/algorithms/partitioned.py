@@ -218,7 +218,8 @@ def fed_partitioned(model: base.Model,
   capabilities = core.Capabilities(
       chunked=True, sharded=True,
       packed=personal is None and client_train is None,
-      personal_state=personal is not None, private=federated)
+      personal_state=personal is not None, private=federated,
+      transforms=True)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
                              capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,

@@ -320,11 +320,6 @@ def check(config, alg: core.FederatedAlgorithm,
                      "step size for every leaf; set client.lr_scales=''.")
 
 
-# The builders that pass a `rounds.ClientTransform` to their round.
-TRANSFORMS = ('fedavg', 'fedprox', *LORA_PARTITIONS, 'local_only',
-              'fedavg_ft', 'fedper', 'lg_fedavg', 'fedrep', 'fedbabu')
-
-
 def build(config, base_model: base.Model, num_clients: int,
           execution: core.Execution = core.Execution(),
           aggregator: aggregators_lib.Aggregator | None = None,
@@ -357,9 +352,6 @@ def build(config, base_model: base.Model, num_clients: int,
   server = server_optimizers.server_optimizer(
       sv.optimizer, sv.learning_rate, momentum=sv.momentum, b1=sv.b1,
       b2=sv.b2, tau=sv.tau)
-  if transform is not None and name not in TRANSFORMS:
-    raise ValueError(f'algorithm {name!r} takes no per-client transform; '
-                     f'these do: {", ".join(TRANSFORMS)}.')
   ctx = Context(config, base_model, num_clients, execution, server,
                 parse_unroll(cl.unroll), aggregator, transform)
   if aggregator is not None:  # before building: fed_partitioned only sums
@@ -368,7 +360,13 @@ def build(config, base_model: base.Model, num_clients: int,
         sharded=execution.mesh is not None,
         packed=bool(int(config.get('execution', {}).get('pack_lanes', 0) or
                         0)), algorithm=name)
-  built = BUILDERS[name](name, ctx)
+  built = BUILDERS[name](name, ctx)  # builds; nothing is traced yet
+  if transform is not None and not built.algorithm.capabilities.transforms:
+    raise ValueError(
+        f'algorithm {name!r} takes no per-client transform: its round does '
+        "not pass the clients' messages through one (the rounds built on "
+        '`partitioned.fed_partitioned` do: FedAvg, FedProx, the LoRA '
+        'partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
   check(config, built.algorithm, execution)
   if aggregator is not None and not built.algorithm.capabilities.private:
     raise ValueError(
