@@ -10,7 +10,8 @@ spread and (with one histogram per group) the group gaps.
   ``N(0, z^2)`` per bin. Adding or removing a client moves the sum by one
   one-hot vector, L2 norm 1, so this is one Gaussian mechanism of
   multiplier ``z`` under add-or-remove-one, the relation of the training
-  rounds' Poisson accounting: `dp_event` composes with them.
+  rounds' Poisson accounting: as dp-accounting's ``GaussianDpEvent(z)``
+  it composes with them (not yet charged to a run's accountant).
 - ``'randomized_response'``: each client reports its own bin with
   probability ``1 - p`` and a uniformly random one with probability ``p``
   (k-ary randomized response, local DP: the server never holds a true
@@ -29,7 +30,6 @@ import functools
 import math
 from typing import NamedTuple, Optional
 
-import dp_accounting
 import numpy as np
 from scipy import optimize
 from scipy import stats
@@ -61,11 +61,6 @@ def bin_of(gains, edges: np.ndarray = GAIN_EDGES) -> np.ndarray:
   g = np.asarray(gains, np.float64)
   return np.clip(np.searchsorted(edges, g, side='right') - 1, 0,
                  edges.size - 2)
-
-
-def gaussian_event(noise_multiplier: float) -> dp_accounting.DpEvent:
-  """The release as a `dp_accounting.DpEvent` (sensitivity 1)."""
-  return dp_accounting.GaussianDpEvent(noise_multiplier)
 
 
 def gaussian_delta(noise_multiplier: float, epsilon: float) -> float:
