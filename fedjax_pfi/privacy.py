@@ -40,7 +40,6 @@ the epsilon an extrapolation.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Optional
 import warnings
 
@@ -239,13 +238,8 @@ def check(config) -> None:
     if p[key] not in values:
       raise ValueError(f'unknown privacy.{key} {p[key]!r}; accepted: '
                        f'{", ".join(values)}.')
-  if not p.clip_norm > 0:
-    raise ValueError(f'privacy.clip_norm must be > 0 (inf: no clipping), got '
-                     f'{p.clip_norm}.')
-  if p.target_epsilon is None and not (p.noise_multiplier >= 0 and
-                                       math.isfinite(p.noise_multiplier)):
-    raise ValueError(f'privacy.noise_multiplier must be a finite number >= 0, '
-                     f'got {p.noise_multiplier}.')
+  aggregators.check_clip_and_noise(
+      p.clip_norm, p.noise_multiplier if p.target_epsilon is None else None)
   if (p.target_epsilon is not None and p.accountant == 'pld' and
       p.sampling != 'poisson'):
     raise ValueError(

@@ -136,6 +136,19 @@ def delta_noise_multiplier(noise_multiplier: float,
   return rest ** -0.5
 
 
+def check_clip_and_noise(clip_norm: float,
+                         noise_multiplier: Optional[float] = None) -> None:
+  """``clip_norm > 0`` and, unless None (to be calibrated), a finite
+  ``noise_multiplier >= 0``; the messages name the config options."""
+  if not clip_norm > 0:
+    raise ValueError(f'privacy.clip_norm must be > 0 (inf: no clipping), got '
+                     f'{clip_norm}.')
+  if noise_multiplier is not None and not (noise_multiplier >= 0 and
+                                           math.isfinite(noise_multiplier)):
+    raise ValueError(f'privacy.noise_multiplier must be a finite number >= 0, '
+                     f'got {noise_multiplier}.')
+
+
 def gaussian(clip_norm: float, noise_multiplier: float,
              expected_clients: float, *, noise_scale: float = 1.0,
              adaptive: Optional[AdaptiveClipping] = None) -> Aggregator:
@@ -154,12 +167,7 @@ def gaussian(clip_norm: float, noise_multiplier: float,
       (pfl-research's ``noise_cohort_size``).
     adaptive: adaptive clipping, or None for a fixed ``C``.
   """
-  if not clip_norm > 0:
-    raise ValueError(f'privacy.clip_norm must be > 0 (inf: no clipping), got '
-                     f'{clip_norm}.')
-  if not noise_multiplier >= 0 or not math.isfinite(noise_multiplier):
-    raise ValueError(f'privacy.noise_multiplier must be a finite number >= 0, '
-                     f'got {noise_multiplier}.')
+  check_clip_and_noise(clip_norm, noise_multiplier)
   if not expected_clients > 0:
     raise ValueError(f'the expected number of clients per round must be > 0, '
                      f'got {expected_clients}.')
