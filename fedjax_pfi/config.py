@@ -23,13 +23,21 @@ from fedjax_pfi import privacy
 # Keys that may change between a run and its resumption: `execution` says how
 # a round is laid out on the hardware, never what it computes, so a run may
 # resume on another number of devices or chunk size.
-RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
+RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution',
+                  # what the trust report computes changes no training
+                  'evaluation.alpha', 'evaluation.group_by',
+                  'evaluation.bootstrap_resamples',
+                  'evaluation.private_epsilons',
+                  'evaluation.private_mechanism', 'evaluation.base_task',
+                  'evaluation.base_task_examples',
+                  'evaluation.erosion_margin', 'evaluation.probe_clients')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Blocks whose keys are the user's to choose (a model's constructor
 # arguments, a partitioner's): any key is accepted there, and only there.
-OPEN_BLOCKS = ('model.kwargs', 'data.partitioner_kwargs')
+OPEN_BLOCKS = ('model.kwargs', 'data.partitioner_kwargs',
+               'evaluation.base_task')
 
 # How ``experiments/main.py``'s ``--config`` flag is defined: new keys are
 # accepted by the parser (``--config.model.kwargs.hidden="(16,)"``) and
@@ -109,6 +117,22 @@ def default_config() -> ml_collections.ConfigDict:
   # vmap lanes (0 = one lane per client, padded to the longest).
   c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0))
   c.execution.chunk_size = optional(int)
+  # The trust report (fedjax_pfi/trust.py; README "What the trust report
+  # measures"): alpha, the level of the per-client paired tests; group_by,
+  # comma-separated client attributes for group gaps ('size' always; the
+  # data's own, e.g. 'genre', 'gender', 'age_band'); private_epsilons, the
+  # DP gain histogram's releases ('' for none); base_task, a data config
+  # whose test split is text no client owns (empty: none); canaries.num > 0
+  # plants canaries (fedjax_pfi/canaries.py). Base task and canaries run at
+  # the final evaluation, on the canary holders and probe_clients others.
+  c.evaluation = ml_collections.ConfigDict(dict(
+      alpha=0.05, group_by='', bootstrap_resamples=1000,
+      private_epsilons='1,4,inf', private_mechanism='gaussian',
+      base_task_examples=64, erosion_margin=0.02, probe_clients=32))
+  c.evaluation.base_task = ml_collections.ConfigDict()
+  c.evaluation.canaries = ml_collections.ConfigDict(dict(
+      num=0, repeats=10, prefix='my pin is ', digits=4, candidates=255,
+      seed=0))
   c.eval_every = 10
   c.eval_train = False      # also evaluate the global model on all train data
   c.eval_batch_size = 64
@@ -180,6 +204,15 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     'personalization.num_clusters': _int_at_least(1),
     'personalization.pfedme_inner_steps': _int_at_least(1),
     'personalization.hurt_margin': _NON_NEGATIVE,
+    'evaluation.alpha': ((lambda v: 0.0 < v < 1.0), 'a number in (0, 1)'),
+    'evaluation.bootstrap_resamples': _int_at_least(1),
+    'evaluation.base_task_examples': _int_at_least(1),
+    'evaluation.erosion_margin': _NON_NEGATIVE,
+    'evaluation.probe_clients': _int_at_least(0),
+    'evaluation.canaries.num': _int_at_least(0),
+    'evaluation.canaries.repeats': _int_at_least(1),
+    'evaluation.canaries.digits': _int_at_least(1),
+    'evaluation.canaries.candidates': _int_at_least(1),
     'execution.devices': _int_at_least(0),
     'execution.pack_lanes': _int_at_least(0),
     'execution.chunk_size': _OPTIONAL_POSITIVE_INT,
@@ -225,6 +258,14 @@ def check(config) -> None:
         f"server.weighting must be '', 'examples' or 'uniform', got "
         f"{get(config, 'server.weighting')!r}.")
   privacy.check(config)
+  if get(config, 'evaluation.private_mechanism') not in (
+      'gaussian', 'randomized_response'):
+    raise ValueError(
+        "evaluation.private_mechanism must be 'gaussian' or "
+        f"'randomized_response', got "
+        f"{get(config, 'evaluation.private_mechanism')!r}.")
+  from fedjax_pfi import trust  # pylint: disable=g-import-not-at-top
+  trust.parse_epsilons(get(config, 'evaluation.private_epsilons'))
   for key in LEARNING_RATES:
     value = float(get(config, key))
     if value > 0 and not (math.isfinite(value) and value <= FLOAT32_MAX):

@@ -34,13 +34,37 @@ from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.models import base
 
 
+class RowStats(NamedTuple):
+  """Per-example sums ``[..., n]``: summed loss, correct, count (the
+  example's valid predictions). In a `ClientMetrics`, ``rows`` is aligned
+  with the evaluated dataset's rows (client ``i``'s examples at
+  ``offsets[i]:offsets[i + 1]``), and each probe's arrays are ``[clients,
+  n]``: every client's model on the same probe examples."""
+  loss_sum: np.ndarray
+  correct: np.ndarray
+  count: np.ndarray
+
+
 class ClientMetrics(NamedTuple):
-  """Per-client evaluation sums; arrays ``[num_evaluated_clients]``."""
+  """Per-client evaluation sums; arrays ``[num_evaluated_clients]``.
+
+  Attributes beyond the sums (None where an evaluation did not make them):
+    rows: `RowStats` per example of the evaluated dataset, for paired tests
+      between two models on the same examples.
+    confidence: ``[clients, CONFIDENCE_BINS, 3]`` calibration sums
+      (`base.calibration_sums`; None for models without class
+      probabilities).
+    probes: name -> `RowStats` ``[clients, n]``: each client's model on
+      shared probe examples (a base task, canary candidates).
+  """
   client_ids: np.ndarray
   loss_sum: np.ndarray
   correct: np.ndarray
   count: np.ndarray
   num_examples: np.ndarray
+  rows: Optional[RowStats] = None
+  confidence: Optional[np.ndarray] = None
+  probes: Optional[Mapping[str, RowStats]] = None
 
   @property
   def accuracy(self) -> np.ndarray:
@@ -51,16 +75,122 @@ class ClientMetrics(NamedTuple):
     return self.loss_sum / np.maximum(self.count, 1)
 
 
-def client_sums(model: base.Model):
+class Probe(NamedTuple):
+  """Shared probe examples in fixed batches: column -> ``[P, B, ...]`` and
+  mask ``[P, B]``; every client's model is run on all of them."""
+  batches: Mapping[str, np.ndarray]
+  mask: np.ndarray
+  size: int
 
-  def sums(params, batches, mask):
+
+PROBE_BATCH = 32
+
+
+def make_probe(columns: Mapping[str, np.ndarray],
+               batch_size: int = PROBE_BATCH) -> Probe:
+  """`Probe` of ``columns`` (``[n, ...]`` each), padded to whole batches."""
+  n = len(next(iter(columns.values())))
+  if n == 0:
+    raise ValueError('a probe needs at least one example.')
+  p = -(-n // batch_size)
+  rows = np.arange(p * batch_size)
+  mask = rows < n
+  rows = np.where(mask, rows, 0)
+  return Probe({k: np.asarray(v)[rows].reshape((p, batch_size) +
+                                               np.shape(v)[1:])
+                for k, v in columns.items()},
+               mask.reshape(p, batch_size), n)
+
+
+def _masked(stats, m):
+  return stats.loss_sum * m, stats.correct * m, stats.count * m
+
+
+def client_sums(model: base.Model):
+  """``sums(params, batches, mask, probes=None)`` of one client's stacked
+  ``[S, B]`` batches: a dict of the summed ``loss_sum``, ``correct`` and
+  ``count``, ``rows`` (each ``[S * B]``), ``confidence`` (``[bins, 3]``,
+  where the model has it) and, for each `Probe` in ``probes``, its
+  ``[P * B]`` per-example sums (``probes`` from `device_probes`; batches
+  run one at a time by `lax.map`,
+  so a chunk of clients holds one probe batch's activations)."""
+
+  def probe_rows(params, probe):  # probe: (batches, mask), `device_probes`
+    def one(args):
+      batch, mask = args
+      stats = model.example_stats(params, batch, None, False)
+      return _masked(stats, mask.astype(jnp.float32))
+    out = jax.lax.map(one, tuple(probe))
+    return tuple(o.reshape(-1) for o in out)
+
+  def sums(params, batches, mask, probes=None):
     flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batches)
     stats = model.example_stats(params, flat, None, False)
     m = mask.reshape(-1).astype(jnp.float32)
-    return (jnp.sum(stats.loss_sum * m), jnp.sum(stats.correct * m),
-            jnp.sum(stats.count * m))
+    loss, correct, count = _masked(stats, m)
+    out = {'loss_sum': jnp.sum(loss), 'correct': jnp.sum(correct),
+           'count': jnp.sum(count), 'rows': (loss, correct, count)}
+    if stats.confidence is not None:
+      out['confidence'] = jnp.sum(stats.confidence * m[:, None, None], 0)
+    if probes:
+      out['probes'] = {k: probe_rows(params, p) for k, p in probes.items()}
+    return out
 
   return sums
+
+
+def device_probes(probes: Optional[Mapping[str, Probe]]):
+  if not probes:
+    return None
+  """What a program is given of each probe: ``(batches, mask)``."""
+  return {k: (p.batches, p.mask) for k, p in probes.items()}
+
+
+class ChunkResults:
+  """Collects chunked per-client outputs of `client_sums` (vmapped) into a
+  `ClientMetrics` over ``ds``: per-client sums, per-example rows in ``ds``
+  row order, calibration sums and probe rows."""
+
+  def __init__(self, ds: FederatedDataset,
+               probes: Optional[Mapping[str, Probe]] = None):
+    self.ds = ds
+    self.sizes = {k: p.size for k, p in (probes or {}).items()}
+    self.ids, self.sums, self.conf = [], [], []
+    self.rows = np.zeros([3, ds.num_examples], np.float64)
+    self.probes = {k: [] for k in self.sizes}
+
+  def add(self, chunk: np.ndarray, out: Mapping, mask: np.ndarray) -> None:
+    """``out``: the vmapped outputs for ``chunk`` (first ``chunk.size``
+    slots); ``mask``: the stacked ``[slots, S, B]`` example mask."""
+    n = chunk.size
+    out = jax.device_get(out)
+    self.ids.append(chunk)
+    self.sums.append(np.stack([np.asarray(out[k])[:n] for k in
+                               ('loss_sum', 'correct', 'count')]))
+    rows = np.stack([np.asarray(r)[:n] for r in out['rows']])
+    flat = np.asarray(mask)[:n].reshape(n, -1)
+    for j, c in enumerate(chunk):
+      lo, hi = self.ds.offsets[c], self.ds.offsets[c + 1]
+      got = rows[:, j, flat[j]]
+      if got.shape[1] != hi - lo:
+        raise AssertionError(f'client {c}: {got.shape[1]} evaluated rows, '
+                             f'{hi - lo} in the dataset.')
+      self.rows[:, lo:hi] = got
+    if 'confidence' in out:
+      self.conf.append(np.asarray(out['confidence'])[:n])
+    for k, size in self.sizes.items():
+      self.probes[k].append(np.stack(
+          [np.asarray(r)[:n, :size] for r in out['probes'][k]]))
+
+  def result(self) -> ClientMetrics:
+    ids = np.concatenate(self.ids)
+    order = np.argsort(ids)
+    sums = np.concatenate(self.sums, axis=1)[:, order]
+    conf = np.concatenate(self.conf)[order] if self.conf else None
+    probes = {k: RowStats(*np.concatenate(v, axis=1)[:, order])
+              for k, v in self.probes.items()} or None
+    return ClientMetrics(ids[order], *sums, self.ds.client_sizes[ids[order]],
+                         RowStats(*self.rows), conf, probes)
 
 
 class Evaluator:
@@ -78,42 +208,74 @@ class Evaluator:
     sums = client_sums(model)
     combine = combine or (lambda shared, mine: mine)
     self._personal = jax.jit(jax.vmap(
-        lambda shared, mine, b, m: sums(combine(shared, mine), b, m),
-        in_axes=(None, 0, 0, 0)))
+        lambda shared, mine, b, m, probes: sums(combine(shared, mine), b, m,
+                                                probes),
+        in_axes=(None, 0, 0, 0, None)))
 
     def example_sums(params, batch, mask):
       stats = model.example_stats(params, batch, None, False)
       m = mask.astype(jnp.float32)
-      return stats.loss_sum * m, stats.correct * m, stats.count * m
+      out = _masked(stats, m)
+      if stats.confidence is not None:
+        out += (stats.confidence * m[:, None, None],)
+      return out
 
     self._flat = jax.jit(example_sums)
 
-  def _evaluate_shared(self, params, ds: FederatedDataset):
-    """Per-client sums from one flat pass over the pooled examples."""
-    n, b = ds.num_examples, self.batch_size
-    sums = np.zeros([3, n], np.float64)
+  def _rows(self, params, columns, n):
+    """Per-example sums ``[3, n]`` (and ``[n, bins, 3]`` calibration sums,
+    or None) of ``params`` on ``columns``, in fixed-size batches."""
+    b = self.batch_size
+    sums, conf = np.zeros([3, n], np.float64), []
     for lo in range(0, n, b):
       rows = np.arange(lo, lo + b)
       mask = rows < n
       rows = np.where(mask, rows, 0)
-      batch = {k: v[rows] for k, v in ds.columns.items()}
-      out = self._flat(params, batch, mask)
-      sums[:, lo:min(lo + b, n)] = np.stack([np.asarray(o) for o in out])[
-          :, :min(b, n - lo)]
+      out = self._flat(params, {k: v[rows] for k, v in columns.items()},
+                       mask)
+      k = min(b, n - lo)
+      sums[:, lo:lo + k] = np.stack([np.asarray(o) for o in out[:3]])[:, :k]
+      if len(out) > 3:
+        conf.append(np.asarray(out[3], np.float64)[:k])
+    return sums, (np.concatenate(conf) if conf else None)
+
+  def _evaluate_shared(self, params, ds: FederatedDataset, probes):
+    """Per-client sums from one flat pass over the pooled examples."""
+    sums, conf = self._rows(params, ds.columns, ds.num_examples)
     owner = np.repeat(np.arange(ds.num_clients), ds.client_sizes)
     per_client = [np.bincount(owner, s, ds.num_clients) for s in sums]
     ids = np.flatnonzero(ds.client_sizes > 0)
+    if conf is not None:  # rows are contiguous by client
+      conf = np.add.reduceat(conf, ds.offsets[ids], axis=0)
+    out = {k: RowStats(*(np.broadcast_to(a, (ids.size, a.shape[1]))
+                         for a in r))
+           for k, r in self.probe_rows(params, probes).items()}
     return ClientMetrics(ids, *(p[ids] for p in per_client),
-                         ds.client_sizes[ids])
+                         ds.client_sizes[ids], RowStats(*sums), conf,
+                         out or None)
 
-  def _chunks(self, ds: FederatedDataset):
-    """Size-sorted chunks of clients, each stacked to ``[clients, S, B]``.
+  def probe_rows(self, params, probes: Optional[Mapping[str, Probe]]
+                 ) -> dict[str, RowStats]:
+    """One model's per-example sums ``[1, n]`` on each `Probe`."""
+    out = {}
+    for k, p in (probes or {}).items():
+      columns = {c: v.reshape((-1,) + v.shape[2:])[:p.size]
+                 for c, v in p.batches.items()}
+      rows, _ = self._rows(params, columns, p.size)
+      out[k] = RowStats(*(r[None] for r in rows))
+    return out
+
+  def _chunks(self, ds: FederatedDataset, only=None):
+    """Size-sorted chunks of clients (of ``only``, if given), each stacked
+    to ``[clients, S, B]``.
 
     ``B`` is the power of two that holds the chunk's largest client, capped
     at ``batch_size``, and ``S`` a power of two: small clients are not padded
     to a large batch, and the shapes (hence compilations) stay few.
     """
     ids = np.flatnonzero(ds.client_sizes > 0)
+    if only is not None:
+      ids = np.intersect1d(ids, only)
     ids = ids[np.argsort(ds.client_sizes[ids], kind='stable')]
     for lo in range(0, ids.size, self.clients_per_chunk):
       chunk = ids[lo:lo + self.clients_per_chunk]
@@ -124,7 +286,9 @@ class Evaluator:
           step_buckets=cohort_lib.power_of_two_buckets(-(-largest // b)))
 
   def evaluate(self, params: Any, ds: FederatedDataset,
-               personal_params: Optional[Any] = None) -> ClientMetrics:
+               personal_params: Optional[Any] = None,
+               probes: Optional[Mapping[str, Probe]] = None,
+               only: Optional[np.ndarray] = None) -> ClientMetrics:
     """Per-client sums for every client of ``ds`` that has examples.
 
     Args:
@@ -132,23 +296,25 @@ class Evaluator:
         the evaluator's ``combine`` joins to each client's own (or None).
       personal_params: optional pytree with a leading ``[ds.num_clients]``
         axis: client ``i`` is evaluated with its own params.
+      probes: optional name -> `Probe`: every client's model also runs on
+        these shared examples (`ClientMetrics.probes`).
+      only: optional client indices: with ``personal_params``, evaluate
+        these clients only (shared params evaluate everyone in one pass).
     """
     if not np.any(ds.client_sizes):
       raise ValueError('no client of this dataset has evaluation examples.')
     if personal_params is None:
-      return self._evaluate_shared(params, ds)
-    parts = []
-    for chunk, stacked in self._chunks(ds):
+      return self._evaluate_shared(params, ds, probes)
+    results = ChunkResults(ds, probes)
+    on_device = device_probes(probes)
+    for chunk, stacked in self._chunks(ds, only):
       idx = np.zeros(self.clients_per_chunk, np.int64)
       idx[:chunk.size] = chunk
       mine = jax.tree.map(lambda p: p[idx], personal_params)
-      out = self._personal(params, mine, stacked.batches, stacked.mask)
-      out = [np.asarray(o)[:chunk.size] for o in out]
-      parts.append((chunk, *out))
-    ids, loss_sum, correct, count = (np.concatenate(p) for p in zip(*parts))
-    order = np.argsort(ids)
-    return ClientMetrics(ids[order], loss_sum[order], correct[order],
-                         count[order], ds.client_sizes[ids[order]])
+      results.add(chunk, self._personal(params, mine, stacked.batches,
+                                        stacked.mask, on_device),
+                  stacked.mask)
+    return results.result()
 
 
 def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:

