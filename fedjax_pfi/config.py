@@ -30,7 +30,8 @@ RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution',
                   'evaluation.private_epsilons',
                   'evaluation.private_mechanism', 'evaluation.base_task',
                   'evaluation.base_task_examples',
-                  'evaluation.erosion_margin', 'evaluation.probe_clients')
+                  'evaluation.erosion_margin', 'evaluation.probe_clients',
+                  'evaluation.vs_start')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -125,10 +126,13 @@ def default_config() -> ml_collections.ConfigDict:
   # whose test split is text no client owns (empty: none); canaries.num > 0
   # plants canaries (fedjax_pfi/canaries.py). Base task and canaries run at
   # the final evaluation, on the canary holders and probe_clients others.
+  # vs_start: also compare with the model the run starts from (the
+  # pretrained one: "no fine-tuning").
   c.evaluation = ml_collections.ConfigDict(dict(
       alpha=0.05, group_by='', bootstrap_resamples=1000,
       private_epsilons='1,4,inf', private_mechanism='gaussian',
-      base_task_examples=64, erosion_margin=0.02, probe_clients=32))
+      base_task_examples=64, erosion_margin=0.02, probe_clients=32,
+      vs_start=False))
   c.evaluation.base_task = ml_collections.ConfigDict()
   c.evaluation.canaries = ml_collections.ConfigDict(dict(
       num=0, repeats=10, prefix='my pin is ', digits=4, candidates=255,

@@ -38,6 +38,8 @@ class RunEvaluator:
   - ``heldout/``: clients never seen in training, with the model a new
     client starts from, and ``heldout_adapted/`` after
     ``personalization.finetune_epochs`` epochs on their own adaptation data;
+  - ``start/``: with ``evaluation.vs_start``, the model the run started
+    from (the pretrained one: no fine-tuning), with ``vs_start/`` gains;
   - ``trainset/`` with ``eval_train``;
   - ``val/``: the personalized models on each client's validation split,
     where the data has one (MovieLens' second-latest item;
@@ -86,7 +88,7 @@ class RunEvaluator:
     self.margin = float(pc.hurt_margin)
     self._local_adapter = adapter(self.local_epochs) if self.local_epochs \
         else None
-    if self.local_epochs and exp.algorithm.clusters:  # one of the k models
+    if exp.algorithm.clusters:  # one of the k models
       initial_params = jax.tree.map(lambda p: p[0], initial_params)
     self._initial = initial_params if self.local_epochs else None
     self._frozen = frozen
@@ -102,12 +104,15 @@ class RunEvaluator:
     self.canaries = getattr(exp, 'canaries', None)
     if self.canaries is not None:
       self.probes['canaries'] = evaluation.make_probe(self.canaries.probe)
-    # The model a run starts from (the pretrained one), for the base task.
-    self._start = initial_params if self.probes else None
-    if self._start is not None and exp.algorithm.clusters:
-      self._start = jax.tree.map(lambda p: p[0], self._start)
+    # The model a run starts from (the pretrained one): the base task's
+    # reference, and with evaluation.vs_start the "no fine-tuning" one.
+    self.vs_start = bool(ec.vs_start)
+    keep = bool(self.probes) or self.vs_start
+    self._start = initial_params if keep else None
     self._start_evaluator = evaluation.Evaluator(
-        exp.model, c.eval_batch_size) if self.probes else None
+        exp.model, c.eval_batch_size, c.eval_clients_per_chunk) \
+        if keep else None
+    self._start_metrics = None
     self._local = None
     self.last: dict = {}
     self.last_sampled = np.zeros(exp.splits.train.num_clients, bool)
@@ -223,6 +228,14 @@ class RunEvaluator:
       out.update(evaluation.summarize(self._local, 'local/'))
       out.update(personalization.compare(mine, self._local, 'local',
                                          self.margin, among)[0])
+    if self.vs_start:  # the starting (pretrained) model: no fine-tuning
+      if self._start_metrics is None:
+        self._start_metrics = self._start_evaluator.evaluate(self._start,
+                                                             splits.test)
+      results['start'] = self._start_metrics
+      out.update(evaluation.summarize(self._start_metrics, 'start/'))
+      out.update(personalization.compare(mine, self._start_metrics, 'start',
+                                         self.margin, among)[0])
     if exp.config.eval_train:  # the FedProx paper's "training loss"
       out.update(evaluation.summarize(own(splits.train), 'trainset/'))
     if splits.heldout_test is not None and view.clusters is not None:
@@ -258,11 +271,12 @@ class RunEvaluator:
     """Every evaluation's trust report (`trust.describe`, `trust.compare`)
     into ``out``; returns the `trust.Comparison` per reference."""
     splits, c = self.exp.splits, self.exp.config
-    names = {'personalized': 'test/', 'global': 'global/', 'local': 'local/'}
+    names = {'personalized': 'test/', 'global': 'global/', 'local': 'local/',
+             'start': 'start/'}
     for name, m in results.items():
       out.update(trust.describe(m, names[name], self.groups))
     comparisons = {}
-    for ref in ('global', 'local'):
+    for ref in ('global', 'local', 'start'):
       if ref in results:
         comparisons[ref] = trust.compare(
             ref, results['personalized'], results[ref], splits.test,
