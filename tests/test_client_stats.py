@@ -114,3 +114,21 @@ def test_exposure_by_rank():
   assert client_stats.exposure(0.5, cand) == pytest.approx(10.0)  # rank 1
   assert client_stats.exposure(1.5, cand) == pytest.approx(9.0)  # rank 2
   assert client_stats.exposure(2000.0, cand) == pytest.approx(0.0)  # last
+
+
+def test_paired_bootstrap_segments_agree_with_one_client_at_a_time():
+  rng = np.random.default_rng(4)
+  sizes = [12, 0, 30, 5]
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  ref = rng.normal(size=offsets[-1])
+  loss = ref + np.repeat([0.8, 0.0, -0.5, 0.05], sizes) + \
+      0.3 * rng.normal(size=offsets[-1])
+  got = client_stats.paired_bootstrap_p_segments(loss, ref, offsets,
+                                                 num_resamples=4000)
+  assert got[1] == 1.0  # no examples
+  for i in (0, 2, 3):
+    lo, hi = offsets[i], offsets[i + 1]
+    one = client_stats.paired_bootstrap_p(loss[lo:hi], ref[lo:hi],
+                                          num_resamples=4000)
+    assert abs(got[i] - one) < 0.03, i  # two draws of the same p
+  assert got[0] < 0.01 and got[2] > 0.99
