@@ -179,7 +179,8 @@ class Checkpointer:
           'experiments: use a fresh --workdir, or the config that wrote it. '
           'Between a run and its resumption only '
           f'{", ".join(k + ".*" if k == "execution" else k for k in config_lib.RESUMABLE_KEYS)}'
-          ' may change.')
+          ' may change, and the trust report\'s evaluation.* options but '
+          'evaluation.canaries.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       state = self._manager.restore(

@@ -23,15 +23,16 @@ from fedjax_pfi import privacy
 # Keys that may change between a run and its resumption: `execution` says how
 # a round is laid out on the hardware, never what it computes, so a run may
 # resume on another number of devices or chunk size.
-RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution',
-                  # what the trust report computes changes no training
-                  'evaluation.alpha', 'evaluation.group_by',
-                  'evaluation.bootstrap_resamples',
-                  'evaluation.private_epsilons',
-                  'evaluation.private_mechanism', 'evaluation.base_task',
-                  'evaluation.base_task_examples',
-                  'evaluation.erosion_margin', 'evaluation.probe_clients',
-                  'evaluation.vs_start')
+RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
+# The trust report's options (all of `evaluation` but its canaries, which
+# change the training data): they change what is reported, never the
+# training, so they may change on resumption too and no fingerprint covers
+# them.
+REPORT_KEYS = ('evaluation.alpha', 'evaluation.group_by',
+               'evaluation.bootstrap_resamples', 'evaluation.private_epsilons',
+               'evaluation.private_mechanism', 'evaluation.base_task',
+               'evaluation.base_task_examples', 'evaluation.erosion_margin',
+               'evaluation.probe_clients', 'evaluation.vs_start')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -328,7 +329,8 @@ def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
 
 
 def diff(old: dict, new: dict,
-         ignore: tuple[str, ...] = RESUMABLE_KEYS) -> list[tuple[str, Any, Any]]:
+         ignore: tuple[str, ...] = RESUMABLE_KEYS + REPORT_KEYS
+         ) -> list[tuple[str, Any, Any]]:
   """``[(key, old value, new value)]`` for every key on which two configs
   (`to_json` form) differ, keys under ``ignore`` left out. A key one side
   lacks holds its default there (an option added since the other was
