@@ -409,3 +409,32 @@ def test_bad_trust_options_are_refused(tmp_path):
   config.evaluation.private_epsilons = '1,zero'
   with pytest.raises(ValueError, match="'zero', not a number"):
     training.run(config, str(tmp_path / 'c'))
+
+
+def test_trust_report_configs_and_rows():
+  from experiments import trust_report  # pylint: disable=g-import-not-at-top
+  for dataset, methods in trust_report.METHODS.items():
+    for method in methods:
+      for full, testing in ((False, False), (False, True), (True, False)):
+        c = trust_report.config_for(dataset, method, '/tmp/w', full, testing)
+        if dataset != 'shakespeare_peft' or testing:  # no pretrained dir
+          config_lib.check(c)
+        assert c.evaluation.group_by == trust_report.GROUPS[dataset]
+        assert (c.personalization.local_epochs == 1) == (
+            c.algorithm != 'local_only')
+  peft = trust_report.config_for('shakespeare_peft', 'fedit', '/tmp/w', False,
+                                 False)
+  assert peft.evaluation.vs_start and peft.evaluation.base_task.plays
+  assert peft.model.pretrained == '/tmp/w/pretrained/model'
+  report = {'test/client_accuracy_mean': 0.5, 'test/client_accuracy_p10': 0.2,
+            'vs_start/hurt_significant_fraction': 0.1,
+            'vs_global/hurt_significant_fraction': 0.3,
+            'vs_start/hurt_fraction': 0.4,
+            'test/canary/exposure_mean': 6.25}
+  row = trust_report.table_row('shakespeare_peft', 'fedit', report)
+  assert row['reference'] == 'start' and row['hurt'] == '0.40'
+  assert row['hurt (significant)'] == '0.10'
+  assert row['canary exposure (holder / global)'] == '6.2'
+  assert row['ECE'] == '-'
+  assert trust_report.table_row('femnist', 'x', report)['reference'] == \
+      'global'
