@@ -240,7 +240,7 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   ax.set_ylabel('per-client test accuracy')
   ax.set_title(title or 'accuracy')
   ax.legend(fontsize=7)
-  paths.append(_save(fig, workdir, 'accuracy_curves.png'))
+  paths.append(save_figure(fig, workdir, 'accuracy_curves.png'))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   for name, c in clients.items():
@@ -250,7 +250,7 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   ax.set_ylabel('clients')
   ax.set_title(title or 'per-client accuracy')
   ax.legend(fontsize=7)
-  paths.append(_save(fig, workdir, 'client_accuracy.png'))
+  paths.append(save_figure(fig, workdir, 'client_accuracy.png'))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   mine = clients.get('personalized')
@@ -273,7 +273,7 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   ax.set_xscale('log')
   ax.set_xlabel('client training examples')
   ax.set_title(title or 'gain vs data size')
-  paths.append(_save(fig, workdir, 'gain_vs_size.png'))
+  paths.append(save_figure(fig, workdir, 'gain_vs_size.png'))
   return paths
 
 
@@ -307,7 +307,7 @@ def plot_gain(ax, sizes, gain, binary: bool, **style):
     ax.scatter(sizes, gain, **style)
 
 
-def _save(fig, workdir, name):
+def save_figure(fig, workdir, name):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, name)
   fig.tight_layout()

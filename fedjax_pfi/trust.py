@@ -30,12 +30,12 @@ the honest unit, at the cost of power for clients with few windows.
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from fedjax_pfi import client_stats
+from fedjax_pfi import personalization
 from fedjax_pfi import private_histogram
 from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.evaluation import ClientMetrics
@@ -476,7 +476,8 @@ def plot_report(workdir: str, clients: Mapping[str, Mapping[str, np.ndarray]],
       ax.set_ylabel('clients')
       ax.set_title(title, fontsize=9)
       ax.legend(fontsize=7)
-    paths.append(_save(fig, workdir, 'gain_histogram.png'))
+    paths.append(personalization.save_figure(fig, workdir,
+                                             'gain_histogram.png'))
   groups = clients.get('groups', {})
   if groups and refs:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6),
@@ -495,14 +496,6 @@ def plot_report(workdir: str, clients: Mapping[str, Mapping[str, np.ndarray]],
       ax.set_ylabel('mean client accuracy')
       ax.set_title(f'{title}: by {attr}', fontsize=9)
       ax.legend(fontsize=7)
-    paths.append(_save(fig, workdir, 'group_gap.png'))
+    paths.append(personalization.save_figure(fig, workdir, 'group_gap.png'))
   return paths
 
-
-def _save(fig, workdir, name):
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, name)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
