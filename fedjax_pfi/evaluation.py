@@ -19,6 +19,11 @@ can go beside them unbatched (``in_axes=None``) and ``combine(shared,
 personal_i)`` builds client ``i``'s params inside the program, so the shared
 part is never copied per client.
 Either way the number of compilations is bounded by a few shapes.
+
+Beside the per-client sums, every path returns each example's results
+(``ClientMetrics.rows``: the trust report's paired tests), calibration sums
+(``confidence``) and, on request, every client's model on shared probe
+examples (``probes``: a base task, canary candidates; `Probe`).
 """
 
 from __future__ import annotations
