@@ -306,9 +306,9 @@ class RunEvaluator:
     splits = exp.splits
     if view.clusters is not None:
       k = jax.tree.leaves(view.clusters)[0].shape[0]
-      per = [ev.evaluate(jax.tree.map(lambda p, j=j: p[j], view.clusters),
-                         splits.test, probes=self.probes).probes
-             for j in range(k)]
+      # each cluster model on the probes alone (not the whole test split)
+      per = [ev.probe_rows(jax.tree.map(lambda p, j=j: p[j], view.clusters),
+                           self.probes) for j in range(k)]
       pick = self._cluster_pick[only]
       probes = {name: evaluation.RowStats(*(
           np.stack([getattr(per[pick[i]][name], f)[0] for i in

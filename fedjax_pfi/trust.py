@@ -115,15 +115,11 @@ def loss_hurt_p(mine: ClientMetrics, ref: ClientMetrics, ds: FederatedDataset,
   def per(r):
     return r.loss_sum / np.maximum(r.count, 1)
 
-  ids = mine.client_ids
-  offsets = np.stack([ds.offsets[ids], ds.offsets[ids + 1]], 1)
-  # the evaluated clients' rows, one after another
-  rows = np.concatenate([np.arange(lo, hi) for lo, hi in offsets]) \
-      if ids.size else np.zeros(0, np.int64)
-  bounds = np.concatenate([[0], np.cumsum(offsets[:, 1] - offsets[:, 0])])
+  # Clients without test rows have empty segments (p = 1), and every
+  # client with rows is evaluated: index the population's p-values.
   return client_stats.paired_bootstrap_p_segments(
-      per(mine.rows)[rows], per(ref.rows)[rows], bounds,
-      num_resamples=num_resamples, seed=seed)
+      per(mine.rows), per(ref.rows), ds.offsets,
+      num_resamples=num_resamples, seed=seed)[mine.client_ids]
 
 
 def client_ece(m: ClientMetrics) -> Optional[np.ndarray]:
