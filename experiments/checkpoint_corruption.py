@@ -31,10 +31,6 @@ from experiments.configs import synthetic_fedprox
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import training
 
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/fedjax_pfi/bitflip',
-                               'Scratch directory (emptied).')
-_EVERY = flags.DEFINE_integer('every', 66, 'Flip every N-th byte.')
-
 
 def config(rounds: int):
   c = synthetic_fedprox.get_config('testing')
@@ -83,4 +79,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program, so that tests
+  # can import experiment modules side by side.
+  _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fedjax_pfi/bitflip',
+                                 'Scratch directory (emptied).')
+  _EVERY = flags.DEFINE_integer('every', 66, 'Flip every N-th byte.')
   app.run(main)

@@ -21,9 +21,6 @@ from fedjax_pfi import training
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import registry
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
-                                          **config_lib.COMMAND_LINE)
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds to probe.')
 THRESHOLDS = tuple(float(t) for t in np.geomspace(0.01, 100.0, 25))
 
 
@@ -78,4 +75,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program, so that tests
+  # can import experiment modules side by side.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config.',
+                                            **config_lib.COMMAND_LINE)
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds to probe.')
   app.run(main)

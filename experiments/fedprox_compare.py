@@ -21,11 +21,6 @@ import numpy as np
 from experiments.configs import synthetic_fedprox
 from fedjax_pfi import training
 
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/fedjax_pfi/fedprox_compare',
-                               'Parent directory of the three runs.')
-_ROUNDS = flags.DEFINE_integer('rounds', 200, 'Rounds per run.')
-_STRAGGLERS = flags.DEFINE_float('stragglers', 0.9, 'Straggler fraction.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of cohort sampling and data.')
 VARIANTS = ('fedavg', 'fedprox0', 'fedprox')
 
 
@@ -63,4 +58,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program, so that tests
+  # can import experiment modules side by side.
+  _WORKDIR = flags.DEFINE_string('workdir', '/tmp/fedjax_pfi/fedprox_compare',
+                                 'Parent directory of the three runs.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 200, 'Rounds per run.')
+  _STRAGGLERS = flags.DEFINE_float('stragglers', 0.9, 'Straggler fraction.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Seed of cohort sampling and data.')
   app.run(main)

@@ -23,14 +23,6 @@ from fedjax_pfi import config as config_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import training
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to an experiment config (experiments/configs/*.py).',
-    **config_lib.COMMAND_LINE)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Directory for metrics, TensorBoard and '
-                               'checkpoints; re-using it resumes the run.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 
 def main(argv):
   if len(argv) > 1:
@@ -53,4 +45,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program, so that tests
+  # can import experiment modules side by side.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Path to an experiment config (experiments/configs/*.py).',
+      **config_lib.COMMAND_LINE)
+  _WORKDIR = flags.DEFINE_string('workdir', None,
+                                 'Directory for metrics, TensorBoard and '
+                                 'checkpoints; re-using it resumes the run.')
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -43,12 +43,6 @@ from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.peft import lora
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-_VARIANTS = flags.DEFINE_list('variants', list(shakespeare_lora.VARIANTS),
-                              'Which algorithms to run.')
-_ROUNDS = flags.DEFINE_integer('rounds', None, 'Override config.rounds.')
-_TESTING = flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
-
 NAMES = {'fedit': 'FedIT (LoRA, A and B averaged)',
          'ffa_lora': 'FFA-LoRA (A frozen, B averaged)',
          'fedsa_lora': 'FedSA-LoRA (A averaged, B personal)',
@@ -185,9 +179,21 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  compare(_WORKDIR.value, _VARIANTS.value, _TESTING.value, _ROUNDS.value)
+  f = flags.FLAGS
+  compare(f.workdir, f.variants, f.testing, f.rounds)
+
+
+def _define_flags():
+  """Flags exist only when this module is the program (tests import it
+  beside other experiment scripts that define ``--workdir`` too)."""
+  flags.DEFINE_string('workdir', None, 'Output directory.')
+  flags.DEFINE_list('variants', list(shakespeare_lora.VARIANTS),
+                    'Which algorithms to run.')
+  flags.DEFINE_integer('rounds', None, 'Override config.rounds.')
+  flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
+  flags.mark_flags_as_required(['workdir'])
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir'])
+  _define_flags()
   app.run(main)

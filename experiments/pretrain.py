@@ -16,10 +16,6 @@ from ml_collections import config_flags
 
 from fedjax_pfi import pretraining
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a pretraining config.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-
 
 def main(argv):
   if len(argv) > 1:
@@ -32,5 +28,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program, so that tests
+  # can import experiment modules side by side.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Path to a pretraining config.', lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

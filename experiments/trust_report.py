@@ -68,12 +68,6 @@ GROUPS = {'shakespeare': 'genre,size', 'shakespeare_peft': 'genre,size',
 # plays it was pretrained on, which its clients exclude.
 CHAR_BASE_PLAYS = ('twelfth-night', 'two-gentlemen-of-verona')
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-_DATASETS = flags.DEFINE_list('datasets', list(DATASETS), 'Datasets.')
-_FULL = flags.DEFINE_bool('full', False, 'The full version (hours).')
-_TESTING = flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
-
-
 def configure(config, dataset: str, full: bool, testing: bool) -> None:
   """Switches on the trust report for one run of ``dataset``."""
   e = config.evaluation
@@ -222,12 +216,23 @@ def write_table(workdir: str, rows: list[dict]) -> str:
   return tables.write(workdir, lines, rows)
 
 
+def _define_flags():
+  """Flags exist only when this module is the program (tests import it
+  beside other experiment scripts that define ``--workdir`` too)."""
+  flags.DEFINE_string('workdir', None, 'Output directory.')
+  flags.DEFINE_list('datasets', list(DATASETS), 'Datasets.')
+  flags.DEFINE_bool('full', False, 'The full version (hours).')
+  flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
+  flags.mark_flags_as_required(['workdir'])
+
+
 def main(argv):
-  del argv
-  write_table(_WORKDIR.value, run_all(_WORKDIR.value, _DATASETS.value,
-                                      _FULL.value, _TESTING.value))
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  write_table(f.workdir, run_all(f.workdir, f.datasets, f.full, f.testing))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
+  _define_flags()
   app.run(main)

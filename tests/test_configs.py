@@ -111,3 +111,21 @@ def test_every_peft_variant_runs(tmp_path, variant):
       variant == 'local_lora')
   with pytest.raises(ValueError, match="unknown variant 'fedx'"):
     module.get_config('fedx')
+
+
+def test_experiment_scripts_import_side_by_side():
+  """Tests import experiment scripts into one pytest worker, whichever
+  pytest-xdist puts together; each defines its flags only when it is the
+  program, so no two collide on ``--workdir`` (a CI failure once)."""
+  scripts = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+      os.path.join(ROOT, 'experiments', '*.py'))
+                   if not p.endswith('__init__.py'))
+  assert {'main', 'trust_report', 'peft_compare'} <= set(scripts)
+  code = ('import importlib\n'
+          f'for name in {scripts!r}:\n'
+          '  importlib.import_module("experiments." + name)\n'
+          'print("imported", len(%r))' % scripts)
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f'imported {len(scripts)}' in out.stdout
