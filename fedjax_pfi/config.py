@@ -110,6 +110,15 @@ def default_config() -> ml_collections.ConfigDict:
       count_noise_std=optional(float), noise_cohort_size=optional(int),
       noise_population=optional(int)))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
+  # Secure aggregation (fedjax_pfi/secure_aggregation.py), simulated in the
+  # round: bits b of Z_2^b; neighbors k of SecAgg+ (0: every other client,
+  # Bonawitz et al.); threshold t of live neighbours to rebuild a secret (0:
+  # a majority); clip_norm, the L2 bound without DP (under DP
+  # privacy.clip_norm); scale of the fixed point (0: the largest that cannot
+  # overflow); the probability of leaving at each stage of the protocol.
+  c.secure_aggregation = ml_collections.ConfigDict(dict(
+      enabled=False, bits=32, neighbors=0, threshold=0, clip_norm=0.0,
+      scale=0.0, dropout_keys=0.0, dropout_upload=0.0, dropout_unmask=0.0))
   # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
   c.step_buckets = 'pow2'
   # How rounds run on the hardware (results agree to float tolerance):

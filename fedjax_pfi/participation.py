@@ -15,6 +15,8 @@ rounds ran.
 - stragglers (``config.stragglers``): a fraction of the cohort does a
   uniformly random part of its local work (FedProx, Li et al. 2020, Sec.
   5.2), or is dropped (weight and steps 0) with ``stragglers.drop``.
+- secure aggregation's dropouts (``config.secure_aggregation.dropout_*``):
+  the stage of the protocol at which each client leaves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi.data import cohort as cohort_lib
 
 SAMPLINGS = ('uniform', 'poisson')
@@ -37,10 +40,14 @@ class Participants(NamedTuple):
     ids: the clients, int64 ``[n]``.
     steps: each one's local steps (0: a dropped straggler).
     weights: each one's example weight, float32 (0: dropped).
+    stages: under secure aggregation, the stage of the protocol each one
+      leaves at (`secure_aggregation.draw_stages`; those leaving before
+      they upload train nothing and weigh 0), else None.
   """
   ids: np.ndarray
   steps: np.ndarray
   weights: np.ndarray
+  stages: np.ndarray | None = None
 
 
 def sampling(config) -> str:
@@ -101,7 +108,17 @@ def participants(config, client_sizes: np.ndarray,
     partial = rng.integers(1, full + 1)
     steps = np.where(slow, 0 if config.stragglers.drop else partial, full)
     weights = np.where(slow & config.stragglers.drop, 0.0, weights)
-  return Participants(ids, steps, weights)
+  stages = None
+  sa = config.get('secure_aggregation')
+  if sa is not None and sa.enabled:
+    stages = secure_aggregation.draw_stages(
+        (sa.dropout_keys, sa.dropout_upload, sa.dropout_unmask), config.seed,
+        round_idx, ids)
+    gone = ((stages == secure_aggregation.BEFORE_KEYS) |
+            (stages == secure_aggregation.BEFORE_UPLOAD))
+    steps = np.where(gone, 0, steps)
+    weights = np.where(gone, 0.0, weights).astype(np.float32)
+  return Participants(ids, steps, weights, stages)
 
 
 def ever_sampled(config, population: int, num_rounds: int) -> np.ndarray:

@@ -46,6 +46,7 @@ from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import placement
 from fedjax_pfi import privacy
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import registry as algorithms
@@ -161,6 +162,7 @@ class Experiment:
   privacy: Any = None  # a `privacy.Mechanism` under DP
   base_task: Any = None  # columns of the trust report's base task
   canaries: Any = None  # `canaries.Canaries` planted in the training data
+  secagg: Any = None  # a `secure_aggregation.Spec` under secure aggregation
 
 
 def build(config, *, splits=None, transform=None) -> Experiment:
@@ -196,6 +198,16 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     aggregator = aggregators.weighted_mean('uniform')
   else:
     aggregator = None
+  secagg = secure_aggregation.build(
+      config, slots=execution.slots(participation.slots(config, population)),
+      max_weight=(1.0 if aggregator is not None and
+                  aggregator.weighting == 'uniform' else
+                  float(splits.train.client_sizes.max())),
+      dp_clip_norm=None if mechanism is None else mechanism.clip_norm,
+      adaptive=config.privacy.mechanism == 'adaptive')
+  if secagg is not None:
+    aggregator = secure_aggregation.wrap(
+        aggregator or aggregators.weighted_mean(), secagg)
   built = algorithms.build(config, base_model, population, execution,
                            aggregator, transform)
   max_steps = int(cohort_lib.client_steps(
@@ -213,7 +225,7 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,
                     max_steps, built.init_params, base_model, execution,
-                    mechanism, base_task, planted)
+                    mechanism, base_task, planted, secagg)
 
 
 def initial_params(exp: Experiment):
@@ -234,8 +246,8 @@ def make_cohort(exp: Experiment, round_idx: int,
   """
   c = exp.config
   ds = exp.splits.train
-  ids, steps, weights = participation.participants(c, ds.client_sizes,
-                                                   round_idx)
+  ids, steps, weights, stages = participation.participants(
+      c, ds.client_sizes, round_idx)
   num_slots = exp.execution.slots(participation.slots(c, ds.num_clients))
   kw = dict(batch_size=c.client.batch_size, num_epochs=c.client.epochs,
             max_steps=c.client.max_steps, step_buckets=exp.buckets,
@@ -250,16 +262,28 @@ def make_cohort(exp: Experiment, round_idx: int,
     # none of them has; the order changes nothing else.
     order = np.argsort(-steps, kind='stable')
     ids, steps, weights = ids[order], steps[order], weights[order]
+    stages = None if stages is None else stages[order]
+  rows = None
+  if exp.secagg is not None:  # the whole cohort's graph, before a host's part
+    pad = num_slots - ids.size
+    rows = secure_aggregation.plan(
+        exp.secagg, np.pad(ids, (0, pad), constant_values=-1),
+        np.pad(weights, (0, pad)),
+        np.pad(stages, (0, pad), constant_values=secure_aggregation.BEFORE_KEYS),
+        c.seed, round_idx)
   if part is not None:  # every host pads to the whole cohort's step bucket
     longest = int(steps.max())
     kw['step_buckets'] = (longest if exp.buckets is None else
                           cohort_lib.bucket_for(longest, exp.buckets),)
     lo, hi = part
     ids, steps, weights = ids[lo:hi], steps[lo:hi], weights[lo:hi]
+    if rows is not None:
+      rows = secure_aggregation.Plan(*(x[lo:hi] for x in rows))
     num_slots = hi - lo
-  return cohort_lib.stack_cohort(ds, ids, num_slots=num_slots,
-                                 steps_override=steps,
-                                 weight_override=weights, **kw)
+  cohort = cohort_lib.stack_cohort(ds, ids, num_slots=num_slots,
+                                   steps_override=steps,
+                                   weight_override=weights, **kw)
+  return cohort if rows is None else cohort._replace(secagg=rows)
 
 
 def prepare_workdir(workdir: str) -> str:

@@ -55,6 +55,10 @@ class Aggregator(NamedTuple):
   weighting: str = 'examples'
   needs: str = 'sum'
   name: str = 'mean'
+  # A `secure_aggregation.Spec` when the messages are masked (`secure_
+  # aggregation.wrap`): `rounds.message_sums` masks them, ``finalize``
+  # unmasks.
+  secure: Any = None
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:

@@ -119,6 +119,9 @@ class Capabilities(NamedTuple):
     lr_scales: it accepts per-leaf step sizes (``client.lr_scales``).
     transforms: its round passes each client's message through a
       `rounds.ClientTransform` (``registry.build(transform=...)``).
+    secure_aggregation: its round masks each message when the aggregator
+      is secure (`secure_aggregation.wrap`): every message it sends goes
+      through the aggregator, and the cohort's plan reaches it.
   """
   chunked: bool = False
   sharded: bool = False
@@ -128,6 +131,7 @@ class Capabilities(NamedTuple):
   plain_sgd: str = ''
   lr_scales: bool = True
   transforms: bool = False
+  secure_aggregation: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

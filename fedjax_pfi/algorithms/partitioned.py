@@ -142,8 +142,12 @@ def fed_partitioned(model: base.Model,
     delta = param_groups.select(out.delta, global_paths.__contains__)
     def to_slots(v):
       return jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[slot].add(v)
+    rows = None
+    if 'secagg' in lanes:
+      rows = jax.tree.map(lambda x: core.take(x, lo, k), lanes['secagg'])
     messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
-                                   transform, ids=ids)
+                                   transform, ids=ids, secure_rows=rows,
+                                   round_key=key)
     sums = {'delta': messages.pop('message'), 'agg': messages,
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
@@ -187,6 +191,8 @@ def fed_partitioned(model: base.Model,
       num_slots = ids.shape[0]
       lanes = {'ids': ids, 'slot': jnp.arange(num_slots), 'weight': weight,
                'batches': cohort.batches, 'mask': cohort.mask}
+      if aggregator.secure is not None:
+        lanes['secagg'] = cohort.secagg
       sums = core.sum_over_clients(
           functools.partial(unpacked_sums, num_slots=num_slots), lanes,
           (state.params, state.client_states, frozen_params, key,
@@ -219,7 +225,7 @@ def fed_partitioned(model: base.Model,
       chunked=True, sharded=True,
       packed=personal is None and client_train is None,
       personal_state=personal is not None, private=federated,
-      transforms=True)
+      transforms=True, secure_aggregation=federated)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
                              capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,

@@ -368,6 +368,13 @@ def build(config, base_model: base.Model, num_clients: int,
         '`partitioned.fed_partitioned` do: FedAvg, FedProx, the LoRA '
         'partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
   check(config, built.algorithm, execution)
+  if (aggregator is not None and aggregator.secure is not None and
+      not built.algorithm.capabilities.secure_aggregation):
+    raise ValueError(
+        f'secure aggregation cannot be used with algorithm {name!r}: its '
+        'round does not send every message through the aggregator (the '
+        'rounds built on `partitioned.fed_partitioned` do: FedAvg, FedProx, '
+        'FedOpt, the LoRA partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
   if aggregator is not None and not built.algorithm.capabilities.private:
     raise ValueError(
         f'aggregator {aggregator.name!r} cannot be used with algorithm '

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
@@ -109,7 +110,8 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
                  messages: Params, weights: jax.Array, keys: jax.Array,
                  transform: ClientTransform | None = None,
                  groups: jax.Array | None = None,
-                 ids: jax.Array | None = None) -> dict:
+                 ids: jax.Array | None = None, secure_rows=None,
+                 round_key: jax.Array | None = None) -> dict:
   """One chunk's sums: ``'message'`` (``sum_c w_c m_c`` of the messages
   after ``transform`` and the aggregator's ``client`` step), ``'clients'``
   (how many have ``w_c > 0``) and each per-client stat of that step summed
@@ -121,6 +123,12 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   messages are summed per group, ``'message'`` leaves ``[G, ...]`` (IFCA's
   clusters). ``ids``: the clients' ids ``[k]``, for a transform's
   ``select``.
+
+  A secure aggregator (``aggregator.secure``) masks each message instead
+  (`secure_aggregation.client_sums`): ``'message'`` is then ``{'masked',
+  'removed'}`` (uint32 sums mod ``2^b``, unmasked by its ``finalize``);
+  ``secure_rows`` are the clients' rows of the round's
+  `secure_aggregation.Plan` and ``round_key`` the round's key.
   """
   real = (weights > 0).astype(jnp.float32)
   sums = {'clients': jnp.sum(real)}
@@ -140,6 +148,19 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
     messages, stats = jax.vmap(aggregator.client, in_axes=(0, None, 0))(
         messages, agg_state, own)
     sums.update({k: jnp.sum(v * real) for k, v in stats.items()})
+  if aggregator.secure is not None:
+    if secure_rows is None or round_key is None or groups is not None:
+      raise ValueError(
+          f'aggregator {aggregator.name!r} masks each message, which needs '
+          "the round's secure-aggregation plan and key (and no per-group "
+          'sums); this round passes none.')
+    qkeys = jax.vmap(lambda k: jax.random.fold_in(k, 2))(own)
+    sums.update(secure_aggregation.client_sums(
+        aggregator.secure, messages, weights, qkeys, ids, secure_rows,
+        round_key))
+    sums['message'] = {'masked': sums.pop('masked'),
+                       'removed': sums.pop('removed')}
+    return sums
   if groups is None:
     sums['message'] = aggregators_lib.weighted_sum(messages, weights)
   else:
@@ -172,6 +193,10 @@ def server_step(server_optimizer: optax.GradientTransformation, params,
 def check_layout(aggregator: aggregators_lib.Aggregator, *, chunked: bool,
                  sharded: bool, packed: bool, algorithm: str) -> None:
   """Refuses, before tracing, a layout ``aggregator`` cannot run under."""
+  if aggregator.secure is not None and packed:
+    raise ValueError(
+        f'aggregator {aggregator.name!r} masks each client\'s message on its '
+        'own; packed lanes merge clients, so unset execution.pack_lanes.')
   if aggregator.needs == 'sum':
     return
   used = [n for n, on in (('execution.chunk_size', chunked),
@@ -192,7 +217,9 @@ def cohort_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   w = client_weights(aggregator, cohort.weight)
   sums = message_sums(aggregator, agg_state, messages, w,
                       core.client_keys(key, cohort.client_ids), transform,
-                      ids=cohort.client_ids)
+                      ids=cohort.client_ids,
+                      secure_rows=getattr(cohort, 'secagg', None),
+                      round_key=key)
   sums['weight'] = jnp.sum(w)
   return sums
 

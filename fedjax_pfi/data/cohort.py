@@ -14,7 +14,7 @@ has weight 0 and id -1.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
@@ -31,11 +31,14 @@ class Cohort(NamedTuple):
     mask: bool ``[C, S, B]``; True for real examples.
     weight: float32 ``[C]``; the client's aggregation weight (its number of
       training examples; 0 for padded or dropped clients).
+    secagg: the round's `secure_aggregation.Plan` (rows per slot) under
+      secure aggregation, else None.
   """
   client_ids: np.ndarray
   batches: dict
   mask: np.ndarray
   weight: np.ndarray
+  secagg: Any = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
