@@ -150,15 +150,14 @@ def check_fits(spec: Spec) -> None:
         'clip x scale must also stay <= 2^23 (float32 rounds exactly).')
 
 
-def build(config, *, slots: int, max_weight: float,
-          dp_clip_norm: Optional[float], adaptive: bool = False
-          ) -> Optional[Spec]:
-  """The `Spec` of ``config.secure_aggregation`` (None when disabled),
-  every refusal before tracing."""
-  sa = config.secure_aggregation
-  if not sa.enabled:
-    return None
-  bits, k, t = int(sa.bits), int(sa.neighbors), int(sa.threshold)
+def make_spec(*, bits: int = 32, neighbors: int = 0, threshold: int = 0,
+              clip_norm: float, clip: bool = True, max_weight: float = 1.0,
+              slots: int, dropout=(0.0, 0.0, 0.0), scale: float = 0.0
+              ) -> Spec:
+  """A checked `Spec` (`Spec` says what each value is; ``scale=0``: the
+  largest that cannot overflow, `max_scale`). The messages name the
+  ``secure_aggregation.*`` options."""
+  bits, k, t = int(bits), int(neighbors), int(threshold)
   if not 2 <= bits <= 32:
     raise ValueError(f'secure_aggregation.bits must be in [2, 32], got '
                      f'{bits}.')
@@ -166,7 +165,7 @@ def build(config, *, slots: int, max_weight: float,
     raise ValueError(
         f'secure_aggregation.neighbors must be 0 (every other client) or an '
         f'even number >= 2 (a Harary graph: each client joins the k/2 before '
-        f'and after it on a random ring), got {sa.neighbors}.')
+        f'and after it on a random ring), got {neighbors}.')
   if t < 0:
     raise ValueError(f'secure_aggregation.threshold must be >= 1, or 0 for a '
                      f'majority of the neighbours, got {t}.')
@@ -175,6 +174,30 @@ def build(config, *, slots: int, max_weight: float,
     raise ValueError(
         f'secure_aggregation.threshold={t} exceeds the {degree} neighbours '
         'a client has: no secret could ever be rebuilt.')
+  dropout = tuple(float(p) for p in dropout)
+  for name, p in zip(('dropout_keys', 'dropout_upload', 'dropout_unmask'),
+                     dropout):
+    if not 0.0 <= p < 1.0:
+      raise ValueError(f'secure_aggregation.{name} must be in [0, 1), got '
+                       f'{p}.')
+  if not (float(scale) >= 0 and math.isfinite(float(scale))):
+    raise ValueError(f'secure_aggregation.scale must be > 0, or 0 for the '
+                     f'largest safe one, got {scale}.')
+  scale = float(scale) or max_scale(bits, clip_norm, max_weight, slots)
+  spec = Spec(bits, scale, k, t, float(clip_norm), clip, float(max_weight),
+              slots, degree, dropout)
+  check_fits(spec)
+  return spec
+
+
+def build(config, *, slots: int, max_weight: float,
+          dp_clip_norm: Optional[float], adaptive: bool = False
+          ) -> Optional[Spec]:
+  """The `Spec` of ``config.secure_aggregation`` (None when disabled),
+  every refusal before tracing."""
+  sa = config.secure_aggregation
+  if not sa.enabled:
+    return None
   if adaptive:
     raise ValueError(
         "privacy.mechanism='adaptive' moves the clip norm every round, and "
@@ -199,21 +222,11 @@ def build(config, *, slots: int, max_weight: float,
           'a finite L2 bound > 0 on each message, which sizes the fixed-point '
           f'range; got {sa.clip_norm}.')
     clip, clip_norm = True, own_clip
-  dropout = (float(sa.dropout_keys), float(sa.dropout_upload),
-             float(sa.dropout_unmask))
-  for name, p in zip(('dropout_keys', 'dropout_upload', 'dropout_unmask'),
-                     dropout):
-    if not 0.0 <= p < 1.0:
-      raise ValueError(f'secure_aggregation.{name} must be in [0, 1), got '
-                       f'{p}.')
-  if not (float(sa.scale) >= 0 and math.isfinite(float(sa.scale))):
-    raise ValueError(f'secure_aggregation.scale must be > 0, or 0 for the '
-                     f'largest safe one, got {sa.scale}.')
-  scale = float(sa.scale) or max_scale(bits, clip_norm, max_weight, slots)
-  spec = Spec(bits, scale, k, t, clip_norm, clip, float(max_weight), slots,
-              degree, dropout)
-  check_fits(spec)
-  return spec
+  return make_spec(
+      bits=sa.bits, neighbors=sa.neighbors, threshold=sa.threshold,
+      clip_norm=clip_norm, clip=clip, max_weight=max_weight, slots=slots,
+      dropout=(sa.dropout_keys, sa.dropout_upload, sa.dropout_unmask),
+      scale=sa.scale)
 
 
 # -- the host's part: who drops, the graph, recoverability ---------------------

@@ -26,6 +26,12 @@ rounds back to back (s/round is their mean):
 - ``simulator_dp``: the same round with DP-FedAvg (clip 1, noise
   multiplier 1, uniform weights): its cost is the ratio ``simulator /
   simulator_dp``;
+- ``simulator_secagg`` and ``simulator_secagg_full``: the same round with
+  secure aggregation (32 bits, each message clipped to L2 norm 100, which
+  clips nothing here, example weights), SecAgg+ with
+  ``--secagg_neighbors`` neighbours per client and the complete graph of
+  Bonawitz et al.; unpacked only (``--lanes=0``). The masks are expanded
+  inside the round (``1 + k`` vectors of the message's size per client);
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -41,6 +47,7 @@ compilations, and the ratios.
 
 from __future__ import annotations
 
+import functools
 import resource
 import time
 
@@ -52,6 +59,7 @@ import numpy as np
 import optax
 
 from experiments.benchmarks import baselines
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
@@ -84,7 +92,10 @@ _REPEATS = flags.DEFINE_integer(
     'is reported): close variants need it on a noisy machine.')
 _METHODS = flags.DEFINE_list(
     'methods', 'simulator,simulator_dp,python_loop,centralized',
-    'Which methods to time.')
+    'Which methods to time (also simulator_secagg, simulator_secagg_full).')
+_SECAGG_K = flags.DEFINE_integer(
+    'secagg_neighbors', 16, 'simulator_secagg: neighbours per client '
+    '(SecAgg+); simulator_secagg_full masks with every other client.')
 B = 20
 CLIENT_LR = 0.1
 SERVER_LR = 1.0
@@ -159,7 +170,7 @@ def main(argv):
   else:
     buckets = (max_steps,)
 
-  def stack(r):
+  def stack(r, spec=None):
     ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
     kw = dict(batch_size=B, step_buckets=buckets, seed=0, round_idx=r)
     if lanes:
@@ -167,8 +178,13 @@ def main(argv):
                                          num_slots=execution.slots(c), **kw)
     if chunk:  # clients of similar length share a chunk
       ids = ids[np.argsort(-ds.client_sizes[ids], kind='stable')]
-    return ids, cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
-                                        **kw)
+    cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
+                                     **kw)
+    if spec is not None:  # the round's graph and (no) dropouts, on the host
+      cohort = cohort._replace(secagg=secure_aggregation.plan(
+          spec, cohort.client_ids, cohort.weight,
+          np.zeros(cohort.client_ids.size, np.int8), 0, r))
+    return ids, cohort
 
   warm = list(range(1000, 1000 + _WARMUP.value))
   timed = list(range(_ROUNDS.value))
@@ -190,13 +206,24 @@ def main(argv):
   # DP-FedAvg on the same round: every client clipped inside the vmapped
   # round (packed: at its last step), Gaussian noise once on the sum.
   private = simulator(aggregators.gaussian(1.0, 1.0, float(c)))
+  secure, specs = {}, {}
+  for name, k in (('secagg', _SECAGG_K.value), ('secagg_full', 0)):
+    if f'simulator_{name}' in _METHODS.value:
+      if lanes:
+        raise app.UsageError(f'simulator_{name} runs unpacked: --lanes=0.')
+      specs[name] = secure_aggregation.make_spec(
+          neighbors=k, clip_norm=100.0, max_weight=float(
+              ds.client_sizes.max()), slots=execution.slots(c))
+      secure[name] = simulator(secure_aggregation.wrap(
+          aggregators.weighted_mean(), specs[name]))
   traces = alg.traces
   replicate = (lambda s: s) if mesh is None else (
       lambda s: jax.device_put(s, jax.sharding.NamedSharding(
           mesh, jax.sharding.PartitionSpec())))
   # The state lives replicated on the mesh from round 0.
   sim = {'state': replicate(alg.init(params0)),
-         'private': replicate(private.init(params0))}
+         'private': replicate(private.init(params0)),
+         **{k: replicate(a.init(params0)) for k, a in secure.items()}}
 
   def put(cohort):
     if mesh is None:
@@ -211,11 +238,12 @@ def main(argv):
 
   def run_simulator(rounds, which='state', algorithm=alg):
     state = sim[which]
-    pending = put(stack(rounds[0])[1])
+    spec = specs.get(which)
+    pending = put(stack(rounds[0], spec)[1])
     for i, r in enumerate(rounds):
       state, m = algorithm.apply(state, pending, jax.random.key(r), frozen)
       if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
-        pending = put(stack(rounds[i + 1])[1])
+        pending = put(stack(rounds[i + 1], spec)[1])
       if not np.asarray(m['state_finite']).all():  # as the training loop
         raise FloatingPointError(f'round {r}: non-finite state')
     sim[which] = state
@@ -268,6 +296,9 @@ def main(argv):
 
   methods = {'simulator': run_simulator,
              'simulator_dp': lambda r: run_simulator(r, 'private', private),
+             **{f'simulator_{k}': functools.partial(
+                 run_simulator, which=k, algorithm=a)
+                for k, a in secure.items()},
              'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
@@ -316,6 +347,15 @@ def main(argv):
     if 'simulator_dp' in methods:
       print('simulator_dp compilations for the whole run: '
             f'{len(private.traces)}')
+    for k, a in secure.items():
+      sizes = secure_aggregation.protocol_bytes(
+          specs[k].degree, sum(x.size for x in jax.tree.leaves(trained)) + 1,
+          specs[k].bits)
+      print(f'simulator_{k} compilations for the whole run: '
+            f'{len(a.traces)}; {specs[k].degree} neighbours; bytes per '
+            f'client (model): upload {sizes["upload"]:,} (masked input '
+            f'{sizes["masked_input"]:,}), download {sizes["download"]:,}; '
+            f'the plain float32 message {param_groups.num_bytes(trained):,}')
   print(f'process peak RSS: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
   stats = jax.devices()[0].memory_stats() or {}
@@ -333,7 +373,8 @@ def main(argv):
     print(f'{name:12s} {med[name]:9.4f} {c / med[name]:13.1f} '
           f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}{spread}')
   if 'simulator' in med:
-    for other in ('simulator_dp', 'python_loop', 'centralized'):
+    for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
+                  'python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
               f'{med[other] / med["simulator"]:.2f}x')

@@ -81,26 +81,39 @@ def main():
 
 
 def training_diffs():
-  """The training loop on 1 device vs 4 (packed) and 2 (chunked) devices."""
+  """The training loop on 1 device vs 4 (packed) and 2 (chunked) devices,
+  and with secure aggregation (SecAgg+, dropouts) on 1 vs 2 chunked."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
   from tests.test_training import small_config  # pylint: disable=g-import-not-at-top
   rows = {}
+  secagg = {'secure_aggregation.enabled': True,
+            'secure_aggregation.clip_norm': 20.0,
+            'secure_aggregation.neighbors': 4,
+            'secure_aggregation.threshold': 1,
+            'secure_aggregation.dropout_upload': 0.4,
+            'clients_per_round': 6}
   for name, kw in [('one', {}),
                    ('four_packed', {'execution.devices': 4,
                                     'execution.pack_lanes': 4}),
                    ('two_chunked', {'execution.devices': 2,
-                                    'execution.chunk_size': 1})]:
+                                    'execution.chunk_size': 1}),
+                   ('secagg_one', secagg),
+                   ('secagg_two_chunked', {**secagg, 'execution.devices': 2,
+                                           'execution.chunk_size': 1})]:
     with tempfile.TemporaryDirectory() as d:
       training.run(small_config(**kw), d)
       rows[name] = training.read_metrics(d)
   diffs = {}
-  for name in ('four_packed', 'two_chunked'):
+  for name, base in (('four_packed', 'one'), ('two_chunked', 'one'),
+                     ('secagg_two_chunked', 'secagg_one')):
     diffs[name] = max(
         abs(float(np.asarray(a[k], float).max() - np.asarray(b[k], float).max())
             if np.ndim(a[k]) else float(a[k]) - float(b[k]))
-        for a, b in zip(rows['one'], rows[name]) for k in a
+        for a, b in zip(rows[base], rows[name]) for k in a
         if not k.startswith('time/') and k != 'round')
+  diffs['secagg_dropped'] = sum(r['secagg/dropped_before_upload']
+                                for r in rows['secagg_one'])
   diffs['rounds'] = len(rows['one'])
   diffs['compilations'] = max(r['time/compilations'] for v in rows.values()
                               for r in v)

@@ -48,3 +48,12 @@ def test_training_loop_on_4_and_2_devices_equals_one(diffs):
   assert got['rounds'] == 4
   assert got['compilations'] == 1
   assert got['four_packed'] < 1e-4 and got['two_chunked'] < 1e-4, got
+
+
+def test_secure_aggregation_on_2_chunked_devices_equals_one(diffs):
+  """Masked sums add mod 2^32 across chunks and devices (psum of uint32),
+  and the plan travels sharded with the cohort: the same rounds, dropouts
+  recovered on both."""
+  got = diffs['training']
+  assert got['secagg_dropped'] > 0
+  assert got['secagg_two_chunked'] < 1e-4, got
