@@ -124,7 +124,8 @@ def max_scale(bits: int, clip_norm: float, max_weight: float,
   1`` (each rounded value is within 1 of ``m s``), and ``clip_norm s <=
   2^23`` (float32 rounds exactly)."""
   room = (2.0**(bits - 1) - 1) / (slots * max_weight) - 1
-  return min(room, FLOAT32_EXACT) / clip_norm
+  # a hair below the bound, so that float rounding cannot cross it
+  return min(room, FLOAT32_EXACT) / clip_norm * (1 - 1e-9)
 
 
 def check_fits(spec: Spec) -> None:

@@ -342,3 +342,17 @@ def test_impossible_configs_are_refused_before_tracing(overrides, match):
   c = small_config(**{'secure_aggregation.enabled': True, **overrides})
   with pytest.raises(ValueError, match=match):
     training.build(c)
+
+
+@pytest.mark.parametrize('bits,slots,weight,clip', [
+    (32, 10, 605.0, 10.0), (32, 1000, 1.0, 1.0), (16, 7, 3.0, 0.5),
+    (32, 1, 1.0, 1e-3)])
+def test_the_largest_safe_scale_passes_its_own_overflow_check(
+    bits, slots, weight, clip):
+  got = sa.make_spec(bits=bits, clip_norm=clip, max_weight=weight,
+                     slots=slots)
+  assert slots * weight * (clip * got.scale + 1) <= 2**(bits - 1) - 1
+  assert clip * got.scale <= 2**23
+  with pytest.raises(ValueError, match='overflow'):
+    sa.make_spec(bits=bits, clip_norm=clip, max_weight=weight, slots=slots,
+                 scale=got.scale * 1.01 + 1)
