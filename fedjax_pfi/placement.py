@@ -35,6 +35,7 @@ def cohort_sharding(exp, cohort):
   if isinstance(cohort, cohort_lib.PackedCohort):
     return cohort._replace(
         client_ids=whole, weight=whole,
+        secagg=jax.tree.map(lambda _: whole, cohort.secagg),
         batches={k: split for k in cohort.batches},
         **{k: split for k in ('mask', 'slot', 'local_step', 'first', 'last')})
   return jax.tree.map(lambda _: split, cohort)

@@ -204,10 +204,6 @@ def build(config, *, slots: int, max_weight: float,
         "privacy.mechanism='adaptive' moves the clip norm every round, and "
         'with it the fixed-point range; secure aggregation needs a fixed one. '
         "Use privacy.mechanism='gaussian'.")
-  if int(config.execution.pack_lanes):
-    raise ValueError(
-        'secure aggregation masks each client\'s message on its own; packed '
-        'lanes merge clients, so unset execution.pack_lanes.')
   own_clip = float(sa.clip_norm)
   if dp_clip_norm is not None:
     if own_clip:
@@ -425,7 +421,7 @@ def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
                 ids: jax.Array, rows, round_key: jax.Array) -> dict:
   """A chunk's part of the protocol: ``{'masked': sum y_c, 'removed': sum
   of the rebuilt masks}`` over the uploaders (``weights > 0``), each a
-  uint32 tree ``{'message': ..., 'weight': ...}``, plus the stage counts.
+  uint32 tree ``{'message': ..., 'weight': ...}``.
   ``messages`` are clipped, not yet weighted; ``weights`` integers (`plan`
   checks); ``keys`` the clients' own."""
   mask = _modulus_mask(spec.bits)
@@ -447,11 +443,16 @@ def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
     return jnp.sum(jnp.where(keep, v, jnp.uint32(0)), axis=0,
                    dtype=jnp.uint32)
 
-  stage = rows.stage.astype(jnp.int32)
-  counts = {f'secagg/{n}': jnp.sum((stage == s) & (ids >= 0)).astype(
-      jnp.float32) for s, n in enumerate(STAGE_NAMES)}
   return {'masked': jax.tree.map(total, y),
-          'removed': jax.tree.map(total, removed), **counts}
+          'removed': jax.tree.map(total, removed)}
+
+
+def stage_counts(plan: Plan, ids: jax.Array) -> dict:
+  """``secagg/<stage>``: how many of the round's clients ended at each
+  stage (the whole cohort's plan)."""
+  stage = plan.stage.astype(jnp.int32)
+  return {f'secagg/{n}': jnp.sum((stage == s) & (ids >= 0)).astype(
+      jnp.float32) for s, n in enumerate(STAGE_NAMES)}
 
 
 def unmask(spec: Spec, sums: dict) -> tuple[dict, dict]:

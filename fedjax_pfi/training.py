@@ -253,10 +253,17 @@ def make_cohort(exp: Experiment, round_idx: int,
             max_steps=c.client.max_steps, step_buckets=exp.buckets,
             seed=c.seed, round_idx=round_idx)
   if int(c.execution.pack_lanes):
-    return cohort_lib.pack_cohort(
+    packed = cohort_lib.pack_cohort(
         ds, ids, num_lanes=exp.execution.slots(int(c.execution.pack_lanes)),
         num_slots=num_slots, steps_override=steps, weight_override=weights,
         lane_range=part, **kw)
+    if exp.secagg is None:
+      return packed
+    return packed._replace(secagg=secure_aggregation.plan(  # whole cohort
+        exp.secagg, packed.client_ids, packed.weight,
+        np.pad(stages, (0, num_slots - ids.size),
+               constant_values=secure_aggregation.BEFORE_KEYS),
+        c.seed, round_idx))
   if exp.execution.chunk_size is not None:
     # Clients of similar length share a chunk, which then skips the steps
     # none of them has; the order changes nothing else.

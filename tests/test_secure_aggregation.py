@@ -251,6 +251,9 @@ def runs(tmp_path_factory):
       ('secagg_chunked', {'secure_aggregation.enabled': True,
                           'secure_aggregation.clip_norm': 20.0,
                           'execution.chunk_size': 2}),
+      ('secagg_packed', {'secure_aggregation.enabled': True,
+                         'secure_aggregation.clip_norm': 20.0,
+                         'execution.pack_lanes': 2}),
       ('secagg_dropout', {'secure_aggregation.enabled': True,
                           'secure_aggregation.clip_norm': 20.0,
                           'secure_aggregation.threshold': 1,
@@ -288,9 +291,12 @@ def test_fedavg_with_secure_aggregation_matches_the_plain_run(runs):
       assert abs(ra['train_loss'] - rb['train_loss']) < 1e-3
       if 'test/accuracy' in ra:
         assert abs(ra['test/accuracy'] - rb['test/accuracy']) <= 0.01
-  # the mask sums are exact mod 2^32, so chunks change nothing
-  for ra, rb in zip(runs['secagg'], runs['secagg_chunked']):
-    assert abs(ra['delta_norm'] - rb['delta_norm']) < 1e-5
+  # the mask sums are exact mod 2^32, so chunks change nothing; packed
+  # lanes mask each client at its last step, against the whole plan
+  for other in ('secagg_chunked', 'secagg_packed'):
+    for ra, rb in zip(runs['secagg'], runs[other]):
+      assert abs(ra['delta_norm'] - rb['delta_norm']) < 1e-5, other
+      assert ra['secagg/survived'] == rb['secagg/survived']
   assert all(r['time/compilations'] <= 1 for r in runs['secagg'][1:])
 
 
@@ -325,8 +331,6 @@ def test_dropouts_are_recovered_and_counted(runs):
      'even number'),
     ({'secure_aggregation.clip_norm': 1.0,
       'secure_aggregation.threshold': 9}, 'threshold=9 exceeds the 3'),
-    ({'secure_aggregation.clip_norm': 1.0,
-      'execution.pack_lanes': 2}, 'packed lanes'),
     ({'secure_aggregation.clip_norm': 1.0, 'secure_aggregation.bits': 40},
      r'bits must be in \[2, 32\]'),
     ({'secure_aggregation.clip_norm': 1.0,

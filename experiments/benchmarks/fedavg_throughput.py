@@ -30,7 +30,7 @@ rounds back to back (s/round is their mean):
   secure aggregation (32 bits, each message clipped to L2 norm 100, which
   clips nothing here, example weights), SecAgg+ with
   ``--secagg_neighbors`` neighbours per client and the complete graph of
-  Bonawitz et al.; unpacked only (``--lanes=0``). The masks are expanded
+  Bonawitz et al. The masks are expanded
   inside the round (``1 + k`` vectors of the message's size per client);
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
@@ -174,12 +174,13 @@ def main(argv):
     ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
     kw = dict(batch_size=B, step_buckets=buckets, seed=0, round_idx=r)
     if lanes:
-      return ids, cohort_lib.pack_cohort(ds, ids, num_lanes=lanes,
-                                         num_slots=execution.slots(c), **kw)
-    if chunk:  # clients of similar length share a chunk
-      ids = ids[np.argsort(-ds.client_sizes[ids], kind='stable')]
-    cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
-                                     **kw)
+      cohort = cohort_lib.pack_cohort(ds, ids, num_lanes=lanes,
+                                      num_slots=execution.slots(c), **kw)
+    else:
+      if chunk:  # clients of similar length share a chunk
+        ids = ids[np.argsort(-ds.client_sizes[ids], kind='stable')]
+      cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
+                                       **kw)
     if spec is not None:  # the round's graph and (no) dropouts, on the host
       cohort = cohort._replace(secagg=secure_aggregation.plan(
           spec, cohort.client_ids, cohort.weight,
@@ -209,8 +210,6 @@ def main(argv):
   secure, specs = {}, {}
   for name, k in (('secagg', _SECAGG_K.value), ('secagg_full', 0)):
     if f'simulator_{name}' in _METHODS.value:
-      if lanes:
-        raise app.UsageError(f'simulator_{name} runs unpacked: --lanes=0.')
       specs[name] = secure_aggregation.make_spec(
           neighbors=k, clip_norm=100.0, max_weight=float(
               ds.client_sizes.max()), slots=execution.slots(c))
@@ -233,7 +232,8 @@ def main(argv):
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shard = jax.tree.map(lambda _: split, cohort)
     if lanes:
-      shard = shard._replace(client_ids=whole, weight=whole)
+      shard = shard._replace(client_ids=whole, weight=whole, secagg=jax.tree.map(
+          lambda _: whole, cohort.secagg))
     return jax.device_put(cohort, shard)
 
   def run_simulator(rounds, which='state', algorithm=alg):

@@ -322,10 +322,11 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
   ``[L, T, B]`` and ``slot``, ``local_step``, ``first``, ``last`` ``[L, T]``;
   ``keys`` and ``weight`` are per cohort slot ``[C]``; ``window=(lo, k)``
   trains lanes ``lo:lo + k`` only (a chunk). ``sums_fn(deltas, w,
-  lane_keys, lane_ids)``, where given, turns the finishing clients' deltas
-  ``[L, ...]`` (``w`` their weights, 0 for lanes not finishing;
-  ``lane_keys`` and ``lane_ids`` their clients' keys and ids, from
-  ``client_ids`` per cohort slot) into sums (`rounds.message_sums`: each client's
+  lane_keys, lane_ids, lane_slots)``, where given, turns the finishing
+  clients' deltas ``[L, ...]`` (``w`` their weights, 0 for lanes not
+  finishing; ``lane_keys``, ``lane_ids`` and ``lane_slots`` their clients'
+  keys, ids (from ``client_ids`` per cohort slot) and cohort slots) into
+  sums (`rounds.message_sums`: each client's
   whole delta is at hand at its last step, so DP's clipping applies here).
   Returns a `PackedOutput` whose per-client leaves are ``[C]``.
   """
@@ -389,7 +390,8 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
           deltas = jax.tree.map(lambda p, p0: p - p0[None], params,
                                 init_params)
           sums = sums_fn(deltas, w, keys[jnp.maximum(slot, 0)],
-                         client_ids[jnp.maximum(slot, 0)])
+                         client_ids[jnp.maximum(slot, 0)],
+                         jnp.maximum(slot, 0))
           return jax.tree.map(jnp.add, acc, sums)
         return jax.tree.map(
             lambda a, p, p0: a + jnp.tensordot(w.astype(p.dtype), p - p0[None],
@@ -409,6 +411,7 @@ def packed_training(model: base.Model, optimizer: optax.GradientTransformation,
           lambda a: jnp.zeros(a.shape, a.dtype),
           jax.eval_shape(sums_fn, params0, jnp.zeros([num_lanes], jnp.float32),
                          jax.random.split(jax.random.key(0), num_lanes),
+                         jnp.zeros([num_lanes], jnp.int32),
                          jnp.zeros([num_lanes], jnp.int32)))
     (_, _, acc), (loss, n, active, ex) = over_steps(
         body, (params0, opt_lanes, acc0), core_take(mask, lo, num_lanes),

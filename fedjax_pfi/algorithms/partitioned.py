@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
@@ -160,12 +161,15 @@ def fed_partitioned(model: base.Model,
     return sums
 
   def packed_sums(lanes, shared, lo, k):
-    params, _, frozen_params, key, ids, weight, agg_state = shared
+    params, _, frozen_params, key, ids, weight, agg_state, plan = shared
     sums_fn = None
     if hooked:
-      def sums_fn(deltas, w, lane_keys, lane_ids):
+      def sums_fn(deltas, w, lane_keys, lane_ids, lane_slots):
+        rows = None if plan is None else jax.tree.map(
+            lambda x: x[lane_slots], plan)
         return rounds.message_sums(aggregator, agg_state, deltas, w,
-                                   lane_keys, transform, ids=lane_ids)
+                                   lane_keys, transform, ids=lane_ids,
+                                   secure_rows=rows, round_key=key)
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
                        frozen=frozen_params, window=(lo, k), sums_fn=sums_fn,
                        client_ids=ids)
@@ -186,7 +190,8 @@ def fed_partitioned(model: base.Model,
           'batches', 'mask', 'slot', 'local_step', 'first', 'last')}
       sums = core.sum_over_clients(
           packed_sums, lanes, (state.params, (), frozen_params, key, ids,
-                               weight, state.agg_state), execution)
+                               weight, state.agg_state, cohort.secagg),
+          execution)
     else:
       num_slots = ids.shape[0]
       lanes = {'ids': ids, 'slot': jnp.arange(num_slots), 'weight': weight,
@@ -202,6 +207,8 @@ def fed_partitioned(model: base.Model,
                                     sums['personal'], ids >= 0)
     else:
       client_states = state.client_states
+    if aggregator.secure is not None:
+      sums['agg'].update(secure_aggregation.stage_counts(cohort.secagg, ids))
     return rounds.finish(
         state, cohort, key, aggregator, server_optimizer,
         {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},

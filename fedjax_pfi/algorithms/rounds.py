@@ -193,10 +193,6 @@ def server_step(server_optimizer: optax.GradientTransformation, params,
 def check_layout(aggregator: aggregators_lib.Aggregator, *, chunked: bool,
                  sharded: bool, packed: bool, algorithm: str) -> None:
   """Refuses, before tracing, a layout ``aggregator`` cannot run under."""
-  if aggregator.secure is not None and packed:
-    raise ValueError(
-        f'aggregator {aggregator.name!r} masks each client\'s message on its '
-        'own; packed lanes merge clients, so unset execution.pack_lanes.')
   if aggregator.needs == 'sum':
     return
   used = [n for n, on in (('execution.chunk_size', chunked),

@@ -237,6 +237,8 @@ class PackedCohort(NamedTuple):
     local_step: int32 ``[L, T]``; that client's own step index.
     first: bool ``[L, T]``; the client's first step.
     last: bool ``[L, T]``; the client's last step.
+    secagg: the round's `secure_aggregation.Plan` (rows per cohort slot,
+      whole on every device) under secure aggregation, else None.
   """
   client_ids: np.ndarray
   weight: np.ndarray
@@ -246,6 +248,7 @@ class PackedCohort(NamedTuple):
   local_step: np.ndarray
   first: np.ndarray
   last: np.ndarray
+  secagg: Any = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
