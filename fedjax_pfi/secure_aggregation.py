@@ -17,7 +17,8 @@ sharded like any sum):
    complement, then multiplied by its integer weight ``w_c`` (example
    count, or 1) mod ``2^b``: ``q_c = w_c r_c``. The weight itself rides
    along as one more value. Each coordinate of the decoded weighted mean is
-   within ``1 / s`` of the exact one (every ``r`` is within 1 of ``m s``).
+   within ``1 / s`` of the exact one (every ``r`` is within 1 of ``m s``),
+   plus float32's own rounding of the decoded value (relative ``2^-24``).
 2. **Masks.** Client ``c`` holds two secrets, its mask key ``s_c`` and its
    self-mask seed ``b_c`` (full-width JAX PRNG keys). Simulated key
    agreement gives each neighbouring pair one key ``k_cj = k_jc`` derived

@@ -360,3 +360,16 @@ def test_the_largest_safe_scale_passes_its_own_overflow_check(
   with pytest.raises(ValueError, match='overflow'):
     sa.make_spec(bits=bits, clip_norm=clip, max_weight=weight, slots=slots,
                  scale=got.scale * 1.01 + 1)
+
+
+def test_an_unrecoverable_run_stops_before_its_round(tmp_path):
+  c = small_config(**{'secure_aggregation.enabled': True,
+                      'secure_aggregation.clip_norm': 20.0,
+                      'secure_aggregation.neighbors': 2,
+                      'secure_aggregation.dropout_unmask': 0.6,
+                      'clients_per_round': 6})
+  with pytest.raises(sa.UnrecoverableRound,
+                     match=r'cannot finish round 1: clients .* t=2'):
+    training.run(c, str(tmp_path))
+  assert not (tmp_path / 'metrics.jsonl').exists() or not (
+      tmp_path / 'metrics.jsonl').read_text().strip()
