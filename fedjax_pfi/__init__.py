@@ -22,6 +22,8 @@ The public API, re-exported here:
   (chunking and sharding a round's clients), `ditto`, `fedrep_training`
   and the `personalized` module (FedPer, LG-FedAvg, FedRep, FedBABU,
   FedAvg + FT, local-only as partitions);
+- trust: the `secure_aggregation` module (`make_spec`, `wrap` an
+  aggregator, `plan` a round's graph and dropouts);
 - evaluation: `Evaluator`, `summarize`, and the `personalization` module
   (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
   gains and silent-failure fractions; the report's files and plots);
@@ -31,6 +33,7 @@ The public API, re-exported here:
 
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
+from fedjax_pfi import secure_aggregation
 from fedjax_pfi import training
 from fedjax_pfi.algorithms.aggregators import Aggregator
 from fedjax_pfi.algorithms.aggregators import weighted_mean
@@ -104,6 +107,7 @@ __all__ = [
     'run_experiment',
     'sample_cohort',
     'scaffold',
+    'secure_aggregation',
     'server_optimizer',
     'ServerState',
     'stack_cohort',
