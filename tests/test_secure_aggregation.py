@@ -373,3 +373,10 @@ def test_an_unrecoverable_run_stops_before_its_round(tmp_path):
     training.run(c, str(tmp_path))
   assert not (tmp_path / 'metrics.jsonl').exists() or not (
       tmp_path / 'metrics.jsonl').read_text().strip()
+
+
+def test_an_aggregator_that_needs_every_message_is_refused():
+  from fedjax_pfi.algorithms import aggregators  # pylint: disable=g-import-not-at-top
+  buffered = aggregators.weighted_mean()._replace(needs='all', name='median')
+  with pytest.raises(ValueError, match="'median' needs every client"):
+    sa.wrap(buffered, spec())
