@@ -59,16 +59,18 @@ def reference(sp, tree, weights, ids, plan, round_key, keys):
   def leaves(t):
     return [np.asarray(x, np.uint64) for x in jax.tree.leaves(t)]
   q = {}
+  quantize = jax.jit(lambda t, k: sa.quantize(t, sp.scale, sp.bits, k))
   for i in up:
-    r = sa.quantize(jax.tree.map(lambda x: jnp.asarray(x[i]), tree),
-                    sp.scale, sp.bits, keys[i])
+    r = quantize(jax.tree.map(lambda x: jnp.asarray(x[i]), tree), keys[i])
     q[i] = [(x * int(weights[i])) % mod for x in leaves(r)] + [
         np.array([int(weights[i])], np.uint64)]
   like = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], jnp.uint32), tree)
   like = {'message': like, 'weight': jnp.zeros((1,), jnp.uint32)}
 
-  def prg(key):
-    return leaves(sa.expand(key, like, sp.bits))
+  expand = jax.jit(lambda key: sa.expand(key, like, sp.bits))
+
+  def prg(key):  # jitted only for speed: the same ops on the same keys
+    return leaves(expand(key))
 
   server = [np.zeros(x.shape, np.uint64) for x in q[up[0]]]
   for i in up:  # each client masks its own input
