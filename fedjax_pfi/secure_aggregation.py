@@ -438,14 +438,20 @@ def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
   y, removed = jax.vmap(one)(messages, weights, keys, ids, rows.neighbors,
                              rows.neighbor_dropped)
   up = weights > 0
+  finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                      for x in jax.tree.leaves(messages)]).all(0)
 
   def total(v):
     keep = up.reshape(up.shape + (1,) * (v.ndim - 1))
     return jnp.sum(jnp.where(keep, v, jnp.uint32(0)), axis=0,
                    dtype=jnp.uint32)
 
+  # A non-finite update has no fixed point: it is counted, and `unmask`
+  # turns the sum into NaN, so the run stops as it would without masks.
   return {'masked': jax.tree.map(total, y),
-          'removed': jax.tree.map(total, removed)}
+          'removed': jax.tree.map(total, removed),
+          'secagg/non_finite_clients': jnp.sum(up & ~finite).astype(
+              jnp.float32)}
 
 
 def stage_counts(plan: Plan, ids: jax.Array) -> dict:
@@ -456,14 +462,16 @@ def stage_counts(plan: Plan, ids: jax.Array) -> dict:
       jnp.float32) for s, n in enumerate(STAGE_NAMES)}
 
 
-def unmask(spec: Spec, sums: dict) -> tuple[dict, dict]:
+def unmask(spec: Spec, sums: dict, non_finite=0.0) -> tuple[dict, dict]:
   """The server's last step: ``sum y - removed mod 2^b``, decoded. Returns
-  ``(message sum, weight sum)`` as floats."""
+  ``(message sum, weight sum)`` as floats; NaN where ``non_finite`` clients
+  sent a non-finite update (the simulator's stand-in for a corrupted one)."""
   mask = _modulus_mask(spec.bits)
   z = jax.tree.map(lambda a, b: (a - b) & mask, sums['masked'],
                    sums['removed'])
-  return (dequantize(z['message'], spec.scale, spec.bits),
-          dequantize(z['weight'], 1.0, spec.bits)[0])
+  total = jax.tree.map(lambda v: jnp.where(non_finite > 0, jnp.nan, v),
+                       dequantize(z['message'], spec.scale, spec.bits))
+  return total, dequantize(z['weight'], 1.0, spec.bits)[0]
 
 
 def wrap(inner: aggregators_lib.Aggregator,
@@ -488,7 +496,8 @@ def wrap(inner: aggregators_lib.Aggregator,
       return aggregators_lib.clip_by_norm(message, spec.clip_norm)[0], {}
 
   def finalize(sums, state, key):
-    total, weight = unmask(spec, sums['message'])
+    total, weight = unmask(spec, sums['message'],
+                           sums.get('secagg/non_finite_clients', 0.0))
     sizes = protocol_bytes(spec.degree, sum(
         x.size for x in jax.tree.leaves(sums['message']['masked'])), spec.bits)
     mean, state, metrics = inner.finalize(
