@@ -291,6 +291,9 @@ def plan(spec: Spec, ids: np.ndarray, weights: np.ndarray,
   stages = np.where((stages != BEFORE_KEYS) & (weights <= 0), BEFORE_UPLOAD,
                     stages).astype(np.int8)
   keyed = np.flatnonzero(stages != BEFORE_KEYS)
+  # the graph over client ids, not slots: chunked rounds order the slots
+  # by length, and the graph (hence an abort) must not depend on layout
+  keyed = keyed[np.argsort(ids[keyed], kind='stable')]
   rng = np.random.default_rng([seed, round_idx, 0x6A9])
   lists = harary(keyed.size, spec.neighbors, rng)
   neighbors = np.full((c, spec.degree), -1, np.int32)

@@ -159,6 +159,19 @@ def test_stage_counts_and_graph():
       weights[plan.neighbors[keyed][:, :6]] == 0)
 
 
+def test_the_graph_does_not_depend_on_the_slot_order():
+  """Chunked rounds order the slots by length: the same clients get the same
+  neighbours (so the same rounds abort or not, whatever the layout)."""
+  ids = np.array([5, 9, 2, 14, 7, 11, 3, 8])
+  sp = spec(neighbors=4, threshold=1, slots=8)
+  weights = np.ones(8, np.float32)
+  a = sa.plan(sp, ids, weights, np.zeros(8, np.int8), 0, 3)
+  order = np.array([3, 0, 6, 1, 7, 2, 5, 4])
+  b = sa.plan(sp, ids[order], weights, np.zeros(8, np.int8), 0, 3)
+  for slot_b, slot_a in enumerate(order):
+    assert set(b.neighbors[slot_b]) == set(a.neighbors[slot_a])
+
+
 def test_an_unrecoverable_round_aborts_naming_the_clients_and_t():
   ids = np.arange(12)
   sp = spec(neighbors=4, threshold=3, slots=12)
