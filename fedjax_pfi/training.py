@@ -259,11 +259,8 @@ def make_cohort(exp: Experiment, round_idx: int,
         lane_range=part, **kw)
     if exp.secagg is None:
       return packed
-    return packed._replace(secagg=secure_aggregation.plan(  # whole cohort
-        exp.secagg, packed.client_ids, packed.weight,
-        np.pad(stages, (0, num_slots - ids.size),
-               constant_values=secure_aggregation.BEFORE_KEYS),
-        c.seed, round_idx))
+    return packed._replace(secagg=_secagg_plan(  # whole on every device
+        exp, ids, weights, stages, num_slots, round_idx))
   if exp.execution.chunk_size is not None:
     # Clients of similar length share a chunk, which then skips the steps
     # none of them has; the order changes nothing else.
@@ -272,12 +269,7 @@ def make_cohort(exp: Experiment, round_idx: int,
     stages = None if stages is None else stages[order]
   rows = None
   if exp.secagg is not None:  # the whole cohort's graph, before a host's part
-    pad = num_slots - ids.size
-    rows = secure_aggregation.plan(
-        exp.secagg, np.pad(ids, (0, pad), constant_values=-1),
-        np.pad(weights, (0, pad)),
-        np.pad(stages, (0, pad), constant_values=secure_aggregation.BEFORE_KEYS),
-        c.seed, round_idx)
+    rows = _secagg_plan(exp, ids, weights, stages, num_slots, round_idx)
   if part is not None:  # every host pads to the whole cohort's step bucket
     longest = int(steps.max())
     kw['step_buckets'] = (longest if exp.buckets is None else
@@ -291,6 +283,18 @@ def make_cohort(exp: Experiment, round_idx: int,
                                    steps_override=steps,
                                    weight_override=weights, **kw)
   return cohort if rows is None else cohort._replace(secagg=rows)
+
+
+def _secagg_plan(exp: Experiment, ids, weights, stages, num_slots: int,
+                 round_idx: int):
+  """The round's `secure_aggregation.Plan` over its slots, in the order of
+  ``ids`` (padded slots: id -1, weight 0, gone before keys)."""
+  pad = num_slots - ids.size
+  return secure_aggregation.plan(
+      exp.secagg, np.pad(ids, (0, pad), constant_values=-1),
+      np.pad(weights, (0, pad)),
+      np.pad(stages, (0, pad), constant_values=secure_aggregation.BEFORE_KEYS),
+      exp.config.seed, round_idx)
 
 
 def prepare_workdir(workdir: str) -> str:

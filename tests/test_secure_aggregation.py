@@ -14,6 +14,7 @@ from fedjax_pfi import participation
 from fedjax_pfi import secure_aggregation as sa
 from fedjax_pfi import training
 from tests.test_training import small_config
+from tests.test_training import without_time
 
 B = 32
 
@@ -404,10 +405,7 @@ def test_an_aggregator_that_needs_every_message_is_refused():
 
 def test_a_resumed_secure_run_equals_the_uninterrupted_one(runs):
   """The plan is a function of (seed, round): resuming redraws it exactly."""
-  def strip(rows):
-    return [{k: v for k, v in r.items() if not k.startswith('time/')}
-            for r in rows]
-  assert strip(runs['secagg_resumed']) == strip(runs['secagg'])
+  assert without_time(runs['secagg_resumed']) == without_time(runs['secagg'])
 
 
 def test_a_non_finite_update_makes_the_sum_nan():

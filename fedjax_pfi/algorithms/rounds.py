@@ -213,9 +213,7 @@ def cohort_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   w = client_weights(aggregator, cohort.weight)
   sums = message_sums(aggregator, agg_state, messages, w,
                       core.client_keys(key, cohort.client_ids), transform,
-                      ids=cohort.client_ids,
-                      secure_rows=getattr(cohort, 'secagg', None),
-                      round_key=key)
+                      ids=cohort.client_ids)
   sums['weight'] = jnp.sum(w)
   return sums
 
