@@ -119,6 +119,29 @@ def default_config() -> ml_collections.ConfigDict:
   c.secure_aggregation = ml_collections.ConfigDict(dict(
       enabled=False, bits=32, neighbors=0, threshold=0, clip_norm=0.0,
       scale=0.0, dropout_keys=0.0, dropout_upload=0.0, dropout_unmask=0.0))
+  # Robust aggregation (fedjax_pfi/algorithms/robust.py): name, one of
+  # mean, median, trimmed_mean, krum, multi_krum, geometric_median,
+  # centered_clipping, norm_bound; pre, none, nnm or bucketing; f, the
+  # Byzantine clients per round the server assumes (-1: ceil(attack.fraction
+  # * clients_per_round)); beta (trimmed mean); multi_krum_m (0: m - f);
+  # iterations and nu (geometric median), iterations and tau (centered
+  # clipping); norm_bound (M); bucket_size (s).
+  c.aggregator = ml_collections.ConfigDict(dict(
+      name='mean', pre='none', f=-1, beta=0.1, multi_krum_m=0, iterations=3,
+      nu=1e-6, tau=1.0, norm_bound=1.0, bucket_size=2))
+  # Attacking clients (fedjax_pfi/attacks.py): name, one of none,
+  # label_flip, sign_flip, scale, gaussian, alie, ipm, backdoor; fraction of
+  # the population malicious (a fixed set drawn from seed); scale
+  # (scale), noise_std (gaussian), alie_z (0: Baruch et al.'s z_max),
+  # ipm_epsilon, boost (backdoor; 0: clients_per_round /
+  # server.learning_rate), target (an image label), trigger and target_text
+  # (text), poison_fraction (of a malicious client's examples);
+  # probe_examples, the backdoor's test examples.
+  c.attack = ml_collections.ConfigDict(dict(
+      name='none', fraction=0.0, seed=0, scale=10.0, noise_std=1.0,
+      alie_z=0.0, ipm_epsilon=0.1, boost=0.0, target=0,
+      trigger='my cat says ', target_text='meow', poison_fraction=0.5,
+      probe_examples=512))
   # 'pow2', 'max' (one bucket: compile once), 'exact', or ints '4,8'
   c.step_buckets = 'pow2'
   # How rounds run on the hardware (results agree to float tolerance):
@@ -230,6 +253,16 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     'execution.devices': _int_at_least(0),
     'execution.pack_lanes': _int_at_least(0),
     'execution.chunk_size': _OPTIONAL_POSITIVE_INT,
+    'attack.fraction': _fraction(closed_high=True),
+    'attack.seed': _int_at_least(0),
+    'attack.probe_examples': _int_at_least(1),
+    'aggregator.f': _int_at_least(-1),
+    'aggregator.multi_krum_m': _int_at_least(0),
+    'aggregator.iterations': _int_at_least(1),
+    'aggregator.bucket_size': _int_at_least(1),
+    'aggregator.nu': _POSITIVE,
+    'aggregator.tau': _POSITIVE,
+    'aggregator.norm_bound': _POSITIVE,
 }
 
 # Learning rates are positive (the optimizers say so when they are built) and
@@ -272,6 +305,7 @@ def check(config) -> None:
         f"server.weighting must be '', 'examples' or 'uniform', got "
         f"{get(config, 'server.weighting')!r}.")
   privacy.check(config)
+  check_robust(config)
   if get(config, 'evaluation.private_mechanism') not in (
       'gaussian', 'randomized_response'):
     raise ValueError(
@@ -307,6 +341,50 @@ def check(config) -> None:
         f'model.pretrained={pretrained!r} has no config.json: expected a '
         'Hugging Face checkpoint directory (config.json + model.safetensors '
         'or its shards).')
+
+
+def check_robust(config) -> None:
+  """``aggregator.*`` and ``attack.*`` (`robust.check`, `attacks.ATTACKS`),
+  and the combinations no round runs: a robust aggregator (or an attack
+  that sees the round's messages) with DP or secure aggregation."""
+  from fedjax_pfi import attacks  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import robust  # pylint: disable=g-import-not-at-top
+  name = str(get(config, 'attack.name'))
+  if name not in attacks.ATTACKS:
+    raise ValueError(f'unknown attack.name {name!r}; accepted: '
+                     f'{", ".join(attacks.ATTACKS)}.')
+  fraction = float(get(config, 'attack.fraction'))
+  if name == 'none' and fraction:
+    raise ValueError(f'attack.fraction={fraction} with attack.name=\'none\': '
+                     'name the attack, or set the fraction to 0.')
+  n = int(get(config, 'clients_per_round'))
+  spec = robust.from_config(config, n, 'examples')
+  robust.check(spec, n, fraction)
+  if not buffered(config):
+    return
+  why = (f'aggregator.name={spec.name!r}' if spec.name != 'mean' else
+         f'aggregator.pre={spec.pre!r}' if spec.pre != 'none' else
+         f'attack.name={name!r} (it sees every message of the round)')
+  if get(config, 'secure_aggregation.enabled'):
+    raise ValueError(
+        f'{why} needs every client\'s message, and secure aggregation hides '
+        'them: the server sees only their sum. Turn one of them off '
+        '(secure_aggregation.enabled=False, or aggregator.name=mean, '
+        "aggregator.pre=none and an attack that is not 'alie' or 'ipm').")
+  if get(config, 'privacy.mechanism') != 'none':
+    raise ValueError(
+        f'{why} with privacy.mechanism='
+        f'{get(config, "privacy.mechanism")!r}: DP-FedAvg calibrates its '
+        'noise to the sum of clipped messages, and a robust aggregate has '
+        'another sensitivity; run robust aggregation without DP.')
+
+
+def buffered(config) -> bool:
+  """Whether the round aggregates a buffer of every message: a robust
+  aggregator or pre-aggregator, or an attack that reads the round."""
+  return (str(get(config, 'aggregator.name')) != 'mean' or
+          str(get(config, 'aggregator.pre')) != 'none' or
+          str(get(config, 'attack.name')) in ('alie', 'ipm'))
 
 
 # -- comparing configs ------------------------------------------------------------

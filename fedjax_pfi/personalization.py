@@ -167,12 +167,22 @@ CLIENTS_FILE = 'clients_final.npz'
 
 
 def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
-                 train_sizes: np.ndarray, sampled: np.ndarray) -> str:
+                 train_sizes: np.ndarray, sampled: np.ndarray,
+                 offsets: Optional[np.ndarray] = None) -> str:
   """Writes each evaluation's per-client accuracy and loss (atomically),
   with each client's training-set size and whether it was ever sampled
-  (``sampled``: bool per client of the training population)."""
+  (``sampled``: bool per client of the training population). With
+  ``offsets`` (the evaluated dataset's), also each example's correct
+  predictions and count (``example_correct``, ``example_count``,
+  ``example_offsets``), so that two runs can be compared client by client
+  with a paired test (`client_stats.significant`)."""
   arrays: dict[str, Any] = {}
   for name, m in results.items():
+    if offsets is not None and m.rows is not None:
+      arrays[f'{name}/example_correct'] = np.asarray(m.rows.correct,
+                                                     np.float32)
+      arrays[f'{name}/example_count'] = np.asarray(m.rows.count, np.float32)
+      arrays[f'{name}/example_offsets'] = np.asarray(offsets, np.int64)
     arrays[f'{name}/sampled'] = np.asarray(sampled, bool)[m.client_ids]
     arrays[f'{name}/client_ids'] = m.client_ids
     arrays[f'{name}/accuracy'] = m.accuracy

@@ -12,6 +12,7 @@ from typing import Optional
 import jax
 import numpy as np
 
+from fedjax_pfi import attacks
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import personalization
@@ -101,6 +102,11 @@ class RunEvaluator:
     self.probes = {}
     if getattr(exp, 'base_task', None) is not None:
       self.probes['base_task'] = evaluation.make_probe(exp.base_task)
+    self.attack = getattr(exp, 'attack', None)
+    if self.attack is not None and self.attack.name == 'backdoor':
+      self.probes['backdoor'] = evaluation.make_probe(attacks.backdoor_probe(
+          exp.splits.test, self.attack, int(c.attack.probe_examples), c.seed,
+          c.data.get('tokenizer', None) or 'char'))
     self.canaries = getattr(exp, 'canaries', None)
     if self.canaries is not None:
       self.probes['canaries'] = evaluation.make_probe(self.canaries.probe)
@@ -250,6 +256,8 @@ class RunEvaluator:
                               alg.finetune or 'trainable',
                               splits.heldout_train, splits.heldout_test)
         out.update(evaluation.summarize(adapted, 'heldout_adapted/'))
+    if self.attack is not None:
+      out.update(attack_metrics(results, self.attack.malicious))
     t1 = time.perf_counter()
     comparisons = self._report(results, among, out)
     t2 = time.perf_counter()
@@ -373,6 +381,9 @@ class RunEvaluator:
     glob = None
     if alg.has_global_model and view.clusters is None:
       glob = one(self.evaluator, view.params)
+    if 'backdoor' in self.probes:
+      out.update(backdoor_success(personal, start, glob,
+                                  self.attack.malicious))
     if 'base_task' in self.probes:
       out.update(trust.base_task('test/', personal, start, glob,
                                  margin=float(c.evaluation.erosion_margin),
@@ -402,7 +413,8 @@ class RunEvaluator:
       compared.setdefault('groups', {})[name] = values
     personalization.save_clients(workdir, self.last,
                                  self.exp.splits.train.client_sizes,
-                                 self.last_sampled)
+                                 self.last_sampled,
+                                 offsets=self.exp.splits.test.offsets)
     personalization.save_arrays(
         os.path.join(workdir, trust.CLIENTS_FILE),
         {f'{name}/{k}': np.asarray(v) for name, fields in compared.items()
@@ -414,3 +426,43 @@ class RunEvaluator:
         personalization.load_clients(workdir), title=title)
     trust.plot_report(workdir, personalization.load_clients(
         workdir, trust.CLIENTS_FILE), self.last['personalized'], title)
+
+
+RESULT_PREFIX = {'personalized': 'test/', 'global': 'global/',
+                 'local': 'local/', 'start': 'start/'}
+
+
+def attack_metrics(results, malicious: np.ndarray) -> dict:
+  """``attack/honest/{model}/…``: each evaluated model's accuracy over the
+  honest clients only (the malicious clients' own models are not what an
+  attack is judged by): mean, p10 and the number of honest clients."""
+  out = {}
+  for name, m in results.items():
+    keep = ~np.asarray(malicious)[m.client_ids] & (m.count > 0)
+    if not keep.any():
+      continue
+    acc = m.accuracy[keep]
+    p = f'attack/honest/{RESULT_PREFIX[name]}'
+    out.update({p + 'accuracy_mean': float(acc.mean()),
+                p + 'accuracy_p10': float(np.percentile(acc, 10)),
+                p + 'num_clients': int(keep.sum())})
+  return out
+
+
+def backdoor_success(personal, start, glob, malicious: np.ndarray) -> dict:
+  """``attack/backdoor_success/…``: the fraction of the backdoor probe
+  (honest test examples with the trigger) on which a model predicts the
+  target: the global model, the starting one, and the mean over the
+  honest probe clients' personalized models."""
+  def rate(rows):
+    return rows.correct.sum(1) / np.maximum(rows.count.sum(1), 1)
+
+  p = 'attack/backdoor_success/'
+  out = {p + 'start': float(rate(start.probes['backdoor'])[0])}
+  if glob is not None:
+    out[p + 'global'] = float(rate(glob.probes['backdoor'])[0])
+  honest = ~np.asarray(malicious)[personal.client_ids]
+  if honest.any():
+    out[p + 'personalized_mean'] = float(
+        rate(personal.probes['backdoor'])[honest].mean())
+  return out

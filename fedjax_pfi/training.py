@@ -38,6 +38,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from fedjax_pfi import attacks
 from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import config as config_lib
@@ -49,6 +50,8 @@ from fedjax_pfi import privacy
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
+from fedjax_pfi.algorithms import robust
+from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import registry as algorithms
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import registry
@@ -163,6 +166,7 @@ class Experiment:
   base_task: Any = None  # columns of the trust report's base task
   canaries: Any = None  # `canaries.Canaries` planted in the training data
   secagg: Any = None  # a `secure_aggregation.Spec` under secure aggregation
+  attack: Any = None  # an `attacks.Spec` when some clients attack
 
 
 def build(config, *, splits=None, transform=None) -> Experiment:
@@ -178,6 +182,10 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     splits, planted = canaries_lib.plant(
         splits, config.evaluation.canaries,
         config.data.get('tokenizer', None) or 'char')
+  attack = attacks.build(config, splits.train.num_clients)
+  if attack is not None:
+    splits = attacks.poison(splits, attack,
+                            config.data.get('tokenizer', None) or 'char')
   base_task = None
   if config.evaluation.base_task.to_dict():
     base_task = canaries_lib.base_task(
@@ -208,6 +216,15 @@ def build(config, *, splits=None, transform=None) -> Experiment:
   if secagg is not None:
     aggregator = secure_aggregation.wrap(
         aggregator or aggregators.weighted_mean(), secagg)
+  if config_lib.buffered(config):  # config.check refused DP and SecAgg
+    spec = robust.from_config(
+        config, int(config.clients_per_round),
+        'uniform' if config.server.weighting == 'uniform' else 'examples')
+    aggregator = robust.aggregator(spec, attacks.in_round(attack))
+  attack_transform = None if attack is None else attacks.transform(attack)
+  if attack_transform is not None:  # first: it is the client's own code
+    transform = attack_transform if transform is None else rounds.chain(
+        attack_transform, transform)
   built = algorithms.build(config, base_model, population, execution,
                            aggregator, transform)
   max_steps = int(cohort_lib.client_steps(
@@ -225,7 +242,7 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,
                     max_steps, built.init_params, base_model, execution,
-                    mechanism, base_task, planted, secagg)
+                    mechanism, base_task, planted, secagg, attack)
 
 
 def initial_params(exp: Experiment):

@@ -144,3 +144,72 @@ def lm_loss(apply_fn, frozen):
         logits, batch['y']))
 
   return loss
+
+
+# -- robust aggregation, written from the papers in numpy ----------------------
+# Each takes the real clients' messages only, ``x [m, D]`` (float64), as the
+# papers' loops do; the simulator's versions take padded, masked buffers.
+
+
+def np_median(x):
+  return np.median(x, axis=0)
+
+
+def np_trimmed_mean(x, beta):
+  b = int(np.floor(beta * len(x)))
+  s = np.sort(x, axis=0)
+  return s[b:len(x) - b].mean(0)
+
+
+def np_krum_scores(x, f):
+  m = len(x)
+  scores = []
+  for i in range(m):
+    d = sorted(float(np.sum((x[i] - x[j]) ** 2)) for j in range(m) if j != i)
+    scores.append(sum(d[:max(m - f - 2, 1)]))
+  return np.array(scores)
+
+
+def np_multi_krum(x, f, q=None):
+  """Blanchard et al. (2017): the mean of the ``q`` best-scored (``q = m -
+  f``; ``q = 1``: Krum's one vector)."""
+  q = len(x) - f if q is None else q
+  order = np.argsort(np_krum_scores(x, f), kind='stable')
+  return x[order[:q]].mean(0)
+
+
+def np_geometric_median(x, iterations, nu):
+  """RFA's smoothed Weiszfeld (Pillutla et al. 2022, Alg. 2), from the mean."""
+  v = x.mean(0)
+  for _ in range(iterations):
+    beta = 1.0 / np.maximum(nu, np.linalg.norm(x - v, axis=1))
+    v = (beta[:, None] * x).sum(0) / beta.sum()
+  return v
+
+
+def np_centered_clipping(x, v, iterations, tau):
+  """Karimireddy et al. (2021), eq. (CC)."""
+  for _ in range(iterations):
+    d = x - v
+    n = np.linalg.norm(d, axis=1)
+    v = v + (d * np.minimum(1.0, tau / n)[:, None]).mean(0)
+  return v
+
+
+def np_norm_bound(x, bound, w=None):
+  n = np.linalg.norm(x, axis=1)
+  c = x * np.minimum(1.0, bound / n)[:, None]
+  w = np.ones(len(x)) if w is None else np.asarray(w, np.float64)
+  return (w[:, None] * c).sum(0) / w.sum()
+
+
+def np_nnm(x, f):
+  """Allouah et al. (2023), Alg. 1: each vector -> the mean of its ``m -
+  f`` nearest (itself included)."""
+  m = len(x)
+  out = []
+  for i in range(m):
+    d = np.array([np.sum((x[i] - x[j]) ** 2) for j in range(m)])
+    d[i] = -1.0
+    out.append(x[np.argsort(d, kind='stable')[:m - f]].mean(0))
+  return np.array(out)

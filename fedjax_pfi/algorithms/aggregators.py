@@ -17,10 +17,11 @@ is optax-shaped, a tuple of pure functions over its own state:
 
 ``weighting`` says what ``w_c`` is: ``'examples'`` (each client's training
 examples, McMahan et al. 2017) or ``'uniform'`` (1 per client that trained).
-``needs``: ``'sum'`` aggregators run under every layout (chunked, packed,
-sharded: the messages never exist together); ``'all'`` ones need every
-message at once and run on one device, unchunked and unpacked
-(`rounds.check_layout` refuses the rest by name before tracing).
+``needs``: ``'sum'`` aggregators see only the sums (the messages never
+exist together); ``'all'`` ones (`robust`) see the buffer of every
+message, filled chunk by chunk (`rounds.message_sums`), in the rounds that
+declare ``Capabilities.robust_aggregation`` (`registry.build` refuses the
+rest by name before tracing).
 
 The mechanisms:
 

@@ -122,6 +122,9 @@ class Capabilities(NamedTuple):
     secure_aggregation: its round masks each message when the aggregator
       is secure (`secure_aggregation.wrap`): every message it sends goes
       through the aggregator, and the cohort's plan reaches it.
+    robust_aggregation: its round fills the buffer of every message for an
+      aggregator that needs them all (``needs='all'``, `robust`), in every
+      layout it runs under.
   """
   chunked: bool = False
   sharded: bool = False
@@ -132,6 +135,7 @@ class Capabilities(NamedTuple):
   lr_scales: bool = True
   transforms: bool = False
   secure_aggregation: bool = False
+  robust_aggregation: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

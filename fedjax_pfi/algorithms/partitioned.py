@@ -69,7 +69,10 @@ def fed_partitioned(model: base.Model,
     server_optimizer: optax transform applied to ``-mean_delta`` of the global
       part.
     aggregator: combines the global parts' deltas (default: example-weighted
-      mean; `aggregators.gaussian` for DP-FedAvg), summed chunk by chunk.
+      mean; `aggregators.gaussian` for DP-FedAvg), summed chunk by chunk; a
+      robust one (``needs='all'``, `robust`) gets the buffer of every
+      client's delta, filled chunk by chunk (and all-gathered across
+      devices by the sums' ``psum``).
     transform: a `rounds.ClientTransform` of each client's message before
       the aggregator's client step (None: none).
     frozen: regex of the leaves nobody trains (`param_groups.split`); they
@@ -93,12 +96,8 @@ def fed_partitioned(model: base.Model,
       (``finetune``, ``has_global_model``).
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
-  if aggregator.needs != 'sum':
-    raise ValueError(
-        f"{name} sums the clients' messages chunk by chunk (chunked, packed "
-        f'or sharded); aggregator {aggregator.name!r} needs every message at '
-        'once.')
-  hooked = aggregator.client is not None or transform is not None
+  hooked = (aggregator.client is not None or transform is not None or
+            aggregator.needs == 'all')
   train = client_updates.local_training(model, client_optimizer,
                                         proximal_mu=proximal_mu, unroll=unroll)
   packed_train = client_updates.packed_training(
@@ -148,7 +147,8 @@ def fed_partitioned(model: base.Model,
       rows = jax.tree.map(lambda x: core.take(x, lo, k), lanes['secagg'])
     messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
                                    transform, ids=ids, secure_rows=rows,
-                                   round_key=key)
+                                   round_key=key, slots=slot,
+                                   num_slots=num_slots)
     sums = {'delta': messages.pop('message'), 'agg': messages,
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
@@ -169,7 +169,8 @@ def fed_partitioned(model: base.Model,
             lambda x: x[lane_slots], plan)
         return rounds.message_sums(aggregator, agg_state, deltas, w,
                                    lane_keys, transform, ids=lane_ids,
-                                   secure_rows=rows, round_key=key)
+                                   secure_rows=rows, round_key=key,
+                                   slots=lane_slots, num_slots=ids.shape[0])
     out = packed_train(params, lanes, core.client_keys(key, ids), weight,
                        frozen=frozen_params, window=(lo, k), sums_fn=sums_fn,
                        client_ids=ids)
@@ -232,7 +233,8 @@ def fed_partitioned(model: base.Model,
       chunked=True, sharded=True,
       packed=personal is None and client_train is None,
       personal_state=personal is not None, private=federated,
-      transforms=True, secure_aggregation=federated)
+      transforms=True, secure_aggregation=federated,
+      robust_aggregation=federated)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
                              capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,

@@ -125,6 +125,7 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
           server_optimizer: optax.GradientTransformation, num_clients: int, *,
           lam: float, unroll=1,
           aggregator: aggregators_lib.Aggregator | None = None,
+          transform: rounds.ClientTransform | None = None,
           name: str = 'ditto') -> core.FederatedAlgorithm:
   """Ditto with FedAvg as the global solver (Li et al. 2021, Algorithm 1).
 
@@ -135,7 +136,8 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
   being the model broadcast this round. ``v_i`` starts as the initial
   params. Evaluation uses each client's ``v_i``; ``w`` is the global model.
   ``aggregator`` combines the deltas of ``w`` (DP-FedAvg clips and noises
-  them; ``v_i`` never leaves the client).
+  them, a robust aggregator sees every one), after ``transform`` (an
+  attack's); ``v_i`` never leaves the client.
   """
   if lam < 0:
     raise ValueError(f'ditto lambda must be >= 0, got {lam}.')
@@ -164,7 +166,7 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
         state.client_states, ids, jax.tree.map(jnp.add, mine, own.delta),
         ids >= 0)
     sums = rounds.cohort_sums(aggregator, state.agg_state, out.delta, cohort,
-                              key)
+                              key, transform)
     state, metrics = rounds.finish(
         state, cohort, key, aggregator, server_optimizer, sums,
         loss_sum=out.loss_sum, count=out.count, num_steps=out.num_steps,
@@ -179,6 +181,8 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
 
   return core.make_algorithm(
       init, apply, name,
-      capabilities=core.Capabilities(personal_state=True, private=True),
+      capabilities=core.Capabilities(personal_state=True, private=True,
+                                     transforms=True,
+                                     robust_aggregation=True),
       eval_view=eval_view, combine=lambda shared, mine: mine)
 

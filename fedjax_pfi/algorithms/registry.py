@@ -61,7 +61,6 @@ from fedjax_pfi.algorithms import meta_mixed
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
 from fedjax_pfi.algorithms import personalized
-from fedjax_pfi.algorithms import rounds
 from fedjax_pfi.algorithms import scaffold
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.models import base
@@ -191,7 +190,7 @@ def _ditto(name: str, ctx: Context) -> Built:
   alg = personalized.ditto(
       ctx.base_model, ctx.client_optimizer(), ctx.server, ctx.num_clients,
       lam=float(ctx.config.personalization.ditto_lambda), unroll=ctx.unroll,
-      aggregator=ctx.aggregator)
+      aggregator=ctx.aggregator, transform=ctx.transform)
   return Built(alg, ctx.base_model, ctx.base_model.init)
 
 
@@ -354,12 +353,6 @@ def build(config, base_model: base.Model, num_clients: int,
       b2=sv.b2, tau=sv.tau)
   ctx = Context(config, base_model, num_clients, execution, server,
                 parse_unroll(cl.unroll), aggregator, transform)
-  if aggregator is not None:  # before building: fed_partitioned only sums
-    rounds.check_layout(
-        aggregator, chunked=execution.chunk_size is not None,
-        sharded=execution.mesh is not None,
-        packed=bool(int(config.get('execution', {}).get('pack_lanes', 0) or
-                        0)), algorithm=name)
   built = BUILDERS[name](name, ctx)  # builds; nothing is traced yet
   if transform is not None and not built.algorithm.capabilities.transforms:
     raise ValueError(
@@ -375,6 +368,13 @@ def build(config, base_model: base.Model, num_clients: int,
         'round does not send every message through the aggregator (the '
         'rounds built on `partitioned.fed_partitioned` do: FedAvg, FedProx, '
         'FedOpt, the LoRA partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
+  if (aggregator is not None and aggregator.needs == 'all' and
+      not built.algorithm.capabilities.robust_aggregation):
+    raise ValueError(
+        f'aggregator {aggregator.name!r} needs every client\'s message, which '
+        f'the round of algorithm {name!r} does not collect (the rounds built '
+        'on `partitioned.fed_partitioned` do: FedAvg, FedProx, FedOpt, the '
+        'LoRA partitions, FedPer, FedRep, LG-FedAvg, FedBABU; and Ditto).')
   if aggregator is not None and not built.algorithm.capabilities.private:
     raise ValueError(
         f'aggregator {aggregator.name!r} cannot be used with algorithm '

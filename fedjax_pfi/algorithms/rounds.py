@@ -18,8 +18,7 @@ reduce, with the seams that trust mechanisms plug into):
    negated aggregate.
 
 Metrics and bytes are the algorithm's (`core.round_metrics`,
-`core.comm_metrics`). `check_layout` refuses, before tracing, a layout an
-aggregator cannot run under.
+`core.comm_metrics`).
 """
 
 from __future__ import annotations
@@ -111,7 +110,9 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
                  transform: ClientTransform | None = None,
                  groups: jax.Array | None = None,
                  ids: jax.Array | None = None, secure_rows=None,
-                 round_key: jax.Array | None = None) -> dict:
+                 round_key: jax.Array | None = None,
+                 slots: jax.Array | None = None,
+                 num_slots: int | None = None) -> dict:
   """One chunk's sums: ``'message'`` (``sum_c w_c m_c`` of the messages
   after ``transform`` and the aggregator's ``client`` step), ``'clients'``
   (how many have ``w_c > 0``) and each per-client stat of that step summed
@@ -129,6 +130,13 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   'removed'}`` (uint32 sums mod ``2^b``, unmasked by its ``finalize``);
   ``secure_rows`` are the clients' rows of the round's
   `secure_aggregation.Plan` and ``round_key`` the round's key.
+
+  An aggregator that needs every message (``needs='all'``, `robust`)
+  gets them instead of their sum: ``'message'`` is the buffer, leaves
+  ``[num_slots, ...]`` with each client's message at its cohort slot
+  (``slots``, ``[k]``) and zeros elsewhere, ``'buffer_weight'`` its
+  ``w_c`` and ``'buffer_id'`` its id + 1 (0: an empty slot), so that the
+  chunks' (and devices') sums of buffers fill the whole cohort's.
   """
   real = (weights > 0).astype(jnp.float32)
   sums = {'clients': jnp.sum(real)}
@@ -161,6 +169,21 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
     sums['message'] = {'masked': sums.pop('masked'),
                        'removed': sums.pop('removed')}
     return sums
+  if aggregator.needs == 'all':
+    if slots is None or num_slots is None or ids is None or \
+        groups is not None:
+      raise ValueError(
+          f'aggregator {aggregator.name!r} needs every message, which needs '
+          "the clients' cohort slots, their number and the ids (and no "
+          'per-group sums); this round passes none.')
+    idx = jnp.where(weights > 0, slots, num_slots)  # the rest is dropped
+    def fill(x):
+      return jnp.zeros((num_slots,) + x.shape[1:], x.dtype).at[idx].add(
+          x, mode='drop')
+    sums['message'] = jax.tree.map(fill, messages)
+    sums['buffer_weight'] = fill(weights)
+    sums['buffer_id'] = fill((ids + 1).astype(jnp.int32))
+    return sums
   if groups is None:
     sums['message'] = aggregators_lib.weighted_sum(messages, weights)
   else:
@@ -190,30 +213,17 @@ def server_step(server_optimizer: optax.GradientTransformation, params,
   return optax.apply_updates(params, updates), opt_state
 
 
-def check_layout(aggregator: aggregators_lib.Aggregator, *, chunked: bool,
-                 sharded: bool, packed: bool, algorithm: str) -> None:
-  """Refuses, before tracing, a layout ``aggregator`` cannot run under."""
-  if aggregator.needs == 'sum':
-    return
-  used = [n for n, on in (('execution.chunk_size', chunked),
-                          ('execution.devices > 1', sharded),
-                          ('execution.pack_lanes', packed)) if on]
-  if used:
-    raise ValueError(
-        f'aggregator {aggregator.name!r} of {algorithm!r} needs every '
-        f'client\'s message at once, so it runs on one device, unchunked and '
-        f'unpacked; unset {", ".join(used)}.')
-
-
 def cohort_sums(aggregator: aggregators_lib.Aggregator, agg_state,
                 messages: Params, cohort, key: jax.Array,
                 transform: ClientTransform | None = None) -> dict:
   """Step 3 for messages ``[C, ...]`` all at hand (the rounds that do not
   chunk): `message_sums` over the whole cohort plus ``'weight'``."""
   w = client_weights(aggregator, cohort.weight)
+  c = cohort.client_ids.shape[0]
   sums = message_sums(aggregator, agg_state, messages, w,
                       core.client_keys(key, cohort.client_ids), transform,
-                      ids=cohort.client_ids)
+                      ids=cohort.client_ids, slots=jnp.arange(c),
+                      num_slots=c)
   sums['weight'] = jnp.sum(w)
   return sums
 
