@@ -371,6 +371,11 @@ def aggregator(spec: Spec, attack=None) -> aggregators_lib.Aggregator:
       x, malicious = attack(x, valid, ids, jax.random.fold_in(key, 1))
     v, state, metrics, selected = robust_aggregate(
         spec, x, valid, weight, state, jax.random.fold_in(key, 0))
+    # what the server sees of the messages (after any attack): their norms
+    norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
+    metrics['robust/client_norm_median'] = coordinate_median(
+        norms[:, None], valid)[0]
+    metrics['robust/client_norm_max'] = jnp.max(jnp.where(valid, norms, 0.0))
     if malicious is not None:
       metrics['attack/malicious_clients'] = jnp.sum(malicious & valid)
       if selected is not None:  # Krum: how much of the aggregate they own

@@ -82,7 +82,8 @@ def main():
 
 def training_diffs():
   """The training loop on 1 device vs 4 (packed) and 2 (chunked) devices,
-  and with secure aggregation (SecAgg+, dropouts) on 1 vs 2 chunked."""
+  and with secure aggregation (SecAgg+, dropouts) and with robust
+  aggregation (Multi-Krum under ALIE) on 1 vs 2 chunked."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
   from tests.test_training import small_config  # pylint: disable=g-import-not-at-top
@@ -93,6 +94,10 @@ def training_diffs():
             'secure_aggregation.threshold': 1,
             'secure_aggregation.dropout_upload': 0.4,
             'clients_per_round': 6}
+  # Multi-Krum under ALIE: the buffer is all-gathered by the psum
+  robust = {'aggregator.name': 'multi_krum', 'aggregator.f': 1,
+            'attack.name': 'alie', 'attack.fraction': 0.25,
+            'clients_per_round': 6}
   for name, kw in [('one', {}),
                    ('four_packed', {'execution.devices': 4,
                                     'execution.pack_lanes': 4}),
@@ -100,13 +105,17 @@ def training_diffs():
                                     'execution.chunk_size': 1}),
                    ('secagg_one', secagg),
                    ('secagg_two_chunked', {**secagg, 'execution.devices': 2,
+                                           'execution.chunk_size': 1}),
+                   ('robust_one', robust),
+                   ('robust_two_chunked', {**robust, 'execution.devices': 2,
                                            'execution.chunk_size': 1})]:
     with tempfile.TemporaryDirectory() as d:
       training.run(small_config(**kw), d)
       rows[name] = training.read_metrics(d)
   diffs = {}
   for name, base in (('four_packed', 'one'), ('two_chunked', 'one'),
-                     ('secagg_two_chunked', 'secagg_one')):
+                     ('secagg_two_chunked', 'secagg_one'),
+                     ('robust_two_chunked', 'robust_one')):
     diffs[name] = max(
         abs(float(np.asarray(a[k], float).max() - np.asarray(b[k], float).max())
             if np.ndim(a[k]) else float(a[k]) - float(b[k]))
@@ -114,6 +123,8 @@ def training_diffs():
         if not k.startswith('time/') and k != 'round')
   diffs['secagg_dropped'] = sum(r['secagg/dropped_before_upload']
                                 for r in rows['secagg_one'])
+  diffs['robust_malicious'] = sum(r['attack/malicious_clients']
+                                  for r in rows['robust_one'])
   diffs['rounds'] = len(rows['one'])
   diffs['compilations'] = max(r['time/compilations'] for v in rows.values()
                               for r in v)

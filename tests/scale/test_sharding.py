@@ -57,3 +57,12 @@ def test_secure_aggregation_on_2_chunked_devices_equals_one(diffs):
   got = diffs['training']
   assert got['secagg_dropped'] > 0
   assert got['secagg_two_chunked'] < 1e-4, got
+
+
+def test_robust_aggregation_on_2_chunked_devices_equals_one(diffs):
+  """The buffer of every message is filled chunk by chunk and psum-ed
+  across devices (an all-gather), then sorted by client id: Multi-Krum
+  under ALIE gives the same rounds on 1 device and on 2 chunked."""
+  got = diffs['training']
+  assert got['robust_malicious'] > 0
+  assert got['robust_two_chunked'] < 1e-4, got
