@@ -23,7 +23,10 @@ The public API, re-exported here:
   and the `personalized` module (FedPer, LG-FedAvg, FedRep, FedBABU,
   FedAvg + FT, local-only as partitions);
 - trust: the `secure_aggregation` module (`make_spec`, `wrap` an
-  aggregator, `plan` a round's graph and dropouts);
+  aggregator, `plan` a round's graph and dropouts), the `robust` module
+  (robust aggregators over the round's buffer: `robust.aggregator`) and the
+  `attacks` module (malicious clients: `attacks.transform`,
+  `attacks.in_round`, `attacks.poison`);
 - evaluation: `Evaluator`, `summarize`, and the `personalization` module
   (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
   gains and silent-failure fractions; the report's files and plots);
@@ -31,10 +34,12 @@ The public API, re-exported here:
   `build` and `run_experiment` (the same loop over objects built by hand).
 """
 
+from fedjax_pfi import attacks
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi import training
+from fedjax_pfi.algorithms import robust
 from fedjax_pfi.algorithms.aggregators import Aggregator
 from fedjax_pfi.algorithms.aggregators import weighted_mean
 from fedjax_pfi.algorithms.client_updates import client_optimizer
@@ -75,6 +80,7 @@ from fedjax_pfi.training import run_experiment
 
 __all__ = [
     'Aggregator',
+    'attacks',
     'build',
     'build_model',
     'client_optimizer',
@@ -103,6 +109,7 @@ __all__ = [
     'partition',
     'personalization',
     'personalized',
+    'robust',
     'run',
     'run_experiment',
     'sample_cohort',

@@ -63,6 +63,22 @@ def test_fedavg_throughput_benchmark_times_secure_aggregation():
   assert 'simulator / simulator_secagg throughput' in out.stdout
 
 
+def test_fedavg_throughput_benchmark_times_robust_aggregation():
+  """Robust rounds on packed lanes compile once and print their cost
+  ratio beside the plain round (no timing is asserted)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
+       '--population=40', '--clients=8', '--lanes=2', '--rounds=2',
+       '--warmup=1', '--robust_f=2',
+       '--methods=simulator,simulator_robust_krum,simulator_robust_median'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for rule in ('krum', 'median'):
+    assert (f'simulator_robust_{rule} compilations for the whole run: 1; '
+            'buffer 8 x') in out.stdout, out.stdout
+    assert f'simulator / simulator_robust_{rule} throughput' in out.stdout
+
+
 def test_large_cohort_benchmark_matches_unchunked():
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.large_cohort',

@@ -424,3 +424,23 @@ def test_the_chain_puts_the_attack_first():
   out, _ = t.apply({'w': jnp.ones(2)}, t.select(t.init(None), 0),
                    jax.random.key(0))
   chex.assert_trees_all_close(out, {'w': jnp.full(2, 4.0)})
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.1, 0.25, 0.45])
+def test_trimmed_mean_and_median_with_ties_and_huge_values(beta):
+  """Ties (many equal values) are cut once each, and a huge attacker
+  value does not wash out the honest values' precision."""
+  huge = 1e30 if np.floor(beta * 7) >= 1 else 9.0  # cut when it is huge
+  real = np.array([[1.0, 3.0], [1.0, 3.0], [1.0, 2.0], [1.0, 5.0],
+                   [2.0, huge], [1.0, -huge], [1.0, 4.0]])
+  x = np.full((10, 2), 7e6, np.float32)
+  slots = [0, 2, 3, 5, 6, 8, 9]
+  x[slots] = real
+  valid = np.zeros(10, bool)
+  valid[slots] = True
+  np.testing.assert_allclose(
+      robust.trimmed_mean(jnp.asarray(x), jnp.asarray(valid), beta),
+      reference.np_trimmed_mean(real, beta), rtol=1e-6)
+  np.testing.assert_allclose(
+      robust.coordinate_median(jnp.asarray(x), jnp.asarray(valid)),
+      reference.np_median(real), rtol=1e-6)

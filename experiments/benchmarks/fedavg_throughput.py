@@ -32,6 +32,12 @@ rounds back to back (s/round is their mean):
   ``--secagg_neighbors`` neighbours per client and the complete graph of
   Bonawitz et al. The masks are expanded
   inside the round (``1 + k`` vectors of the message's size per client);
+- ``simulator_robust_<rule>`` (``<rule>`` one of `robust.RULES`, e.g.
+  ``simulator_robust_krum``): the same round with that robust aggregator
+  (``--robust_f`` Byzantine clients assumed), which fills the ``[C, ...]``
+  buffer of every client's delta (packed: each client's row at its last
+  step) and runs the rule on it: its cost is ``simulator /
+  simulator_robust_<rule>``;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -64,6 +70,7 @@ from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms import partitioned
+from fedjax_pfi.algorithms import robust
 from fedjax_pfi.algorithms import server_optimizers
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data import synthetic
@@ -92,7 +99,11 @@ _REPEATS = flags.DEFINE_integer(
     'is reported): close variants need it on a noisy machine.')
 _METHODS = flags.DEFINE_list(
     'methods', 'simulator,simulator_dp,python_loop,centralized',
-    'Which methods to time (also simulator_secagg, simulator_secagg_full).')
+    'Which methods to time (also simulator_secagg, simulator_secagg_full, '
+    'simulator_robust_<rule>).')
+_ROBUST_F = flags.DEFINE_integer(
+    'robust_f', 5, 'simulator_robust_*: the Byzantine clients per round the '
+    'rule assumes (Krum, Multi-Krum, NNM).')
 _SECAGG_K = flags.DEFINE_integer(
     'secagg_neighbors', 16, 'simulator_secagg: neighbours per client '
     '(SecAgg+); simulator_secagg_full masks with every other client.')
@@ -215,6 +226,13 @@ def main(argv):
               ds.client_sizes.max()), slots=execution.slots(c))
       secure[name] = simulator(secure_aggregation.wrap(
           aggregators.weighted_mean(), specs[name]))
+  robust_algs = {}
+  for name in _METHODS.value:
+    if name.startswith('simulator_robust_'):
+      rule = name[len('simulator_robust_'):]
+      spec = robust.Spec(name=rule, f=_ROBUST_F.value)
+      robust.check(spec, c)
+      robust_algs[name[len('simulator_'):]] = simulator(robust.aggregator(spec))
   traces = alg.traces
   replicate = (lambda s: s) if mesh is None else (
       lambda s: jax.device_put(s, jax.sharding.NamedSharding(
@@ -222,7 +240,8 @@ def main(argv):
   # The state lives replicated on the mesh from round 0.
   sim = {'state': replicate(alg.init(params0)),
          'private': replicate(private.init(params0)),
-         **{k: replicate(a.init(params0)) for k, a in secure.items()}}
+         **{k: replicate(a.init(params0)) for k, a in secure.items()},
+         **{k: replicate(a.init(params0)) for k, a in robust_algs.items()}}
 
   def put(cohort):
     if mesh is None:
@@ -299,6 +318,9 @@ def main(argv):
              **{f'simulator_{k}': functools.partial(
                  run_simulator, which=k, algorithm=a)
                 for k, a in secure.items()},
+             **{f'simulator_{k}': functools.partial(
+                 run_simulator, which=k, algorithm=a)
+                for k, a in robust_algs.items()},
              'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
@@ -356,6 +378,10 @@ def main(argv):
             f'client (model): upload {sizes["upload"]:,} (masked input '
             f'{sizes["masked_input"]:,}), download {sizes["download"]:,}; '
             f'the plain float32 message {param_groups.num_bytes(trained):,}')
+    for k, a in robust_algs.items():
+      print(f'simulator_{k} compilations for the whole run: '
+            f'{len(a.traces)}; buffer {c} x '
+            f'{param_groups.num_bytes(trained):,} bytes')
   print(f'process peak RSS: '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
   stats = jax.devices()[0].memory_stats() or {}
@@ -374,6 +400,7 @@ def main(argv):
           f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}{spread}')
   if 'simulator' in med:
     for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
+                  *(f'simulator_{k}' for k in robust_algs),
                   'python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
