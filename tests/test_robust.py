@@ -444,3 +444,21 @@ def test_trimmed_mean_and_median_with_ties_and_huge_values(beta):
   np.testing.assert_allclose(
       robust.coordinate_median(jnp.asarray(x), jnp.asarray(valid)),
       reference.np_median(real), rtol=1e-6)
+
+
+def test_the_comparison_script_writes_its_table(tmp_path):
+  """experiments/robust_compare.py at tiny sizes: Krum's attack-free run
+  and a backdoor run on FEMNIST; a run compared with itself hurts no one."""
+  from experiments import robust_compare  # pylint: disable=g-import-not-at-top
+  rows = robust_compare.aggregator_table(str(tmp_path), 'femnist', ('krum',),
+                                         ('backdoor',), (0.3,), testing=True)
+  assert [(r['attack'], r['fraction']) for r in rows] == [
+      ('none', 0.0), ('backdoor', 0.3)]
+  assert 0.0 <= rows[1]['success'] <= 1.0
+  assert 0.0 <= rows[1]['hurt'] <= 1.0
+  text = robust_compare.write_aggregator_table(str(tmp_path), rows)
+  assert '| krum | backdoor |' in text
+  assert (tmp_path / 'honest_accuracy.png').exists()
+  run = str(tmp_path / 'fedavg-krum-backdoor-30')
+  malicious = attacks.malicious_set(6, 0.3, 0)
+  assert robust_compare.honest_hurt(run, run, malicious) == (0.0, 0.0)
