@@ -359,7 +359,7 @@ def build(config, base_model: base.Model, num_clients: int,
         f'algorithm {name!r} takes no per-client transform: its round does '
         "not pass the clients' messages through one (the rounds built on "
         '`partitioned.fed_partitioned` do: FedAvg, FedProx, the LoRA '
-        'partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
+        'partitions, FedPer, FedRep, LG-FedAvg, FedBABU; and Ditto).')
   check(config, built.algorithm, execution)
   if (aggregator is not None and aggregator.secure is not None and
       not built.algorithm.capabilities.secure_aggregation):
