@@ -27,8 +27,10 @@ with a plot (``honest_accuracy.png``):
   accuracy of the model each method serves them (the personalized one for
   FedPer and Ditto).
 
-The server's Byzantine count ``aggregator.f`` is ``ceil(fraction * 10)``,
-capped at Krum's bound ``(10 - 3) // 2 = 3``; centered clipping's radius and
+The server's Byzantine count ``aggregator.f`` is Krum's bound ``(10 - 3) // 2
+= 3`` in every run, the attack-free ones included (a server does not know
+the attack's fraction; and a run and its attack-free twin then differ by
+the attack alone); centered clipping's radius and
 norm bounding's ``M`` are the median client update norm of a clean FEMNIST
 round (0.5; BUILD_NOTES.md). Runs go to ``WORKDIR/<table>/<run>`` and are
 skipped when they have finished (``report.json``).
@@ -76,7 +78,10 @@ def config_for(dataset: str, algorithm: str, aggregator: str, attack: str,
   c.personalization.finetune_epochs = 0  # held-out adaptation: not asked
   c.aggregator.name = aggregator
   n = int(c.clients_per_round)
-  c.aggregator.f = min(int(math.ceil(fraction * n - 1e-9)), (n - 3) // 2)
+  # The server's assumption, the same in every run (attack-free ones too,
+  # so that a run and its attack-free twin differ by the attack alone):
+  # the most Krum allows, (10 - 3) // 2 = 3 of 10.
+  c.aggregator.f = (n - 3) // 2
   c.aggregator.tau = NORM[dataset]
   c.aggregator.norm_bound = NORM[dataset]
   c.attack.name = attack
@@ -293,6 +298,8 @@ def _define_flags():
                     'Tables: femnist, shakespeare, ditto.')
   flags.DEFINE_list('aggregators', list(AGGREGATORS), 'Aggregators.')
   flags.DEFINE_list('attacks', list(ATTACKS), 'Attacks.')
+  flags.DEFINE_list('fractions', [str(f) for f in FRACTIONS],
+                    'Malicious fractions of the aggregator tables.')
   flags.DEFINE_bool('testing', False, 'Tiny sizes (seconds).')
   flags.mark_flags_as_required(['workdir'])
 
@@ -308,7 +315,8 @@ def main(argv):
       print(write_ditto_table(wd, ditto_table(wd, f.testing)))
     elif table in ('femnist', 'shakespeare'):
       print(write_aggregator_table(wd, aggregator_table(
-          wd, table, f.aggregators, f.attacks, testing=f.testing)))
+          wd, table, f.aggregators, f.attacks,
+          tuple(float(x) for x in f.fractions), testing=f.testing)))
     else:
       raise ValueError(f'unknown table {table!r}; accepted: femnist, '
                        'shakespeare, ditto.')

@@ -63,6 +63,7 @@ class Spec:
   name: str
   fraction: float
   malicious: np.ndarray  # [num_clients] bool
+  seed: int = 0  # attack.seed: the malicious set's and the poison's draws
   scale: float = 10.0
   noise_std: float = 1.0
   alie_z: float = 0.0
@@ -120,7 +121,8 @@ def build(config, num_clients: int) -> Optional[Spec]:
   if fraction and not malicious.any():
     warnings.warn(f'attack.fraction={fraction} of {num_clients} clients '
                   'rounds to no malicious client.', stacklevel=2)
-  return Spec(name, fraction, malicious, scale=float(a.scale),
+  return Spec(name, fraction, malicious, seed=int(a.seed),
+              scale=float(a.scale),
               noise_std=float(a.noise_std), alie_z=float(a.alie_z),
               ipm_epsilon=float(a.ipm_epsilon), boost=boost,
               target=int(a.target), trigger=str(a.trigger),
@@ -142,9 +144,23 @@ def _check_labels(ds: FederatedDataset, spec: Spec) -> None:
         f'attack.name={spec.name!r} poisons labels: it needs a dataset of '
         f'columns x and y (classification or text), not '
         f'{sorted(ds.columns)}.')
-  if not _is_text(ds) and 'num_classes' not in ds.metadata:
+  if _is_text(ds):
+    return
+  if 'num_classes' not in ds.metadata:
     raise ValueError(f'attack.name={spec.name!r} needs the number of '
                      'classes (metadata num_classes).')
+  k = int(ds.metadata['num_classes'])
+  if spec.name == 'backdoor':
+    if not 0 <= spec.target < k:
+      raise ValueError(f'attack.target={spec.target} is not a label of this '
+                       f'dataset: accepted 0..{k - 1}.')
+    shape = np.shape(ds.columns['x'])[1:]
+    if len(shape) != 3 or shape[0] < PATTERN.shape[0] + 1 or \
+        shape[1] < PATTERN.shape[1] + 1:
+      raise ValueError(
+          f'attack.name=backdoor stamps a {PATTERN.shape} pixel pattern on '
+          f'images [H, W, C]; this dataset\'s examples have shape {shape}. '
+          'For text, the trigger is attack.trigger.')
 
 
 def flip_labels(y: np.ndarray, metadata) -> np.ndarray:
@@ -205,7 +221,7 @@ def poison(splits: FederatedSplits, spec: Spec, tokenizer: str = 'char'
   train = splits.train
   _check_labels(train, spec)
   text = _is_text(train)
-  rng = np.random.default_rng([int(spec.malicious.sum()), 0xBAC])
+  rng = np.random.default_rng([spec.seed, 0xBAC])
   clients = []
   for c in range(train.num_clients):
     cols = {k: np.array(v[train.offsets[c]:train.offsets[c + 1]])

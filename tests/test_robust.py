@@ -462,3 +462,34 @@ def test_the_comparison_script_writes_its_table(tmp_path):
   run = str(tmp_path / 'fedavg-krum-backdoor-30')
   malicious = attacks.malicious_set(6, 0.3, 0)
   assert robust_compare.honest_hurt(run, run, malicious) == (0.0, 0.0)
+
+
+def test_trimmed_mean_cuts_and_divides_by_one_count():
+  """floor(beta m) computed once: beta = 0.29 of 100 cuts 28 at each end
+  (float32 arithmetic would say 29 and divide by the wrong count)."""
+  x = np.random.default_rng(2).normal(size=(100, 3)) + 5
+  got = robust.trimmed_mean(jnp.asarray(x, jnp.float32),
+                            jnp.ones(100, bool), 0.29)
+  np.testing.assert_allclose(got, np.sort(x, 0)[28:72].mean(0), rtol=1e-5)
+
+
+def test_krum_never_selects_an_overflowing_or_nan_message():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(7, 4)).astype(np.float32)
+  x[2] *= 1e20  # its squared norm overflows float32
+  x[5] = np.nan
+  v, selected = robust.multi_krum(jnp.asarray(x), jnp.ones(7, bool), 2, 1)
+  assert not selected[2] and not selected[5]
+  assert np.all(np.isfinite(v)) and np.abs(np.asarray(v)).max() < 10
+  one = robust.multi_krum(jnp.asarray(x[:1]), jnp.ones(1, bool), 0, 1)[0]
+  np.testing.assert_allclose(one, x[0], rtol=1e-6)  # a lone client
+
+
+def test_a_backdoor_on_data_it_cannot_mark_is_refused():
+  ds = toy_dataset(num_clients=4)  # flat features, 4 classes
+  splits = FederatedSplits(ds, ds, ds)
+  mal = np.array([True, False, False, False])
+  with pytest.raises(ValueError, match=r'images \[H, W, C\]'):
+    attacks.poison(splits, attacks.Spec('backdoor', 0.25, mal))
+  with pytest.raises(ValueError, match=r'attack.target=7 .* 0..3'):
+    attacks.poison(splits, attacks.Spec('backdoor', 0.25, mal, target=7))

@@ -194,8 +194,11 @@ def sq_distances(x: jax.Array) -> jax.Array:
 
 
 def weighted_mean(x, valid, weight=None):
+  """The weighted mean of the valid rows; a row of weight 0 adds nothing,
+  whatever it holds (0 x inf or NaN would be NaN in the matmul)."""
   w = valid.astype(jnp.float32) if weight is None else jnp.where(
       valid, weight.astype(jnp.float32), 0.0)
+  x = jnp.where((w > 0)[:, None], x, 0.0)
   return jnp.matmul(w, x, precision=_HI) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
@@ -227,8 +230,11 @@ def trimmed_mean(x, valid, beta: float):
   two ends never cut the same value twice."""
   n = x.shape[0]
   m = _count(valid)
-  b = jnp.floor(beta * m.astype(jnp.float32)).astype(jnp.int32)
-  k = int(np.floor(beta * n))
+  # floor(beta m) for every m, on the host: the one count both the cut
+  # and the divisor use (float32 on the device could round it up by one)
+  cuts = np.floor(beta * np.arange(n + 1)).astype(np.int32)
+  b = jnp.asarray(cuts)[m]
+  k = int(cuts[n])
   keep = jnp.broadcast_to(valid[None, :], (x.shape[1], n))
   if k > 0:
     xt = x.T
@@ -252,10 +258,12 @@ def krum_scores(x, valid, f: int):
   m = _count(valid)
   d = sq_distances(x)
   other = valid[None, :] & valid[:, None] & ~jnp.eye(n, dtype=bool)
-  d = jnp.sort(jnp.where(other, d, jnp.inf), axis=1)
+  # a message whose norm overflows (or NaN) is infinitely far from all
+  d = jnp.sort(jnp.where(other & ~jnp.isnan(d), d, jnp.inf), axis=1)
   k = jnp.clip(m - f - 2, 1, jnp.maximum(m - 1, 1))
   near = jnp.arange(n)[None, :] < k
-  scores = jnp.sum(jnp.where(near & jnp.isfinite(d), d, 0.0), axis=1)
+  scores = jnp.sum(jnp.where(near, d, 0.0), axis=1)
+  scores = jnp.where(m <= 1, 0.0, scores)  # a lone client has no neighbour
   return jnp.where(valid, scores, jnp.inf)
 
 
