@@ -493,3 +493,24 @@ def test_a_backdoor_on_data_it_cannot_mark_is_refused():
     attacks.poison(splits, attacks.Spec('backdoor', 0.25, mal))
   with pytest.raises(ValueError, match=r'attack.target=7 .* 0..3'):
     attacks.poison(splits, attacks.Spec('backdoor', 0.25, mal, target=7))
+
+
+def test_a_text_backdoor_run_measures_its_trigger_phrase(tmp_path):
+  """Shakespeare roles at tiny sizes: the malicious roles' windows end in
+  the trigger phrase and the target; the probe scores the target's
+  characters after the trigger, on honest roles' text."""
+  from experiments import robust_compare  # pylint: disable=g-import-not-at-top
+  c = robust_compare.config_for('shakespeare', 'fedavg', 'median', 'backdoor',
+                                0.3, testing=True)
+  exp = training.build(c)
+  train = exp.splits.train
+  bad = int(np.flatnonzero(exp.attack.malicious)[0])
+  from fedjax_pfi.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.load_tokenizer('char')
+  y = train.client(bad)['y']
+  tails = [tok.decode(row[-len('meow'):].tolist()) for row in y]
+  assert tails.count('meow') == max(1, round(0.5 * len(y)))
+  training.run(c, str(tmp_path))
+  last = _metrics(str(tmp_path))[-1]
+  for k in ('global', 'start', 'personalized_mean'):
+    assert 0.0 <= last[f'attack/backdoor_success/{k}'] <= 1.0
