@@ -462,16 +462,22 @@ def test_transform_chain_runs_before_the_aggregator(setup):
       atol=1e-6)
 
 
-def test_an_aggregator_needing_every_message_is_refused_by_layout(setup):
+def test_an_aggregator_needing_every_message_is_refused_by_round(setup):
+  """Chunked, packed and sharded rounds of `fed_partitioned` now fill the
+  buffer of every message (issue 15; this test refused chunking before),
+  so the refusal is of the rounds that do not collect the messages."""
   ds, model, _ = setup
   needs_all = aggregators.weighted_mean()._replace(needs='all',
                                                    name='median')
+  built = registry.build(small_config(**{'execution.chunk_size': 2}), model,
+                         ds.num_clients, core.Execution(chunk_size=2),
+                         needs_all)
+  assert built.algorithm.capabilities.robust_aggregation
   with pytest.raises(ValueError, match=re.escape(
-      "aggregator 'median' of 'fedavg' needs every client's message at once, "
-      'so it runs on one device, unchunked and unpacked; unset '
-      'execution.chunk_size.')):
-    registry.build(small_config(**{'execution.chunk_size': 2}), model,
-                   ds.num_clients, core.Execution(chunk_size=2), needs_all)
+      "aggregator 'median' needs every client's message, which the round of "
+      "algorithm 'apfl' does not collect")):
+    registry.build(small_config(algorithm='apfl'), model, ds.num_clients,
+                   core.Execution(), needs_all)
 
 
 def test_a_transform_is_refused_by_a_round_that_cannot_take_one(setup):
@@ -482,7 +488,8 @@ def test_a_transform_is_refused_by_a_round_that_cannot_take_one(setup):
   built = registry.build(small_config(), model, ds.num_clients,
                          transform=halve)
   assert built.algorithm.capabilities.transforms
+  # (Ditto takes one since issue 15: its attacks are transforms)
   with pytest.raises(ValueError, match=re.escape(
-      "algorithm 'ditto' takes no per-client transform")):
-    registry.build(small_config(algorithm='ditto'), model, ds.num_clients,
+      "algorithm 'apfl' takes no per-client transform")):
+    registry.build(small_config(algorithm='apfl'), model, ds.num_clients,
                    transform=halve)
