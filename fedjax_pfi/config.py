@@ -25,14 +25,15 @@ from fedjax_pfi import privacy
 # resume on another number of devices or chunk size.
 RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
 # The trust report's options (all of `evaluation` but its canaries, which
-# change the training data): they change what is reported, never the
-# training, so they may change on resumption too and no fingerprint covers
-# them.
+# change the training data; and the backdoor probe's size): they change
+# what is reported, never the training, so they may change on resumption
+# too and no fingerprint covers them.
 REPORT_KEYS = ('evaluation.alpha', 'evaluation.group_by',
                'evaluation.bootstrap_resamples', 'evaluation.private_epsilons',
                'evaluation.private_mechanism', 'evaluation.base_task',
                'evaluation.base_task_examples', 'evaluation.erosion_margin',
-               'evaluation.probe_clients', 'evaluation.vs_start')
+               'evaluation.probe_clients', 'evaluation.vs_start',
+               'attack.probe_examples')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
