@@ -90,9 +90,9 @@ def malicious_set(num_clients: int, fraction: float, seed: int) -> np.ndarray:
   return mask
 
 
-def build(config, num_clients: int) -> Optional[Spec]:
-  """The attack of ``config.attack`` over ``num_clients`` training clients
-  (None for ``'none'``); refuses unknown names and impossible options."""
+def check(config) -> None:
+  """Refuses unknown ``attack.name`` and impossible ``attack.*`` options
+  (before the data is loaded: `config.check` calls it)."""
   a = config.attack
   name = str(a.name)
   if name not in ATTACKS:
@@ -105,7 +105,7 @@ def build(config, num_clients: int) -> Optional[Spec]:
     if fraction:
       raise ValueError(f'attack.fraction={fraction} with attack.name='
                        "'none': name the attack, or set the fraction to 0.")
-    return None
+    return
   for key in ('noise_std', 'ipm_epsilon', 'boost'):
     v = float(a[key])
     if not (math.isfinite(v) and v >= 0):
@@ -115,6 +115,17 @@ def build(config, num_clients: int) -> Optional[Spec]:
   if not 0.0 < float(a.poison_fraction) <= 1.0:
     raise ValueError(f'attack.poison_fraction must be in (0, 1], got '
                      f'{a.poison_fraction}.')
+
+
+def build(config, num_clients: int) -> Optional[Spec]:
+  """The attack of ``config.attack`` over ``num_clients`` training clients
+  (None for ``'none'``), after `check`."""
+  check(config)
+  a = config.attack
+  name = str(a.name)
+  if name == 'none':
+    return None
+  fraction = float(a.fraction)
   boost = float(a.boost) or (float(config.clients_per_round) /
                              float(config.server.learning_rate))
   malicious = malicious_set(num_clients, fraction, int(a.seed))

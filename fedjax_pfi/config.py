@@ -345,19 +345,14 @@ def check(config) -> None:
 
 
 def check_robust(config) -> None:
-  """``aggregator.*`` and ``attack.*`` (`robust.check`, `attacks.ATTACKS`),
+  """``aggregator.*`` and ``attack.*`` (`robust.check`, `attacks.check`),
   and the combinations no round runs: a robust aggregator (or an attack
   that sees the round's messages) with DP or secure aggregation."""
   from fedjax_pfi import attacks  # pylint: disable=g-import-not-at-top
   from fedjax_pfi.algorithms import robust  # pylint: disable=g-import-not-at-top
+  attacks.check(config)
   name = str(get(config, 'attack.name'))
-  if name not in attacks.ATTACKS:
-    raise ValueError(f'unknown attack.name {name!r}; accepted: '
-                     f'{", ".join(attacks.ATTACKS)}.')
   fraction = float(get(config, 'attack.fraction'))
-  if name == 'none' and fraction:
-    raise ValueError(f'attack.fraction={fraction} with attack.name=\'none\': '
-                     'name the attack, or set the fraction to 0.')
   n = int(get(config, 'clients_per_round'))
   spec = robust.from_config(config, n, 'examples')
   robust.check(spec, n, fraction)
@@ -383,9 +378,10 @@ def check_robust(config) -> None:
 def buffered(config) -> bool:
   """Whether the round aggregates a buffer of every message: a robust
   aggregator or pre-aggregator, or an attack that reads the round."""
+  from fedjax_pfi import attacks  # pylint: disable=g-import-not-at-top
   return (str(get(config, 'aggregator.name')) != 'mean' or
           str(get(config, 'aggregator.pre')) != 'none' or
-          str(get(config, 'attack.name')) in ('alie', 'ipm'))
+          str(get(config, 'attack.name')) in attacks.IN_ROUND)
 
 
 # -- comparing configs ------------------------------------------------------------

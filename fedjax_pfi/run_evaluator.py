@@ -21,6 +21,10 @@ from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.metrics_io import read_metrics
 
+# Each evaluated model's metric prefix.
+RESULT_PREFIX = {'personalized': 'test/', 'global': 'global/',
+                 'local': 'local/', 'start': 'start/'}
+
 
 class RunEvaluator:
   """A run's evaluation: who personalization helps and whom it hurts.
@@ -279,10 +283,8 @@ class RunEvaluator:
     """Every evaluation's trust report (`trust.describe`, `trust.compare`)
     into ``out``; returns the `trust.Comparison` per reference."""
     splits, c = self.exp.splits, self.exp.config
-    names = {'personalized': 'test/', 'global': 'global/', 'local': 'local/',
-             'start': 'start/'}
     for name, m in results.items():
-      out.update(trust.describe(m, names[name], self.groups))
+      out.update(trust.describe(m, RESULT_PREFIX[name], self.groups))
     comparisons = {}
     for ref in ('global', 'local', 'start'):
       if ref in results:
@@ -427,9 +429,6 @@ class RunEvaluator:
     trust.plot_report(workdir, personalization.load_clients(
         workdir, trust.CLIENTS_FILE), self.last['personalized'], title)
 
-
-RESULT_PREFIX = {'personalized': 'test/', 'global': 'global/',
-                 'local': 'local/', 'start': 'start/'}
 
 
 def attack_metrics(results, malicious: np.ndarray) -> dict:

@@ -181,10 +181,6 @@ def _count(valid):
   return jnp.sum(valid.astype(jnp.int32))
 
 
-def _row(x, i):
-  return jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
-
-
 def sq_distances(x: jax.Array) -> jax.Array:
   """``[n, n]`` squared L2 distances from one Gram matmul (diagonal 0)."""
   sq = jnp.sum(x * x, axis=1)
