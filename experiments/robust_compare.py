@@ -308,20 +308,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  unknown = [t for t in f.tables if t not in ('femnist', 'shakespeare',
+                                               'ditto')]
+  if unknown:  # before any run, not after the tables before it
+    raise ValueError(f'unknown table(s) {unknown}; accepted: femnist, '
+                     'shakespeare, ditto.')
   for table in f.tables:
     wd = os.path.join(f.workdir, table)
     os.makedirs(wd, exist_ok=True)
     if table == 'ditto':
       print(write_ditto_table(wd, ditto_table(wd, f.testing)))
-    elif table in ('femnist', 'shakespeare'):
+    else:
       print(write_aggregator_table(wd, aggregator_table(
           wd, table, f.aggregators, f.attacks,
           tuple(float(x) for x in f.fractions), testing=f.testing)))
-    else:
-      raise ValueError(f'unknown table {table!r}; accepted: femnist, '
-                       'shakespeare, ditto.')
-  with open(os.path.join(f.workdir, 'done.json'), 'w') as out:
-    json.dump({'tables': f.tables}, out)
 
 
 if __name__ == '__main__':
