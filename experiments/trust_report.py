@@ -46,9 +46,12 @@ from fedjax_pfi import pretraining
 from fedjax_pfi import training
 
 DATASETS = ('shakespeare', 'shakespeare_peft', 'femnist', 'movielens')
+# A method ending in DP_SUFFIX is that method with user-level DP-FedAvg
+# (`DP`): the canaries' exposure with and without DP.
+DP_SUFFIX = '_dp'
 METHODS = {
-    'shakespeare': ('fedavg', 'fedavg_ft', 'local_only', 'fedper', 'fedrep',
-                    'ditto', 'apfl', 'ifca'),
+    'shakespeare': ('fedavg', 'fedavg_ft', 'fedavg_ft_dp', 'local_only',
+                    'fedper', 'fedrep', 'ditto', 'apfl', 'ifca'),
     'femnist': ('fedavg', 'fedavg_ft', 'local_only', 'fedper', 'fedrep',
                 'ditto', 'apfl', 'ifca'),
     'movielens': ('fedavg', 'fedavg_ft', 'local_only', 'fedper', 'fedrep',
@@ -57,7 +60,8 @@ METHODS = {
                          'full'),
 }
 FULL_METHODS = {
-    'shakespeare': pfl_config.ALGORITHMS, 'femnist': pfl_config.ALGORITHMS,
+    'shakespeare': pfl_config.ALGORITHMS + ('fedavg_ft_dp',),
+    'femnist': pfl_config.ALGORITHMS,
     'movielens': pfl_config.ALGORITHMS,
     'shakespeare_peft': shakespeare_lora.VARIANTS}
 GROUPS = {'shakespeare': 'genre,size', 'shakespeare_peft': 'genre,size',
@@ -67,6 +71,12 @@ GROUPS = {'shakespeare': 'genre,size', 'shakespeare_peft': 'genre,size',
 # plays early in the alphabet); PEFT's the held-out windows of the history
 # plays it was pretrained on, which its clients exclude.
 CHAR_BASE_PLAYS = ('twelfth-night', 'two-gentlemen-of-verona')
+# DP-FedAvg for the `DP_SUFFIX` rows: Poisson sampling at the config's
+# 10 of 100 clients, noise multiplier 1 and the char model's clip norm of
+# the privacy-utility table (the median client update's norm): epsilon 4.18
+# by PLD at delta 1e-5 over 30 rounds (BUILD_NOTES.md).
+DP = dict(mechanism='gaussian', noise_multiplier=1.0, clip_norm=1.0,
+          sampling='poisson', delta=1e-5, accountant='pld')
 
 def configure(config, dataset: str, full: bool, testing: bool) -> None:
   """Switches on the trust report for one run of ``dataset``."""
@@ -108,6 +118,12 @@ def configure(config, dataset: str, full: bool, testing: bool) -> None:
 
 def config_for(dataset: str, method: str, workdir: str, full: bool,
                testing: bool):
+  """The config of one row: ``method`` (with `DP_SUFFIX`, under DP) on
+  ``dataset``; the runs of one ``workdir`` share their local-only
+  reference (`evaluation.reference_cache`)."""
+  private = method.endswith(DP_SUFFIX)
+  if private:
+    method = method[:-len(DP_SUFFIX)]
   if dataset == 'shakespeare_peft':
     c = shakespeare_lora.get_config(method + (',testing' if testing else ''))
     if not testing:
@@ -116,6 +132,12 @@ def config_for(dataset: str, method: str, workdir: str, full: bool,
     c = pfl_config.get_config(f'{dataset},{method}' +
                               (',testing' if testing else ''))
   configure(c, dataset, full, testing)
+  c.evaluation.reference_cache = os.path.join(workdir, 'reference_cache')
+  if private:
+    c.privacy.update(DP)
+    if testing:  # 2 rounds of 3 of 6 clients: RDP, as the tiny configs do
+      c.privacy.delta = 1e-3
+      c.privacy.accountant = 'rdp'
   return c
 
 
@@ -188,7 +210,7 @@ def run_all(workdir: str, datasets, full: bool = False,
     methods = (FULL_METHODS if full else METHODS)[dataset]
     for method in methods:
       if dataset != 'shakespeare_peft' and not pfl_config.runs_on(
-          dataset, method):
+          dataset, method.removesuffix(DP_SUFFIX)):
         continue
       wd = os.path.join(workdir, dataset, method)
       logging.info('trust report: %s / %s', dataset, method)

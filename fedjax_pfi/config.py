@@ -33,7 +33,7 @@ REPORT_KEYS = ('evaluation.alpha', 'evaluation.group_by',
                'evaluation.private_mechanism', 'evaluation.base_task',
                'evaluation.base_task_examples', 'evaluation.erosion_margin',
                'evaluation.probe_clients', 'evaluation.vs_start',
-               'attack.probe_examples')
+               'evaluation.reference_cache', 'attack.probe_examples')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -161,12 +161,14 @@ def default_config() -> ml_collections.ConfigDict:
   # plants canaries (fedjax_pfi/canaries.py). Base task and canaries run at
   # the final evaluation, on the canary holders and probe_clients others.
   # vs_start: also compare with the model the run starts from (the
-  # pretrained one: "no fine-tuning").
+  # pretrained one: "no fine-tuning"). reference_cache: a directory where
+  # the local-only reference is kept under a key of its inputs, shared by
+  # the runs that have the same (fedjax_pfi/reference_cache.py; '': none).
   c.evaluation = ml_collections.ConfigDict(dict(
       alpha=0.05, group_by='', bootstrap_resamples=1000,
       private_epsilons='1,4,inf', private_mechanism='gaussian',
       base_task_examples=64, erosion_margin=0.02, probe_clients=32,
-      vs_start=False))
+      vs_start=False, reference_cache=''))
   c.evaluation.base_task = ml_collections.ConfigDict()
   c.evaluation.canaries = ml_collections.ConfigDict(dict(
       num=0, repeats=10, prefix='my pin is ', digits=4, candidates=255,

@@ -9,6 +9,7 @@ import os
 import time
 from typing import Optional
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -16,6 +17,7 @@ from fedjax_pfi import attacks
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import personalization
+from fedjax_pfi import reference_cache
 from fedjax_pfi import trust
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import param_groups
@@ -98,6 +100,7 @@ class RunEvaluator:
     self._initial = initial_params if self.local_epochs else None
     self._frozen = frozen
     ec = c.evaluation
+    self._cache_dir = str(ec.get('reference_cache', '') or '')
     self.alpha = float(ec.alpha)
     names = [g.strip() for g in str(ec.group_by).split(',') if g.strip()]
     self.groups = trust.check_groups(exp.splits.test, names,
@@ -229,11 +232,7 @@ class RunEvaluator:
                                          self.margin, among)[0])
     if self.local_epochs:
       if self._local is None:  # depends on the config only: computed once
-        # What this algorithm's clients may train: FedBABU's frozen head
-        # too, but never a foundation model's base.
-        self._local = self._adapt(self._local_adapter, self._initial,
-                                  alg.finetune or 'trainable', splits.train,
-                                  splits.test)
+        self._local = self._local_reference()
       results['local'] = self._local
       out.update(evaluation.summarize(self._local, 'local/'))
       out.update(personalization.compare(mine, self._local, 'local',
@@ -278,6 +277,46 @@ class RunEvaluator:
     if final:
       out['time/final_report_s'] = t3 - t2  # base task, canaries, DP, ...
     return out
+
+  def _local_reference(self):
+    """Each client's model trained on its own data alone from the initial
+    params, on its test data; read from ``evaluation.reference_cache``
+    when a run with the same inputs wrote it there (`reference_cache`)."""
+    exp, c = self.exp, self.exp.config
+    splits, alg = exp.splits, exp.algorithm
+    # What this algorithm's clients may train: FedBABU's frozen head too,
+    # but never a foundation model's base.
+    mode = alg.finetune or 'trainable'
+    def compute():
+      return self._adapt(self._local_adapter, self._initial, mode,
+                         splits.train, splits.test)
+    if not self._cache_dir:
+      return compute()
+    cl = c.client
+    settings = {
+        'reference': 'local', 'mode': mode, 'epochs': self.local_epochs,
+        'client': {k: cl[k] for k in ('optimizer', 'learning_rate',
+                                      'momentum', 'lr_scales',
+                                      'batch_size')},
+        'eval_batch_size': c.eval_batch_size,
+        'eval_clients_per_chunk': c.eval_clients_per_chunk, 'seed': c.seed,
+        'model': c.model.to_dict(), 'peft': c.peft.to_dict(),
+        # an algorithm's own evaluation model (FLoRA's, HetLoRA's)
+        'eval_model': alg.name if alg.eval_model is not None else None,
+        'frozen': (None if self._frozen is None else
+                   sorted(param_groups.leaf_paths(self._frozen)))}
+    file = reference_cache.path(
+        self._cache_dir, 'local_reference', reference_cache.key(
+            settings, {'initial': self._initial, 'frozen': self._frozen},
+            splits.train, splits.test))
+    cached = reference_cache.load(file)
+    if cached is not None:
+      logging.info('local-only reference read from %s', file)
+      return cached
+    m = compute()
+    reference_cache.save(file, m)
+    logging.info('local-only reference written to %s', file)
+    return m
 
   def _report(self, results, among, out) -> dict:
     """Every evaluation's trust report (`trust.describe`, `trust.compare`)

@@ -24,6 +24,7 @@ from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
 from fedjax_pfi import privacy
 from fedjax_pfi import private_histogram
+from fedjax_pfi import reference_cache
 from fedjax_pfi import training
 from fedjax_pfi import trust
 from fedjax_pfi.data import movielens
@@ -438,3 +439,71 @@ def test_trust_report_configs_and_rows():
   assert row['ECE'] == '-'
   assert trust_report.table_row('femnist', 'x', report)['reference'] == \
       'global'
+  # The DP row: the same method under DP-FedAvg, sharing the run's cache.
+  dp = trust_report.config_for('shakespeare', 'fedavg_ft_dp', '/tmp/w', False,
+                               False)
+  plain = trust_report.config_for('shakespeare', 'fedavg_ft', '/tmp/w', False,
+                                  False)
+  assert dp.algorithm == plain.algorithm == 'fedavg_ft'
+  assert plain.privacy.mechanism == 'none'
+  assert (dp.privacy.mechanism, dp.privacy.noise_multiplier,
+          dp.privacy.clip_norm, dp.privacy.sampling) == (
+              'gaussian', 1.0, 1.0, 'poisson')
+  dp.privacy.mechanism = 'none'
+  assert config_lib.non_default(dp) == config_lib.non_default(plain)
+  assert dp.evaluation.reference_cache == '/tmp/w/reference_cache'
+  # Its epsilon, as the docstring says: Poisson q = 10/100, z = 1, 30 rounds.
+  acct = pld_privacy_accountant.PLDAccountant()
+  acct.compose(dp_accounting.PoissonSampledDpEvent(
+      dp.clients_per_round / dp.data.max_clients,
+      dp_accounting.GaussianDpEvent(dp.privacy.noise_multiplier)), dp.rounds)
+  assert acct.get_epsilon(dp.privacy.delta) == pytest.approx(4.18, abs=0.005)
+
+
+def test_the_local_reference_cache_gives_the_reference_it_replaces(tmp_path):
+  """Runs that share `evaluation.reference_cache` read the local-only
+  reference the first one wrote, and report exactly what they report
+  without it; other inputs (planted data) get a key of their own; an
+  unreadable file is computed again."""
+  def config(algorithm, cache=''):
+    c = pfl_config.get_config(f'synthetic,{algorithm},testing')
+    c.personalization.local_epochs = 1
+    c.evaluation.reference_cache = cache
+    return c
+
+  def local(wd):
+    saved = personalization.load_clients(wd)['local']
+    return {k: saved[k] for k in ('accuracy', 'loss', 'example_correct')}
+
+  cache = str(tmp_path / 'cache')
+  plain = training.run(config('fedavg_ft'), str(tmp_path / 'plain'))
+  first = training.run(config('fedavg', cache), str(tmp_path / 'first'))
+  files = os.listdir(cache)
+  assert len(files) == 1 and files[0].startswith('local_reference_')
+  mtime = os.path.getmtime(os.path.join(cache, files[0]))
+  # FedAvg + FT's clients fine-tune what FedAvg's train: the same key
+  cached = training.run(config('fedavg_ft', cache), str(tmp_path / 'cached'))
+  assert os.listdir(cache) == files
+  assert os.path.getmtime(os.path.join(cache, files[0])) == mtime
+  for k, v in plain.items():
+    if not k.startswith('time/'):
+      assert cached[k] == v, k
+  got, want = local(str(tmp_path / 'cached')), local(str(tmp_path / 'plain'))
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  assert first['local/client_accuracy_mean'] == \
+      plain['local/client_accuracy_mean']
+  # Another seed draws other data and params: another key.
+  other = config('fedavg', cache)
+  other.seed = 1
+  training.run(other, str(tmp_path / 'other'))
+  assert len(os.listdir(cache)) == 2
+  # A damaged file is reported and replaced by the recomputed reference.
+  with open(os.path.join(cache, files[0]), 'wb') as f:
+    f.write(b'not an npz')
+  with pytest.warns(UserWarning, match='reference cache .* is unreadable'):
+    again = training.run(config('fedavg_ft', cache),
+                         str(tmp_path / 'again'))
+  assert again['local/client_accuracy_mean'] == \
+      plain['local/client_accuracy_mean']
+  assert reference_cache.load(os.path.join(cache, files[0])) is not None
