@@ -21,10 +21,11 @@ global model where it has one and personalizes it, else the pretrained
 start for PEFT, else its local-only model); each run's workdir keeps its
 ``report.json`` and plots (``gain_histogram.png``, ``group_gap.png``).
 
-Default: fewer rounds than the personalization benchmark, and no held-out
-roles. It was meant to take about an hour on 2 CPU cores, but it took longer
-here: FEMNIST about 8 min, MovieLens about 15 min, Shakespeare about 7 min a
-method on shared cores (BUILD_NOTES.md, "The trust report"). ``--datasets``
+Default: fewer rounds than the personalization benchmark, no held-out
+roles, and a DP-FedAvg twin of FedAvg + FT on Shakespeare (`DP_SUFFIX`):
+55 minutes on 2 idle CPU cores (BUILD_NOTES.md, "The trust report"). The
+runs of a workdir compute each local-only reference once and share it
+(``WORKDIR/reference_cache``, `fedjax_pfi.reference_cache`). ``--datasets``
 runs a part. ``--full``: the personalization benchmark's rounds, every
 algorithm, 100 PEFT rounds.
 """
