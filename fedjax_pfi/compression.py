@@ -41,6 +41,7 @@ import math
 from typing import Callable, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 NAMES = ('none', 'qsgd', 'rotated_qsgd', 'drive', 'topk')
@@ -210,3 +211,87 @@ def error_feedback(compressor: Compressor
 def vnmse(v: jax.Array, v_hat: jax.Array) -> jax.Array:
   """``||v_hat - v||^2 / ||v||^2``."""
   return jnp.sum((v_hat - v) ** 2) / jnp.sum(v * v)
+
+
+# -- in the round: the aggregator's client step ---------------------------------
+
+# ``fold_in(a client's aggregator key, COMPRESSION_STREAM)``: the
+# compressor's randomness, apart from the transforms' (1) and secure
+# aggregation's (2) streams of the same key (`rounds.message_sums`).
+COMPRESSION_STREAM = 3
+
+
+def compress_tree(compressor: Compressor, message, key: jax.Array):
+  """``(message_hat, stats)``: ``message`` flattened to one vector,
+  compressed, and shaped back; ``stats`` are its squared error and squared
+  norm (summed over the cohort, their ratio is the round's vNMSE)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(message)
+  v = flat.astype(jnp.float32)
+  v_hat = compressor.apply(v, key)
+  stats = {'compression/sq_error': jnp.sum((v_hat - v) ** 2),
+           'compression/sq_norm': jnp.sum(v * v)}
+  return unravel(v_hat.astype(flat.dtype)), stats
+
+
+def num_floats(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def upload_bytes(compressor: Compressor, message) -> float:
+  """What one client sends for ``message`` (a pytree, or its shapes):
+  ``compressor.bits`` of its flattened length, in bytes."""
+  return compressor.bits(num_floats(message)) / 8.0
+
+
+def wrap(inner, compressor: Compressor):
+  """``inner`` (an `aggregators.Aggregator`) receiving compressed messages:
+  each client's message goes through ``inner``'s ``client`` step (DP's
+  clip), is compressed, and what the server decodes is clipped again by
+  the same step, so that DP's sensitivity bound holds for what is summed
+  (an unbiased compressor can lengthen a message: DRIVE's output is about
+  sqrt(pi/2) times as long). ``finalize`` adds ``compression/vnmse``, the
+  cohort's ``sum ||m_hat - m||^2 / sum ||m||^2``, and the round counts
+  `upload_bytes` per client (`rounds.finish`)."""
+  if inner.secure is not None:
+    raise ValueError(
+        f'compression.name={compressor.name!r} with secure aggregation: the '
+        "masked sum needs every client's message as integers on one shared "
+        'scale, which these compressors (a scale per client) do not give. '
+        'Use one of them, or lower secure_aggregation.bits.')
+  inner_client = inner.client
+
+  def client(message, state, key):
+    stats = {}
+    if inner_client is not None:
+      message, stats = inner_client(message, state, key)
+    message, own = compress_tree(
+        compressor, message, jax.random.fold_in(key, COMPRESSION_STREAM))
+    if inner_client is not None:  # the bound DP's noise is calibrated to
+      message, _ = inner_client(message, state, key)
+    return message, {**stats, **own}
+
+  def finalize(sums, state, key):
+    mean, state, metrics = inner.finalize(sums, state, key)
+    metrics = {**metrics, 'compression/vnmse': (
+        sums['compression/sq_error'] /
+        jnp.maximum(sums['compression/sq_norm'], 1e-30))}
+    return mean, state, metrics
+
+  return inner._replace(client=client, finalize=finalize,
+                        compressor=compressor,
+                        name=f'{compressor.name}({inner.name})')
+
+
+def from_config(config) -> Compressor | None:
+  """The compressor of ``config.compression`` (None for ``'none'``); every
+  refusal before the data is loaded."""
+  cc = config.compression
+  name = str(cc.name)
+  if name != 'none' and bool(config.secure_aggregation.enabled):
+    raise ValueError(
+        f'compression.name={name!r} with secure_aggregation.enabled: the '
+        "masked sum needs every client's message as integers on one shared "
+        'scale, which these compressors (a scale per client) do not give; '
+        'set compression.name=none (secure aggregation already sends '
+        'secure_aggregation.bits per coordinate).')
+  return make(name, bits=cc.bits, fraction=cc.fraction)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import ml_collections
 import numpy as np
 
+from fedjax_pfi import compression
 from fedjax_pfi import privacy
 
 # Keys that may change between a run and its resumption: `execution` says how
@@ -111,6 +112,12 @@ def default_config() -> ml_collections.ConfigDict:
       count_noise_std=optional(float), noise_cohort_size=optional(int),
       noise_population=optional(int)))
   c.stragglers = ml_collections.ConfigDict(dict(fraction=0.0, drop=False))
+  # Compressed client updates (fedjax_pfi/compression.py): name, one of
+  # none, qsgd, rotated_qsgd, drive, topk; bits per coordinate (qsgd,
+  # rotated_qsgd: a sign and bits - 1 of level); fraction of coordinates
+  # kept (topk).
+  c.compression = ml_collections.ConfigDict(dict(name='none', bits=8,
+                                                 fraction=0.01))
   # Secure aggregation (fedjax_pfi/secure_aggregation.py), simulated in the
   # round: bits b of Z_2^b; neighbors k of SecAgg+ (0: every other client,
   # Bonawitz et al.); threshold t of live neighbours to rebuild a secret (0:
@@ -309,6 +316,7 @@ def check(config) -> None:
         f"{get(config, 'server.weighting')!r}.")
   privacy.check(config)
   check_robust(config)
+  compression.from_config(config)
   if get(config, 'evaluation.private_mechanism') not in (
       'gaussian', 'randomized_response'):
     raise ValueError(

@@ -41,6 +41,7 @@ import numpy as np
 from fedjax_pfi import attacks
 from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import compression
 from fedjax_pfi import config as config_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
@@ -221,6 +222,10 @@ def build(config, *, splits=None, transform=None) -> Experiment:
         config, int(config.clients_per_round),
         'uniform' if config.server.weighting == 'uniform' else 'examples')
     aggregator = robust.aggregator(spec, attacks.in_round(attack))
+  compressor = compression.from_config(config)
+  if compressor is not None:  # after DP's clip, before the sum or buffer
+    aggregator = compression.wrap(aggregator or aggregators.weighted_mean(),
+                                  compressor)
   attack_transform = None if attack is None else attacks.transform(attack)
   if attack_transform is not None:  # first: it is the client's own code
     transform = attack_transform if transform is None else rounds.chain(

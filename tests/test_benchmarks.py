@@ -135,3 +135,25 @@ def test_accelerator_check_script_runs_shrunk():
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count('simulator / centralized throughput') == 2
   assert out.stdout.count('device peak memory') == 2
+
+
+def test_fedavg_throughput_benchmark_times_compression():
+  """Compressed rounds compile once and print their bytes and cost ratio
+  beside the plain round (no timing is asserted)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
+       '--population=40', '--clients=8', '--rounds=2', '--warmup=1',
+       '--methods=simulator,simulator_compress_drive,'
+       'simulator_compress_topk'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # the MLP's 784*200 + 200 + 200*200 + 200 + 200*62 + 62 = 209,662 floats
+  # DRIVE: one bit each of the padded 262,144 and a 32-bit scale
+  assert ('simulator_compress_drive compilations for the whole run: 1; '
+          'upload bytes per client 32,772 against the plain float32 '
+          'message 838,648') in out.stdout, out.stdout
+  # top-1%: 2,097 values of 32 bits and 18-bit indices
+  assert 'simulator_compress_topk compilations for the whole run: 1; ' \
+      'upload bytes per client 13,106' in out.stdout, out.stdout
+  for name in ('drive', 'topk'):
+    assert f'simulator / simulator_compress_{name} throughput' in out.stdout

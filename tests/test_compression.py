@@ -2,6 +2,7 @@
 vNMSE, top-k with and without error feedback, and the bits by hand."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +158,150 @@ def test_bad_options_are_refused():
                      r'\(0, 1\], got 0.0'):
     compression.make('topk', fraction=0.0)
   assert compression.make('none') is None
+
+
+# -- in the round ---------------------------------------------------------------
+
+B = 4
+CLIP = 0.3
+Z = 0.8
+
+
+@pytest.fixture(scope='module')
+def setup():
+  from fedjax_pfi.models import zoo  # pylint: disable=g-import-not-at-top
+  from tests.algorithms.test_rounds import toy_dataset  # pylint: disable=g-import-not-at-top
+  ds = toy_dataset(num_clients=9)
+  model = zoo.build_model('mlp', ds.columns['x'][:2], ds.metadata,
+                          hidden=(5,))
+  return ds, model, model.init(jax.random.key(0))
+
+
+def _reference_message(compressor, delta, client_key):
+  """What the server sums for one client: its delta flattened, compressed
+  with the documented key ``fold_in(fold_in(client key, 2**31 - 2), 3)``
+  (the client's aggregator stream, then the compression stream)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(delta)
+  key = jax.random.fold_in(jax.random.fold_in(client_key, 2**31 - 2),
+                           compression.COMPRESSION_STREAM)
+  v_hat = compressor.apply(flat, key)
+  return unravel(v_hat), float(jnp.sum((v_hat - flat) ** 2)), float(
+      jnp.sum(flat * flat))
+
+
+@pytest.mark.parametrize('name', ['qsgd', 'rotated_qsgd', 'drive', 'topk'])
+@pytest.mark.parametrize('private', [False, True])
+def test_compressed_rounds_match_a_per_client_loop(setup, name, private):
+  """FedAvg (and DP-FedAvg: clip, compress, clip what the server decodes,
+  sum, noise) with each compressor against a plain loop over the clients
+  with the same keys; the upload is the compressor's bits; padded slots
+  change nothing."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import aggregators  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import fedavg  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import server_optimizers  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+  from tests import reference  # pylint: disable=g-import-not-at-top
+  from tests.test_privacy import clip, reference_noise  # pylint: disable=g-import-not-at-top
+  ds, model, params0 = setup
+  c = compression.make(name, bits=3, fraction=0.2)
+  inner = (aggregators.gaussian(CLIP, Z, expected_clients=4.0) if private
+           else aggregators.weighted_mean())
+  alg = fedavg.fed_opt(model, optax.sgd(0.1),
+                       server_optimizers.server_optimizer('fedavg'),
+                       compression.wrap(inner, c))
+  state = alg.init(params0)
+  ref = params0
+  root = jax.random.key(11)
+  d = compression.num_floats(params0)
+  for r in range(2):
+    ids = cohort_lib.sample_cohort(ds.num_clients, 4, 3, r)
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=2,
+                                     step_buckets=(8, 16), num_slots=6,
+                                     seed=3, round_idx=r)
+    key = jax.random.fold_in(root, r)
+    state, metrics = alg.apply(state, cohort, key)
+    sent, ws, err, norm = [], [], 0.0, 0.0
+    for cid in ids:
+      batches = reference.client_batches(ds, cid, B, 2, 3, r)
+      ckey = jax.random.fold_in(key, int(cid))
+      local = reference.local_sgd(model, optax.sgd(0.1), ref, batches, ckey)
+      delta = jax.tree.map(jnp.subtract, local, ref)
+      if private:
+        delta = clip(delta, CLIP)[0]
+      m, e, n = _reference_message(c, delta, ckey)
+      if private:
+        m = clip(m, CLIP)[0]
+      sent.append(m)
+      ws.append(1.0 if private else float(ds.client_sizes[cid]))
+      err, norm = err + e, norm + n
+    total = jax.tree.map(lambda *x: sum(w * np.asarray(v) for w, v in
+                                        zip(ws, x)), *sent)
+    if private:
+      noise = reference_noise(key, total, Z * CLIP)
+      mean = jax.tree.map(lambda s, n: (s + n) / 4.0, total, noise)
+    else:
+      mean = jax.tree.map(lambda s: s / sum(ws), total)
+    ref = jax.tree.map(lambda p, m: np.asarray(p) + m, ref, mean)
+    np.testing.assert_allclose(
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(state.params)]),
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(ref)]),
+        atol=3e-5, rtol=3e-5)
+    np.testing.assert_allclose(float(metrics['compression/vnmse']),
+                               err / norm, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics['comm/upload_bytes_per_client']),
+                               c.bits(d) / 8, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics['comm/upload_bytes']),
+                               4 * c.bits(d) / 8, rtol=1e-6)
+
+
+def test_chunked_and_packed_compressed_runs_equal_the_plain_one(tmp_path):
+  from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import small_config, without_time  # pylint: disable=g-import-not-at-top
+
+  def config(**kw):
+    return small_config(rounds=2, eval_every=2, step_buckets='max',
+                        **{'compression.name': 'rotated_qsgd',
+                           'compression.bits': 4}, **kw)
+
+  training.run(config(), str(tmp_path / 'plain'))
+  want = without_time(training.read_metrics(str(tmp_path / 'plain')))
+  assert want[-1]['compression/vnmse'] > 0
+  d = want[-1]['comm/download_bytes_per_client'] / 4  # float32 params
+  assert want[-1]['comm/upload_bytes_per_client'] == (
+      compression.rotated_qsgd(4).bits(int(d)) / 8)
+  for name, overrides in (('packed', {'execution.pack_lanes': 2}),
+                          ('chunked', {'execution.chunk_size': 2})):
+    training.run(config(**overrides), str(tmp_path / name))
+    got = without_time(training.read_metrics(str(tmp_path / name)))
+    for a, b in zip(got, want):
+      for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5,
+                                   err_msg=(name, k))
+
+
+def test_compression_refusals_name_the_option(tmp_path):
+  from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import small_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="unknown compression.name 'gzip'"):
+    training.run(small_config(**{'compression.name': 'gzip'}),
+                 str(tmp_path / 'a'))
+  with pytest.raises(ValueError, match='compression.bits must be an integer '
+                     '>= 2'):
+    training.run(small_config(**{'compression.name': 'qsgd',
+                                 'compression.bits': 1}), str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match="compression.name='qsgd' with "
+                     'secure_aggregation.enabled'):
+    training.run(small_config(**{'compression.name': 'qsgd',
+                                 'secure_aggregation.enabled': True,
+                                 'secure_aggregation.clip_norm': 1.0}),
+                 str(tmp_path / 'c'))
+  with pytest.raises(ValueError, match="compression.name='drive' cannot be "
+                     "used with algorithm 'scaffold'"):
+    training.run(small_config(**{'compression.name': 'drive',
+                                 'algorithm': 'scaffold',
+                                 'server.optimizer': 'fedavg',
+                                 'server.learning_rate': 1.0}),
+                 str(tmp_path / 'd'))
+  for sub in 'abcd':  # refused before anything was written
+    assert not os.path.exists(tmp_path / sub / 'config.json')

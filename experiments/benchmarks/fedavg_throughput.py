@@ -38,6 +38,11 @@ rounds back to back (s/round is their mean):
   buffer of every client's delta (packed: each client's row at its last
   step) and runs the rule on it: its cost is ``simulator /
   simulator_robust_<rule>``;
+- ``simulator_compress_<name>`` (``<name>`` one of `compression.NAMES`
+  but ``none``, e.g. ``simulator_compress_drive``): the same round with each
+  client's delta compressed (``--compression_bits``,
+  ``--compression_fraction``) inside the aggregator's client step: its cost
+  is ``simulator / simulator_compress_<name>``;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -65,6 +70,7 @@ import numpy as np
 import optax
 
 from experiments.benchmarks import baselines
+from fedjax_pfi import compression
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
@@ -100,10 +106,16 @@ _REPEATS = flags.DEFINE_integer(
 _METHODS = flags.DEFINE_list(
     'methods', 'simulator,simulator_dp,python_loop,centralized',
     'Which methods to time (also simulator_secagg, simulator_secagg_full, '
-    'simulator_robust_<rule>).')
+    'simulator_robust_<rule>, simulator_compress_<name>).')
 _ROBUST_F = flags.DEFINE_integer(
     'robust_f', 5, 'simulator_robust_*: the Byzantine clients per round the '
     'rule assumes (Krum, Multi-Krum, NNM).')
+_COMPRESSION_BITS = flags.DEFINE_integer(
+    'compression_bits', 8, 'simulator_compress_qsgd, _rotated_qsgd: bits per '
+    'coordinate.')
+_COMPRESSION_FRACTION = flags.DEFINE_float(
+    'compression_fraction', 0.01, 'simulator_compress_topk: the fraction of '
+    'coordinates kept.')
 _SECAGG_K = flags.DEFINE_integer(
     'secagg_neighbors', 16, 'simulator_secagg: neighbours per client '
     '(SecAgg+); simulator_secagg_full masks with every other client.')
@@ -233,6 +245,15 @@ def main(argv):
       spec = robust.Spec(name=rule, f=_ROBUST_F.value)
       robust.check(spec, c)
       robust_algs[name[len('simulator_'):]] = simulator(robust.aggregator(spec))
+  compressed, compressors = {}, {}
+  for name in _METHODS.value:
+    if name.startswith('simulator_compress_'):
+      k = name[len('simulator_'):]
+      compressors[k] = compression.make(
+          name[len('simulator_compress_'):], bits=_COMPRESSION_BITS.value,
+          fraction=_COMPRESSION_FRACTION.value)
+      compressed[k] = simulator(compression.wrap(aggregators.weighted_mean(),
+                                                 compressors[k]))
   traces = alg.traces
   replicate = (lambda s: s) if mesh is None else (
       lambda s: jax.device_put(s, jax.sharding.NamedSharding(
@@ -241,7 +262,8 @@ def main(argv):
   sim = {'state': replicate(alg.init(params0)),
          'private': replicate(private.init(params0)),
          **{k: replicate(a.init(params0)) for k, a in secure.items()},
-         **{k: replicate(a.init(params0)) for k, a in robust_algs.items()}}
+         **{k: replicate(a.init(params0)) for k, a in robust_algs.items()},
+         **{k: replicate(a.init(params0)) for k, a in compressed.items()}}
 
   def put(cohort):
     if mesh is None:
@@ -321,6 +343,9 @@ def main(argv):
              **{f'simulator_{k}': functools.partial(
                  run_simulator, which=k, algorithm=a)
                 for k, a in robust_algs.items()},
+             **{f'simulator_{k}': functools.partial(
+                 run_simulator, which=k, algorithm=a)
+                for k, a in compressed.items()},
              'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
@@ -369,6 +394,12 @@ def main(argv):
     if 'simulator_dp' in methods:
       print('simulator_dp compilations for the whole run: '
             f'{len(private.traces)}')
+    for k, a in compressed.items():
+      d = sum(x.size for x in jax.tree.leaves(trained))
+      print(f'simulator_{k} compilations for the whole run: '
+            f'{len(a.traces)}; upload bytes per client '
+            f'{compressors[k].bits(d) / 8:,.0f} against the plain '
+            f'float32 message {param_groups.num_bytes(trained):,}')
     for k, a in secure.items():
       sizes = secure_aggregation.protocol_bytes(
           specs[k].degree, sum(x.size for x in jax.tree.leaves(trained)) + 1,
@@ -401,6 +432,7 @@ def main(argv):
   if 'simulator' in med:
     for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
                   *(f'simulator_{k}' for k in robust_algs),
+                  *(f'simulator_{k}' for k in compressed),
                   'python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '

@@ -60,6 +60,9 @@ class Aggregator(NamedTuple):
   # aggregation.wrap`): `rounds.message_sums` masks them, ``finalize``
   # unmasks.
   secure: Any = None
+  # A `compression.Compressor` when ``client`` compresses each message
+  # (`compression.wrap`): `rounds.finish` counts its bytes as the upload.
+  compressor: Any = None
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:

@@ -361,6 +361,16 @@ def build(config, base_model: base.Model, num_clients: int,
         '`partitioned.fed_partitioned` do: FedAvg, FedProx, the LoRA '
         'partitions, FedPer, FedRep, LG-FedAvg, FedBABU; and Ditto).')
   check(config, built.algorithm, execution)
+  if (aggregator is not None and aggregator.compressor is not None and
+      not (built.algorithm.capabilities.transforms and
+           built.algorithm.capabilities.private)):
+    raise ValueError(
+        f'compression.name={aggregator.compressor.name!r} cannot be used with '
+        f'algorithm {name!r}: its round does not send one message per client '
+        "through the aggregator's client step (the rounds built on "
+        '`partitioned.fed_partitioned` do: FedAvg, FedProx, FedOpt, FedIT, '
+        'FFA-LoRA, FedSA-LoRA, FedPer, FedRep, LG-FedAvg, FedBABU; and '
+        'Ditto).')
   if (aggregator is not None and aggregator.secure is not None and
       not built.algorithm.capabilities.secure_aggregation):
     raise ValueError(

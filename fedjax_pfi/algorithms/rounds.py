@@ -250,6 +250,9 @@ def finish(state, cohort, key: jax.Array,
   metrics = core.round_metrics(cohort, loss_sum, count, num_steps, mean,
                                examples)
   size = param_groups.num_bytes(state.params)
+  if aggregator.compressor is not None:  # what a compressed message costs
+    upload = aggregator.compressor.bits(
+        sum(x.size for x in jax.tree.leaves(mean))) / 8.0
   metrics.update(core.comm_metrics(cohort, size if download is None else
                                    download, size if upload is None else upload))
   metrics.update(agg_metrics)
