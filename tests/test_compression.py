@@ -14,9 +14,13 @@ from fedjax_pfi import compression
 
 
 def test_fwht_is_the_hadamard_matrix_and_the_rotation_is_orthonormal():
-  x = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
-  np.testing.assert_allclose(compression.fwht(jnp.asarray(x)),
-                             x @ linalg.hadamard(16), rtol=1e-5, atol=1e-5)
+  for d, block in ((16, 7), (512, 7), (512, 3), (2048, 4)):
+    # one factor, 128 x 4, 8 x 8 x 8 and 16 x 16 x 8: the same H
+    x = np.random.default_rng(0).normal(size=(3, d)).astype(np.float32)
+    np.testing.assert_allclose(compression.fwht(jnp.asarray(x), block),
+                               x @ linalg.hadamard(d), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(compression.sylvester(d),
+                                  linalg.hadamard(d))
   v = jnp.asarray(np.random.default_rng(1).normal(size=37), jnp.float32)
   key = jax.random.key(3)
   y = compression.rotate(v, key)
