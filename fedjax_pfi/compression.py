@@ -233,12 +233,26 @@ def vnmse(v: jax.Array, v_hat: jax.Array) -> jax.Array:
   return jnp.sum((v_hat - v) ** 2) / jnp.sum(v * v)
 
 
-# -- in the round: the aggregator's client step ---------------------------------
+# -- in the round ---------------------------------------------------------------
 
 # ``fold_in(a client's aggregator key, COMPRESSION_STREAM)``: the
 # compressor's randomness, apart from the transforms' (1) and secure
 # aggregation's (2) streams of the same key (`rounds.message_sums`).
 COMPRESSION_STREAM = 3
+# ``fold_in(round key, DOWNLOAD_STREAM)``: the broadcast's compression, one
+# draw a round for the whole cohort (apart from every client id's key and
+# the aggregator's, ``2**31 - 2``).
+DOWNLOAD_STREAM = 2**31 - 4
+
+
+class Spec(NamedTuple):
+  """Compression in a round: the ``compressor`` of each upload; with
+  ``error_feedback`` each client adds what its earlier uploads left out
+  (a residual per client, kept in the round's state); with ``download``
+  the broadcast model is compressed too (one draw a round)."""
+  compressor: Compressor
+  error_feedback: bool = False
+  download: bool = False
 
 
 def compress_tree(compressor: Compressor, message, key: jax.Array):
@@ -253,42 +267,62 @@ def compress_tree(compressor: Compressor, message, key: jax.Array):
   return unravel(v_hat.astype(flat.dtype)), stats
 
 
+def client_step(spec: Spec, clip, message, agg_state, key: jax.Array,
+                residual=None):
+  """One client's upload after the aggregator's own step ``clip`` (DP's,
+  or None) has run on ``message``: ``(message_hat, stats, residual')``.
+
+  With error feedback ``residual`` (the message's shape) is added first
+  and ``residual'`` is what this upload leaves out (Stich et al. 2018);
+  otherwise ``residual'`` is None. What the server decodes goes through
+  ``clip`` again, so that DP's sensitivity bound holds for what is summed
+  (an unbiased compressor can lengthen a message: DRIVE's output is about
+  sqrt(pi/2) times as long). ``key`` is the client's aggregator key."""
+  if residual is not None:
+    message = jax.tree.map(jnp.add, message, residual)
+  sent, stats = compress_tree(spec.compressor, message,
+                              jax.random.fold_in(key, COMPRESSION_STREAM))
+  new_residual = None
+  if residual is not None:
+    new_residual = jax.tree.map(jnp.subtract, message, sent)
+  if clip is not None:
+    sent, _ = clip(sent, agg_state, key)
+  return sent, stats, new_residual
+
+
+def download(spec: Spec, params, round_key: jax.Array):
+  """The model every client of the round starts from: ``params`` itself,
+  or with ``spec.download`` what the server's compressed broadcast decodes
+  to (one draw a round, `DOWNLOAD_STREAM`)."""
+  if spec is None or not spec.download:
+    return params
+  return compress_tree(spec.compressor, params, jax.random.fold_in(
+      round_key, DOWNLOAD_STREAM))[0]
+
+
 def num_floats(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def upload_bytes(compressor: Compressor, message) -> float:
-  """What one client sends for ``message`` (a pytree, or its shapes):
+def message_bytes(compressor: Compressor, message) -> float:
+  """What sending ``message`` (a pytree, or its shapes) costs compressed:
   ``compressor.bits`` of its flattened length, in bytes."""
   return compressor.bits(num_floats(message)) / 8.0
 
 
-def wrap(inner, compressor: Compressor):
+def wrap(inner, spec: Spec):
   """``inner`` (an `aggregators.Aggregator`) receiving compressed messages:
-  each client's message goes through ``inner``'s ``client`` step (DP's
-  clip), is compressed, and what the server decodes is clipped again by
-  the same step, so that DP's sensitivity bound holds for what is summed
-  (an unbiased compressor can lengthen a message: DRIVE's output is about
-  sqrt(pi/2) times as long). ``finalize`` adds ``compression/vnmse``, the
-  cohort's ``sum ||m_hat - m||^2 / sum ||m||^2``, and the round counts
-  `upload_bytes` per client (`rounds.finish`)."""
+  `rounds.message_sums` runs `client_step` after ``inner``'s ``client``
+  step; ``finalize`` adds ``compression/vnmse``, the cohort's ``sum
+  ||m_hat - m||^2 / sum ||m||^2``; `rounds.finish` counts
+  `message_bytes` per client as the upload (and the download, with
+  ``spec.download``)."""
   if inner.secure is not None:
     raise ValueError(
-        f'compression.name={compressor.name!r} with secure aggregation: the '
-        "masked sum needs every client's message as integers on one shared "
-        'scale, which these compressors (a scale per client) do not give. '
-        'Use one of them, or lower secure_aggregation.bits.')
-  inner_client = inner.client
-
-  def client(message, state, key):
-    stats = {}
-    if inner_client is not None:
-      message, stats = inner_client(message, state, key)
-    message, own = compress_tree(
-        compressor, message, jax.random.fold_in(key, COMPRESSION_STREAM))
-    if inner_client is not None:  # the bound DP's noise is calibrated to
-      message, _ = inner_client(message, state, key)
-    return message, {**stats, **own}
+        f'compression.name={spec.compressor.name!r} with secure aggregation: '
+        "the masked sum needs every client's message as integers on one "
+        'shared scale, which these compressors (a scale per client) do not '
+        'give. Use one of them.')
 
   def finalize(sums, state, key):
     mean, state, metrics = inner.finalize(sums, state, key)
@@ -297,13 +331,12 @@ def wrap(inner, compressor: Compressor):
         jnp.maximum(sums['compression/sq_norm'], 1e-30))}
     return mean, state, metrics
 
-  return inner._replace(client=client, finalize=finalize,
-                        compressor=compressor,
-                        name=f'{compressor.name}({inner.name})')
+  return inner._replace(finalize=finalize, compression=spec,
+                        name=f'{spec.compressor.name}({inner.name})')
 
 
-def from_config(config) -> Compressor | None:
-  """The compressor of ``config.compression`` (None for ``'none'``); every
+def from_config(config) -> Spec | None:
+  """The `Spec` of ``config.compression`` (None for ``'none'``); every
   refusal before the data is loaded."""
   cc = config.compression
   name = str(cc.name)
@@ -314,4 +347,17 @@ def from_config(config) -> Compressor | None:
         'scale, which these compressors (a scale per client) do not give; '
         'set compression.name=none (secure aggregation already sends '
         'secure_aggregation.bits per coordinate).')
-  return make(name, bits=cc.bits, fraction=cc.fraction)
+  compressor = make(name, bits=cc.bits, fraction=cc.fraction)
+  if compressor is None:
+    if cc.error_feedback or cc.download:
+      raise ValueError(
+          f'compression.error_feedback={cc.error_feedback} and compression.'
+          f'download={cc.download} need a compressor; set compression.name '
+          f'(one of {", ".join(NAMES[1:])}).')
+    return None
+  if cc.error_feedback and int(config.execution.pack_lanes):
+    raise ValueError(
+        'compression.error_feedback keeps a residual per client, which '
+        'packed lanes do not carry; set execution.pack_lanes=0 (chunking and '
+        'sharding work).')
+  return Spec(compressor, bool(cc.error_feedback), bool(cc.download))

@@ -115,9 +115,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Compressed client updates (fedjax_pfi/compression.py): name, one of
   # none, qsgd, rotated_qsgd, drive, topk; bits per coordinate (qsgd,
   # rotated_qsgd: a sign and bits - 1 of level); fraction of coordinates
-  # kept (topk).
-  c.compression = ml_collections.ConfigDict(dict(name='none', bits=8,
-                                                 fraction=0.01))
+  # kept (topk); error_feedback, a residual per client added to its next
+  # upload; download, the broadcast model compressed too.
+  c.compression = ml_collections.ConfigDict(dict(
+      name='none', bits=8, fraction=0.01, error_feedback=False,
+      download=False))
   # Secure aggregation (fedjax_pfi/secure_aggregation.py), simulated in the
   # round: bits b of Z_2^b; neighbors k of SecAgg+ (0: every other client,
   # Bonawitz et al.); threshold t of live neighbours to rebuild a secret (0:

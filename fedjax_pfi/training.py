@@ -222,10 +222,10 @@ def build(config, *, splits=None, transform=None) -> Experiment:
         config, int(config.clients_per_round),
         'uniform' if config.server.weighting == 'uniform' else 'examples')
     aggregator = robust.aggregator(spec, attacks.in_round(attack))
-  compressor = compression.from_config(config)
-  if compressor is not None:  # after DP's clip, before the sum or buffer
+  compressed = compression.from_config(config)
+  if compressed is not None:  # after DP's clip, before the sum or buffer
     aggregator = compression.wrap(aggregator or aggregators.weighted_mean(),
-                                  compressor)
+                                  compressed)
   attack_transform = None if attack is None else attacks.transform(attack)
   if attack_transform is not None:  # first: it is the client's own code
     transform = attack_transform if transform is None else rounds.chain(

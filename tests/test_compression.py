@@ -213,7 +213,7 @@ def test_compressed_rounds_match_a_per_client_loop(setup, name, private):
            else aggregators.weighted_mean())
   alg = fedavg.fed_opt(model, optax.sgd(0.1),
                        server_optimizers.server_optimizer('fedavg'),
-                       compression.wrap(inner, c))
+                       compression.wrap(inner, compression.Spec(c)))
   state = alg.init(params0)
   ref = params0
   root = jax.random.key(11)
@@ -307,5 +307,142 @@ def test_compression_refusals_name_the_option(tmp_path):
                                  'server.optimizer': 'fedavg',
                                  'server.learning_rate': 1.0}),
                  str(tmp_path / 'd'))
-  for sub in 'abcd':  # refused before anything was written
+  with pytest.raises(ValueError, match='compression.error_feedback keeps a '
+                     'residual per client, which packed lanes do not carry'):
+    training.run(small_config(**{'compression.name': 'topk',
+                                 'compression.error_feedback': True,
+                                 'execution.pack_lanes': 2}),
+                 str(tmp_path / 'e'))
+  with pytest.raises(ValueError, match='compression.download=True need a '
+                     'compressor; set compression.name'):
+    training.run(small_config(**{'compression.download': True}),
+                 str(tmp_path / 'f'))
+  with pytest.raises(ValueError, match="algorithm 'ditto' keeps no residual "
+                     'per client'):
+    training.run(small_config(**{'compression.name': 'topk',
+                                 'compression.error_feedback': True,
+                                 'algorithm': 'ditto'}), str(tmp_path / 'g'))
+  for sub in 'abcdefg':  # refused before anything was written
     assert not os.path.exists(tmp_path / sub / 'config.json')
+
+
+def test_error_feedback_and_download_match_a_per_client_loop(setup):
+  """Three rounds of FedAvg with top-20% and error feedback, the broadcast
+  compressed too (the same top-20%, one draw a round), against a loop that keeps each client's
+  residual in a dict: the clients start from the decoded broadcast, add
+  their residual, send the top coordinates and keep the rest; the server
+  adds the mean to its exact model. The store holds the same residuals;
+  clients never sampled (and padded slots) keep zeros; the bytes are the
+  compressors'."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import aggregators  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import fedavg  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import server_optimizers  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+  from tests import reference  # pylint: disable=g-import-not-at-top
+  ds, model, params0 = setup
+  up = compression.topk(0.2)
+  spec = compression.Spec(up, error_feedback=True, download=True)
+  alg = fedavg.fed_opt(model, optax.sgd(0.1),
+                       server_optimizers.server_optimizer('fedavg'),
+                       compression.wrap(aggregators.weighted_mean(), spec),
+                       num_clients=ds.num_clients)
+  state = alg.init(params0)
+  ref, residual, sampled = params0, {}, set()
+  root = jax.random.key(5)
+  d = compression.num_floats(params0)
+  for r in range(3):
+    ids = cohort_lib.sample_cohort(ds.num_clients, 4, 3, r)
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=B, num_epochs=1,
+                                     step_buckets=(8, 16), num_slots=6,
+                                     seed=3, round_idx=r)
+    key = jax.random.fold_in(root, r)
+    state, metrics = alg.apply(state, cohort, key)
+    start, _ = compression.compress_tree(
+        up, ref, jax.random.fold_in(key, compression.DOWNLOAD_STREAM))
+    sent, ws = [], []
+    for cid in ids:
+      batches = reference.client_batches(ds, cid, B, 1, 3, r)
+      ckey = jax.random.fold_in(key, int(cid))
+      local = reference.local_sgd(model, optax.sgd(0.1), start, batches, ckey)
+      flat = jax.flatten_util.ravel_pytree(
+          jax.tree.map(jnp.subtract, local, start))[0]
+      corrected = flat + residual.get(int(cid), jnp.zeros(d))
+      key_c = jax.random.fold_in(jax.random.fold_in(ckey, 2**31 - 2),
+                                 compression.COMPRESSION_STREAM)
+      v_hat = up.apply(corrected, key_c)
+      residual[int(cid)] = corrected - v_hat
+      sent.append(np.asarray(v_hat, np.float64))
+      ws.append(float(ds.client_sizes[cid]))
+      sampled.add(int(cid))
+    mean = sum(w * v for w, v in zip(ws, sent)) / sum(ws)
+    flat_ref, unravel = jax.flatten_util.ravel_pytree(ref)
+    ref = unravel(jnp.asarray(np.asarray(flat_ref) + mean, jnp.float32))
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(state.params)[0],
+                               jax.flatten_util.ravel_pytree(ref)[0],
+                               atol=3e-5, rtol=3e-5)
+    np.testing.assert_allclose(
+        float(metrics['comm/download_bytes_per_client']), up.bits(d) / 8)
+    np.testing.assert_allclose(
+        float(metrics['comm/upload_bytes_per_client']), up.bits(d) / 8)
+  store = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(
+      state.extra['residual'])
+  for cid in range(ds.num_clients):
+    want = residual.get(cid, np.zeros(d))
+    np.testing.assert_allclose(store[cid], want, atol=3e-5, err_msg=cid)
+  assert len(sampled) < ds.num_clients  # some rows stayed zero
+
+
+def test_error_feedback_resumes_exactly(tmp_path):
+  """The residuals are part of the checkpointed state: 2 rounds, then 2
+  more from the checkpoint, equal 4 uninterrupted."""
+  from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import small_config, without_time  # pylint: disable=g-import-not-at-top
+
+  def config(rounds):
+    return small_config(rounds=rounds, eval_every=2, **{
+        'compression.name': 'topk', 'compression.fraction': 0.1,
+        'compression.error_feedback': True, 'compression.download': True,
+        'compression.bits': 4})
+
+  training.run(config(4), str(tmp_path / 'full'))
+  training.run(config(2), str(tmp_path / 'resumed'))
+  training.run(config(4), str(tmp_path / 'resumed'))
+  assert without_time(training.read_metrics(str(tmp_path / 'resumed'))) == \
+      without_time(training.read_metrics(str(tmp_path / 'full')))
+
+
+def test_chunked_error_feedback_equals_the_plain_layout(tmp_path):
+  """Each chunk gathers and returns its own clients' residual rows: the
+  same rounds chunked by 2 as all at once."""
+  from fedjax_pfi import training  # pylint: disable=g-import-not-at-top
+  from tests.test_training import small_config, without_time  # pylint: disable=g-import-not-at-top
+
+  def config(**kw):
+    return small_config(rounds=3, eval_every=3, step_buckets='max', **{
+        'compression.name': 'drive', 'compression.error_feedback': True},
+                        **kw)
+
+  training.run(config(), str(tmp_path / 'plain'))
+  training.run(config(**{'execution.chunk_size': 2}), str(tmp_path / 'chunk'))
+  want = without_time(training.read_metrics(str(tmp_path / 'plain')))
+  got = without_time(training.read_metrics(str(tmp_path / 'chunk')))
+  for a, b in zip(got, want):
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+
+
+def test_the_bytes_accuracy_script_runs_tiny(tmp_path):
+  from experiments import compression_curve  # pylint: disable=g-import-not-at-top
+  rows = compression_curve.run_task(str(tmp_path), 'femnist',
+                                    ('none', 'drive', 'topk1_ef'),
+                                    testing=True)
+  text = compression_curve.write_table(str(tmp_path), 'femnist', rows)
+  by = {r['setting']: r for r in rows}
+  assert by['none']['kept'] == 1.0 and by['none']['ratio'] == 1.0
+  # the FedAvg CNN's 1,690,046 floats: 4 bytes each, against DRIVE's bit
+  # per coordinate of 2^21 and its scale
+  assert by['none']['upload_per_client'] == 4 * 1_690_046
+  assert by['drive']['upload_per_client'] == (2 ** 21 + 32) / 8
+  assert 'topk1_ef keeps' in text
+  assert os.path.exists(tmp_path / 'bytes_accuracy.png')

@@ -252,8 +252,8 @@ def main(argv):
       compressors[k] = compression.make(
           name[len('simulator_compress_'):], bits=_COMPRESSION_BITS.value,
           fraction=_COMPRESSION_FRACTION.value)
-      compressed[k] = simulator(compression.wrap(aggregators.weighted_mean(),
-                                                 compressors[k]))
+      compressed[k] = simulator(compression.wrap(
+          aggregators.weighted_mean(), compression.Spec(compressors[k])))
   traces = alg.traces
   replicate = (lambda s: s) if mesh is None else (
       lambda s: jax.device_put(s, jax.sharding.NamedSharding(

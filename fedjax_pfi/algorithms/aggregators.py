@@ -60,9 +60,10 @@ class Aggregator(NamedTuple):
   # aggregation.wrap`): `rounds.message_sums` masks them, ``finalize``
   # unmasks.
   secure: Any = None
-  # A `compression.Compressor` when ``client`` compresses each message
-  # (`compression.wrap`): `rounds.finish` counts its bytes as the upload.
-  compressor: Any = None
+  # A `compression.Spec` when each message is compressed after ``client``
+  # (`compression.wrap`; `rounds.message_sums` compresses, `rounds.finish`
+  # counts the bytes).
+  compression: Any = None
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:

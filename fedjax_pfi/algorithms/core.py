@@ -125,6 +125,9 @@ class Capabilities(NamedTuple):
     robust_aggregation: its round fills the buffer of every message for an
       aggregator that needs them all (``needs='all'``, `robust`), in every
       layout it runs under.
+    compression_state: it keeps a compressing aggregator's error-feedback
+      residual per client and compresses its broadcast
+      (`compression.Spec`'s ``error_feedback`` and ``download``).
   """
   chunked: bool = False
   sharded: bool = False
@@ -136,6 +139,7 @@ class Capabilities(NamedTuple):
   transforms: bool = False
   secure_aggregation: bool = False
   robust_aggregation: bool = False
+  compression_state: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

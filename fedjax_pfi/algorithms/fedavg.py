@@ -29,6 +29,7 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
             aggregator: aggregators_lib.Aggregator | None = None, *,
             transform=None, proximal_mu: float = 0.0, unroll=1,
             execution: core.Execution = core.Execution(),
+            num_clients: int | None = None,
             name: str = 'fedavg') -> core.FederatedAlgorithm:
   """Builds a FedAvg-family algorithm (every parameter trained and averaged).
 
@@ -43,9 +44,11 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
     proximal_mu: FedProx's mu; 0 gives FedAvg/FedOpt.
     unroll: ``lax.scan`` unroll of the local steps.
     execution: chunking and sharding of the round (`core.Execution`).
+    num_clients: the population (needed by a compressing aggregator's
+      error feedback, a residual per client).
     name: for metrics and checkpoints.
   """
   return partitioned.fed_partitioned(
       model, client_optimizer, server_optimizer, aggregator,
       transform=transform, proximal_mu=proximal_mu, unroll=unroll,
-      execution=execution, name=name)
+      execution=execution, num_clients=num_clients, name=name)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import compression
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
@@ -96,8 +97,10 @@ def fed_partitioned(model: base.Model,
       (``finetune``, ``has_global_model``).
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
+  spec = aggregator.compression
+  feedback = spec is not None and spec.error_feedback
   hooked = (aggregator.client is not None or transform is not None or
-            aggregator.needs == 'all')
+            aggregator.needs == 'all' or spec is not None)
   train = client_updates.local_training(model, client_optimizer,
                                         proximal_mu=proximal_mu, unroll=unroll)
   packed_train = client_updates.packed_training(
@@ -106,6 +109,9 @@ def fed_partitioned(model: base.Model,
   if personal is not None and (num_clients is None or num_clients < 1):
     raise ValueError(f'personal state needs num_clients >= 1, got '
                      f'{num_clients}.')
+  if feedback and (num_clients is None or num_clients < 1):
+    raise ValueError(f'error feedback keeps a residual per client, which '
+                     f'needs num_clients >= 1, got {num_clients}.')
 
   def split(params):
     if not partitioned:
@@ -115,17 +121,21 @@ def fed_partitioned(model: base.Model,
   def init(params):
     parts = split(params)
     has_personal = bool(jax.tree.leaves(parts.personal))
+    extra = {'personal_init': parts.personal}
+    if feedback:  # what each client's uploads have left out so far
+      extra['residual'] = store.init(
+          jax.tree.map(jnp.zeros_like, parts.global_), num_clients)
     return core.ServerState(
         parts.global_, server_optimizer.init(parts.global_),
         aggregator.init(parts.global_), jnp.zeros([], jnp.int32),
-        extra={'personal_init': parts.personal},
+        extra=extra,
         client_states=(store.init(parts.personal, num_clients)
                        if has_personal else {}))
 
   def unpacked_sums(lanes, shared, lo, k, num_slots):
     """Clients ``lo:lo + k`` of an unpacked cohort -> the round's sums (the
     per-client ones indexed by cohort slot, ``[num_slots]``)."""
-    params, client_states, frozen_params, key, agg_state = shared
+    params, client_states, frozen_params, key, agg_state, residual = shared
     ids, slot, weight = (core.take(lanes[n], lo, k)
                          for n in ('ids', 'slot', 'weight'))
     has_personal = bool(jax.tree.leaves(client_states))
@@ -145,10 +155,11 @@ def fed_partitioned(model: base.Model,
     rows = None
     if 'secagg' in lanes:
       rows = jax.tree.map(lambda x: core.take(x, lo, k), lanes['secagg'])
-    messages = rounds.message_sums(aggregator, agg_state, delta, weight, keys,
-                                   transform, ids=ids, secure_rows=rows,
-                                   round_key=key, slots=slot,
-                                   num_slots=num_slots)
+    messages = rounds.message_sums(
+        aggregator, agg_state, delta, weight, keys, transform, ids=ids,
+        secure_rows=rows, round_key=key, slots=slot, num_slots=num_slots,
+        residuals=None if residual is None else store.gather(residual, ids))
+    new_residual = messages.pop('residual', None)
     sums = {'delta': messages.pop('message'), 'agg': messages,
             'loss_sum': to_slots(out.loss_sum), 'count': to_slots(out.count),
             'num_steps': to_slots(out.num_steps),
@@ -158,6 +169,8 @@ def fed_partitioned(model: base.Model,
       sums['personal'] = jax.tree.map(to_slots, jax.tree.map(
           jnp.add, mine, param_groups.select(
               out.delta, lambda p: p not in global_paths)))
+    if new_residual is not None:
+      sums['residual'] = jax.tree.map(to_slots, new_residual)
     return sums
 
   def packed_sums(lanes, shared, lo, k):
@@ -182,15 +195,18 @@ def fed_partitioned(model: base.Model,
     ids = cohort.client_ids
     weight = rounds.client_weights(aggregator, cohort.weight)
     has_personal = bool(jax.tree.leaves(state.client_states))
+    # what the clients start from: the model, or its compressed broadcast
+    sent = compression.download(spec, state.params, key)
     if isinstance(cohort, cohort_lib.PackedCohort):
-      if has_personal or client_train is not None:
+      if has_personal or client_train is not None or feedback:
         raise ValueError(
-            f'{name} keeps personal state per client, which packed cohorts '
-            'do not carry; run it unpacked (execution.pack_lanes=0).')
+            f'{name} keeps personal state (or an error-feedback residual) '
+            'per client, which packed cohorts do not carry; run it unpacked '
+            '(execution.pack_lanes=0).')
       lanes = {k: getattr(cohort, k) for k in (
           'batches', 'mask', 'slot', 'local_step', 'first', 'last')}
       sums = core.sum_over_clients(
-          packed_sums, lanes, (state.params, (), frozen_params, key, ids,
+          packed_sums, lanes, (sent, (), frozen_params, key, ids,
                                weight, state.agg_state, cohort.secagg),
           execution)
     else:
@@ -201,13 +217,17 @@ def fed_partitioned(model: base.Model,
         lanes['secagg'] = cohort.secagg
       sums = core.sum_over_clients(
           functools.partial(unpacked_sums, num_slots=num_slots), lanes,
-          (state.params, state.client_states, frozen_params, key,
-           state.agg_state), execution)
+          (sent, state.client_states, frozen_params, key, state.agg_state,
+           state.extra.get('residual')), execution)
     if has_personal:
       client_states = store.scatter(state.client_states, ids,
                                     sums['personal'], ids >= 0)
     else:
       client_states = state.client_states
+    extra = state.extra
+    if feedback:  # the clients whose upload was summed keep their new rows
+      extra = {**extra, 'residual': store.scatter(
+          extra['residual'], ids, sums['residual'], weight > 0)}
     if aggregator.secure is not None:
       sums['agg'].update(secure_aggregation.stage_counts(cohort.secagg, ids))
     return rounds.finish(
@@ -215,7 +235,7 @@ def fed_partitioned(model: base.Model,
         {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},
         loss_sum=sums['loss_sum'], count=sums['count'],
         num_steps=sums['num_steps'], examples=sums['examples'],
-        client_states=client_states)
+        client_states=client_states, extra=extra)
 
   def frozen_part(params):
     return split(params).frozen
@@ -234,7 +254,7 @@ def fed_partitioned(model: base.Model,
       packed=personal is None and client_train is None,
       personal_state=personal is not None, private=federated,
       transforms=True, secure_aggregation=federated,
-      robust_aggregation=federated)
+      robust_aggregation=federated, compression_state=federated)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
                              capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,

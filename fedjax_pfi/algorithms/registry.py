@@ -145,7 +145,8 @@ def _fedavg(name: str, ctx: Context) -> Built:
   alg = fedavg.fed_opt(ctx.base_model, ctx.client_optimizer(), ctx.server,
                        ctx.aggregator, transform=ctx.transform,
                        proximal_mu=cl.proximal_mu, unroll=ctx.unroll,
-                       execution=ctx.execution, name=name)
+                       execution=ctx.execution, num_clients=ctx.num_clients,
+                       name=name)
   return Built(alg, ctx.base_model, ctx.base_model.init)
 
 
@@ -361,16 +362,23 @@ def build(config, base_model: base.Model, num_clients: int,
         '`partitioned.fed_partitioned` do: FedAvg, FedProx, the LoRA '
         'partitions, FedPer, FedRep, LG-FedAvg, FedBABU; and Ditto).')
   check(config, built.algorithm, execution)
-  if (aggregator is not None and aggregator.compressor is not None and
-      not (built.algorithm.capabilities.transforms and
-           built.algorithm.capabilities.private)):
+  spec = None if aggregator is None else aggregator.compression
+  if spec is not None and not (built.algorithm.capabilities.transforms and
+                               built.algorithm.capabilities.private):
     raise ValueError(
-        f'compression.name={aggregator.compressor.name!r} cannot be used with '
+        f'compression.name={spec.compressor.name!r} cannot be used with '
         f'algorithm {name!r}: its round does not send one message per client '
         "through the aggregator's client step (the rounds built on "
         '`partitioned.fed_partitioned` do: FedAvg, FedProx, FedOpt, FedIT, '
         'FFA-LoRA, FedSA-LoRA, FedPer, FedRep, LG-FedAvg, FedBABU; and '
         'Ditto).')
+  if spec is not None and (spec.error_feedback or spec.download) and not \
+      built.algorithm.capabilities.compression_state:
+    raise ValueError(
+        f'compression.error_feedback={spec.error_feedback} and compression.'
+        f'download={spec.download}: algorithm {name!r} keeps no residual per '
+        'client and broadcasts its model uncompressed (the rounds built on '
+        '`partitioned.fed_partitioned` do both); use compression.name alone.')
   if (aggregator is not None and aggregator.secure is not None and
       not built.algorithm.capabilities.secure_aggregation):
     raise ValueError(

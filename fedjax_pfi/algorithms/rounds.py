@@ -23,12 +23,14 @@ Metrics and bytes are the algorithm's (`core.round_metrics`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import compression
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import core
@@ -112,7 +114,7 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
                  ids: jax.Array | None = None, secure_rows=None,
                  round_key: jax.Array | None = None,
                  slots: jax.Array | None = None,
-                 num_slots: int | None = None) -> dict:
+                 num_slots: int | None = None, residuals=None) -> dict:
   """One chunk's sums: ``'message'`` (``sum_c w_c m_c`` of the messages
   after ``transform`` and the aggregator's ``client`` step), ``'clients'``
   (how many have ``w_c > 0``) and each per-client stat of that step summed
@@ -131,6 +133,12 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   ``secure_rows`` are the clients' rows of the round's
   `secure_aggregation.Plan` and ``round_key`` the round's key.
 
+  A compressing aggregator (``aggregator.compression``, `compression.wrap`)
+  gets each message compressed after its ``client`` step
+  (`compression.client_step`); with error feedback ``residuals`` are the
+  clients' rows ``[k, ...]`` and ``'residual'`` their new rows (not summed:
+  the caller places them by slot).
+
   An aggregator that needs every message (``needs='all'``, `robust`)
   gets them instead of their sum: ``'message'`` is the buffer, leaves
   ``[num_slots, ...]`` with each client's message at its cohort slot
@@ -141,7 +149,8 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
   real = (weights > 0).astype(jnp.float32)
   sums = {'clients': jnp.sum(real)}
   own = None
-  if transform is not None or aggregator.client is not None:
+  if (transform is not None or aggregator.client is not None or
+      aggregator.compression is not None):
     own = jax.vmap(lambda k: jax.random.fold_in(k, AGGREGATOR_STREAM))(keys)
   if transform is not None:
     state0 = transform.init(jax.tree.map(lambda x: x[0], messages))
@@ -156,6 +165,15 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
     messages, stats = jax.vmap(aggregator.client, in_axes=(0, None, 0))(
         messages, agg_state, own)
     sums.update({k: jnp.sum(v * real) for k, v in stats.items()})
+  if aggregator.compression is not None:
+    step = functools.partial(compression.client_step, aggregator.compression,
+                             aggregator.client)
+    messages, stats, new_residuals = jax.vmap(
+        step, in_axes=(0, None, 0, None if residuals is None else 0))(
+            messages, agg_state, own, residuals)
+    sums.update({k: jnp.sum(v * real) for k, v in stats.items()})
+    if residuals is not None:
+      sums['residual'] = new_residuals
   if aggregator.secure is not None:
     if secure_rows is None or round_key is None or groups is not None:
       raise ValueError(
@@ -250,9 +268,11 @@ def finish(state, cohort, key: jax.Array,
   metrics = core.round_metrics(cohort, loss_sum, count, num_steps, mean,
                                examples)
   size = param_groups.num_bytes(state.params)
-  if aggregator.compressor is not None:  # what a compressed message costs
-    upload = aggregator.compressor.bits(
-        sum(x.size for x in jax.tree.leaves(mean))) / 8.0
+  spec = aggregator.compression
+  if spec is not None:  # what a compressed message costs
+    upload = compression.message_bytes(spec.compressor, mean)
+    if spec.download:
+      download = compression.message_bytes(spec.compressor, state.params)
   metrics.update(core.comm_metrics(cohort, size if download is None else
                                    download, size if upload is None else upload))
   metrics.update(agg_metrics)

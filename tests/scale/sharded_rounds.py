@@ -98,6 +98,11 @@ def training_diffs():
   robust = {'aggregator.name': 'multi_krum', 'aggregator.f': 1,
             'attack.name': 'alie', 'attack.fraction': 0.25,
             'clients_per_round': 6}
+  # top-k with error feedback: the residual rows are psum-ed like personal
+  # rows, and the broadcast's draw is the round's
+  compressed = {'compression.name': 'topk', 'compression.fraction': 0.1,
+                'compression.error_feedback': True,
+                'compression.download': True}
   for name, kw in [('one', {}),
                    ('four_packed', {'execution.devices': 4,
                                     'execution.pack_lanes': 4}),
@@ -108,14 +113,19 @@ def training_diffs():
                                            'execution.chunk_size': 1}),
                    ('robust_one', robust),
                    ('robust_two_chunked', {**robust, 'execution.devices': 2,
-                                           'execution.chunk_size': 1})]:
+                                           'execution.chunk_size': 1}),
+                   ('compressed_one', compressed),
+                   ('compressed_two_chunked', {
+                       **compressed, 'execution.devices': 2,
+                       'execution.chunk_size': 1})]:
     with tempfile.TemporaryDirectory() as d:
       training.run(small_config(**kw), d)
       rows[name] = training.read_metrics(d)
   diffs = {}
   for name, base in (('four_packed', 'one'), ('two_chunked', 'one'),
                      ('secagg_two_chunked', 'secagg_one'),
-                     ('robust_two_chunked', 'robust_one')):
+                     ('robust_two_chunked', 'robust_one'),
+                     ('compressed_two_chunked', 'compressed_one')):
     diffs[name] = max(
         abs(float(np.asarray(a[k], float).max() - np.asarray(b[k], float).max())
             if np.ndim(a[k]) else float(a[k]) - float(b[k]))
@@ -125,6 +135,7 @@ def training_diffs():
                                 for r in rows['secagg_one'])
   diffs['robust_malicious'] = sum(r['attack/malicious_clients']
                                   for r in rows['robust_one'])
+  diffs['compressed_vnmse'] = rows['compressed_one'][-1]['compression/vnmse']
   diffs['rounds'] = len(rows['one'])
   diffs['compilations'] = max(r['time/compilations'] for v in rows.values()
                               for r in v)

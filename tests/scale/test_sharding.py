@@ -66,3 +66,12 @@ def test_robust_aggregation_on_2_chunked_devices_equals_one(diffs):
   got = diffs['training']
   assert got['robust_malicious'] > 0
   assert got['robust_two_chunked'] < 1e-4, got
+
+
+def test_compression_with_error_feedback_on_2_chunked_devices_equals_one(diffs):
+  """Top-k with error feedback and a compressed broadcast: each device
+  gathers its clients' residual rows and returns them by slot (psum-ed),
+  the broadcast is one draw of the round's key: the same rounds."""
+  got = diffs['training']
+  assert got['compressed_vnmse'] > 0.1  # top-10% leaves most out
+  assert got['compressed_two_chunked'] < 1e-4, got
