@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_pfi import compression
+from fedjax_pfi import devices
 from fedjax_pfi import privacy
 
 # Keys that may change between a run and its resumption: `execution` says how
@@ -120,6 +121,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.compression = ml_collections.ConfigDict(dict(
       name='none', bits=8, fraction=0.01, error_feedback=False,
       download=False))
+  # A model of the devices and a virtual clock (fedjax_pfi/devices.py):
+  # profile none, lognormal or trace (trace_path: our CSV or a FedScale
+  # device-capacity pickle); seed of the profiles (not the training seed);
+  # the lognormal's medians and log-stds; availability always, diurnal
+  # (online_hours a day) or trace (availability_path, windows within
+  # period_hours); the probability of leaving at each stage; the round's
+  # deadline in seconds (0: wait for all) and partial (keep stragglers'
+  # steps); over_select (select ceil(K (1 + o)), keep the first K); the
+  # powers that give energy.
+  c.devices = ml_collections.ConfigDict(dict(
+      profile='none', seed=0, trace_path='', seconds_per_example=0.005,
+      speed_sigma=0.6, download_mbps=20.0, upload_mbps=5.0,
+      bandwidth_sigma=0.5, availability='always', availability_path='',
+      online_hours=8.0, period_hours=24.0, dropout_download=0.0,
+      dropout_train=0.0, dropout_upload=0.0, deadline=0.0, partial=False,
+      over_select=0.0, power_compute_w=2.0, power_radio_w=1.0))
   # Secure aggregation (fedjax_pfi/secure_aggregation.py), simulated in the
   # round: bits b of Z_2^b; neighbors k of SecAgg+ (0: every other client,
   # Bonawitz et al.); threshold t of live neighbours to rebuild a secret (0:
@@ -267,6 +284,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     'execution.chunk_size': _OPTIONAL_POSITIVE_INT,
     'attack.fraction': _fraction(closed_high=True),
     'attack.seed': _int_at_least(0),
+    'devices.seed': _int_at_least(0),
     'attack.probe_examples': _int_at_least(1),
     'aggregator.f': _int_at_least(-1),
     'aggregator.multi_krum_m': _int_at_least(0),
@@ -319,6 +337,7 @@ def check(config) -> None:
   privacy.check(config)
   check_robust(config)
   compression.from_config(config)
+  devices.check(config)
   if get(config, 'evaluation.private_mechanism') not in (
       'gaussian', 'randomized_response'):
     raise ValueError(

@@ -15,6 +15,9 @@ rounds ran.
 - stragglers (``config.stragglers``): a fraction of the cohort does a
   uniformly random part of its local work (FedProx, Li et al. 2020, Sec.
   5.2), or is dropped (weight and steps 0) with ``stragglers.drop``.
+- a model of the devices (``config.devices``, `fedjax_pfi.devices`): the
+  clients online in simulated time, with the steps they finish before the
+  round ends (`devices.Timeline`).
 - secure aggregation's dropouts (``config.secure_aggregation.dropout_*``):
   the stage of the protocol at which each client leaves.
 """
@@ -89,9 +92,14 @@ def slots(config, population: int) -> int:
   return config.clients_per_round
 
 
-def participants(config, client_sizes: np.ndarray,
-                 round_idx: int) -> Participants:
-  """Who takes part in round ``round_idx`` and with how much work."""
+def participants(config, client_sizes: np.ndarray, round_idx: int,
+                 timeline=None) -> Participants:
+  """Who takes part in round ``round_idx`` and with how much work; with a
+  model of the devices (a `devices.Timeline`), the clients it selects, with
+  the steps they finish in simulated time."""
+  if timeline is not None:
+    one = timeline.round(round_idx)
+    return _with_stages(config, round_idx, one.ids, one.steps, one.weights)
   ids = sample_ids(config, client_sizes.size, round_idx)
   cap = slots(config, client_sizes.size)
   if ids.size > cap:
@@ -108,6 +116,12 @@ def participants(config, client_sizes: np.ndarray,
     partial = rng.integers(1, full + 1)
     steps = np.where(slow, 0 if config.stragglers.drop else partial, full)
     weights = np.where(slow & config.stragglers.drop, 0.0, weights)
+  return _with_stages(config, round_idx, ids, steps, weights)
+
+
+def _with_stages(config, round_idx: int, ids, steps, weights
+                 ) -> Participants:
+  """Adds secure aggregation's dropouts (module docstring)."""
   stages = None
   sa = config.get('secure_aggregation')
   if sa is not None and sa.enabled:
@@ -121,9 +135,12 @@ def participants(config, client_sizes: np.ndarray,
   return Participants(ids, steps, weights, stages)
 
 
-def ever_sampled(config, population: int, num_rounds: int) -> np.ndarray:
+def ever_sampled(config, population: int, num_rounds: int,
+                 timeline=None) -> np.ndarray:
   """Bool ``[population]``: in the cohort of one of rounds
-  ``0..num_rounds-1``."""
+  ``0..num_rounds-1`` (with a `devices.Timeline`: aggregated in one)."""
+  if timeline is not None:
+    return timeline.ever_completed(num_rounds)
   if sampling(config) == 'uniform':
     return cohort_lib.ever_sampled(population, config.clients_per_round,
                                    config.seed, num_rounds)

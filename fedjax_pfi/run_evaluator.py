@@ -182,7 +182,8 @@ class RunEvaluator:
   def sampled(self, rounds_done: int) -> np.ndarray:
     """Bool per training client: sampled in one of the first rounds."""
     return participation.ever_sampled(
-        self.exp.config, self.exp.splits.train.num_clients, rounds_done)
+        self.exp.config, self.exp.splits.train.num_clients, rounds_done,
+        getattr(self.exp, 'devices', None))
 
   def __call__(self, view, rounds_done: Optional[int] = None
                ) -> dict[str, float]:
@@ -389,9 +390,13 @@ class RunEvaluator:
     splits, alg = exp.splits, exp.algorithm
     out = {}
     mine = results['personalized']
-    times = np.zeros(splits.train.num_clients)
-    for r in range(rounds_done):
-      times[participation.sample_ids(c, times.size, r)] += 1
+    timeline = getattr(exp, 'devices', None)
+    if timeline is not None:  # the rounds that aggregated each client
+      times = timeline.totals(rounds_done)['completed']
+    else:
+      times = np.zeros(splits.train.num_clients)
+      for r in range(rounds_done):
+        times[participation.sample_ids(c, times.size, r)] += 1
     features = trust.client_features(
         splits.train, times, splits.metadata.get('task') == 'ranking')
     accounting = (exp.privacy.accountant.accounting

@@ -43,9 +43,11 @@ from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import compression
 from fedjax_pfi import config as config_lib
+from fedjax_pfi import devices as devices_lib
 from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
+from fedjax_pfi import personalization
 from fedjax_pfi import placement
 from fedjax_pfi import privacy
 from fedjax_pfi import secure_aggregation
@@ -73,6 +75,7 @@ __all__ = ['Experiment', 'MetricsFileError', 'MetricsWriter',
            'run_experiment', 'step_buckets', 'validate']
 
 RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
+CLOCK_FILE = 'clients_clock.npz'  # per client, with a model of the devices
 default_config = config_lib.default_config
 
 
@@ -168,6 +171,7 @@ class Experiment:
   canaries: Any = None  # `canaries.Canaries` planted in the training data
   secagg: Any = None  # a `secure_aggregation.Spec` under secure aggregation
   attack: Any = None  # an `attacks.Spec` when some clients attack
+  devices: Any = None  # a `devices.Timeline` with a model of the devices
 
 
 def build(config, *, splits=None, transform=None) -> Experiment:
@@ -232,6 +236,7 @@ def build(config, *, splits=None, transform=None) -> Experiment:
         attack_transform, transform)
   built = algorithms.build(config, base_model, population, execution,
                            aggregator, transform)
+  timeline = _timeline(config, built, splits, secagg)
   max_steps = int(cohort_lib.client_steps(
       splits.train.client_sizes, config.client.batch_size,
       config.client.epochs, config.client.max_steps).max())
@@ -247,7 +252,31 @@ def build(config, *, splits=None, transform=None) -> Experiment:
     buckets = step_buckets(config, max_steps)
   return Experiment(config, splits, built.model, built.algorithm, buckets,
                     max_steps, built.init_params, base_model, execution,
-                    mechanism, base_task, planted, secagg, attack)
+                    mechanism, base_task, planted, secagg, attack, timeline)
+
+
+def _timeline(config, built, splits, secagg):
+  """The run's `devices.Timeline` (None without ``config.devices``), with
+  the bytes every client sends and receives in a round."""
+  if not devices_lib.enabled(config):
+    return None
+  caps = built.algorithm.capabilities
+  if not (caps.transforms and caps.compression_state):
+    raise ValueError(
+        f'devices.profile={config.devices.profile!r} with algorithm '
+        f'{config.algorithm!r}: the device model times rounds that send '
+        'each client the federated params and take one message back (the '
+        'rounds built on `partitioned.fed_partitioned`: FedAvg, FedProx, '
+        'FedOpt, the LoRA partitions, FedPer, FedRep, LG-FedAvg, FedBABU).')
+  params = jax.eval_shape(lambda k: built.algorithm.init(
+      built.init_params(k)), jax.random.key(0)).params
+  down, up = devices_lib.nominal_bytes(config, params)
+  if secagg is not None:  # the masked input and the protocol's messages
+    sizes = secure_aggregation.protocol_bytes(
+        secagg.degree, compression.num_floats(params) + 1, secagg.bits)
+    up, down = float(sizes['upload']), down + float(sizes['download'])
+  return devices_lib.build(config, splits.train.client_names,
+                           splits.train.client_sizes, down, up)
 
 
 def initial_params(exp: Experiment):
@@ -269,7 +298,7 @@ def make_cohort(exp: Experiment, round_idx: int,
   c = exp.config
   ds = exp.splits.train
   ids, steps, weights, stages = participation.participants(
-      c, ds.client_sizes, round_idx)
+      c, ds.client_sizes, round_idx, exp.devices)
   num_slots = exp.execution.slots(participation.slots(c, ds.num_clients))
   kw = dict(batch_size=c.client.batch_size, num_epochs=c.client.epochs,
             max_steps=c.client.max_steps, step_buckets=exp.buckets,
@@ -349,6 +378,28 @@ def privacy_report(exp: Experiment) -> dict:
           'privacy/calibrated_to_epsilon': p.target_epsilon,
           'privacy/accountant': p.accountant,
           'privacy/rounds': exp.config.rounds}
+
+
+def devices_report(exp: Experiment, workdir: str) -> dict:
+  """With a model of the devices: writes ``clients_clock.npz`` (per
+  training client: times selected and aggregated, busy seconds, joules,
+  and its profile) and returns what ``report.json`` records of it."""
+  if exp.devices is None:
+    return {}
+  t = exp.devices.totals(exp.config.rounds)
+  p = exp.devices.profiles
+  personalization.save_arrays(os.path.join(workdir, CLOCK_FILE), dict(
+      client_names=exp.splits.train.client_names,
+      num_examples=exp.splits.train.client_sizes,
+      seconds_per_example=p.seconds_per_example,
+      download_bps=p.download_bps, upload_bps=p.upload_bps, **t))
+  done = t['completed']
+  return {**devices_lib.describe(exp.devices),
+          'clock/clients_never_aggregated_fraction': float(np.mean(done == 0)),
+          'clock/completed_per_client_p10_p50_p90': [
+              float(x) for x in np.quantile(done, [0.1, 0.5, 0.9])],
+          'clock/busy_seconds_per_client_mean': float(
+              t['busy_seconds'].mean())}
 
 
 def _non_finite_advice(config) -> str:
@@ -494,6 +545,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
         row[f'{k}_cumulative'] = comm_total[k]
       if exp.privacy is not None:
         row.update(epsilon(done))
+      if exp.devices is not None:  # simulated time: a function of (seed, r)
+        row.update(exp.devices.metrics(r))
       now = time.perf_counter()
       row['time/round_s'] = now - t_prev
       row['time/compilations'] = len(traces) - compiled_before
@@ -502,7 +555,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
       row = {'round': done, **row}
       writer.write(done, row)
       if done == config.rounds and distributed.is_primary():
-        evaluate.final_report(workdir, row, privacy_report(exp))
+        evaluate.final_report(workdir, row, {**privacy_report(exp),
+                                             **devices_report(exp, workdir)})
       if done % config.checkpoint_every == 0 or done == config.rounds:
         ckpt.save(done, state, {'fingerprint': fp, 'config': recorded,
                                 'totals': comm_total})
@@ -511,6 +565,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
                 'r/s': f'{1.0 / max(row["time/round_s"], 1e-9):.2f}'}
         if 'test/accuracy' in row:
           post['acc'] = f'{row["test/accuracy"]:.3f}'
+        if 'clock/simulated_seconds' in row:
+          post['sim_h'] = f'{row["clock/simulated_seconds"] / 3600:.2f}'
         if 'privacy/epsilon_rdp' in row:
           post['eps'] = f'{row.get("privacy/epsilon_pld", row["privacy/epsilon_rdp"]):.2f}'
         bar.set_postfix(post)

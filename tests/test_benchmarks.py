@@ -157,3 +157,16 @@ def test_fedavg_throughput_benchmark_times_compression():
       'upload bytes per client 13,106' in out.stdout, out.stdout
   for name in ('drive', 'topk'):
     assert f'simulator / simulator_compress_{name} throughput' in out.stdout
+
+
+def test_fedavg_throughput_benchmark_times_the_device_model():
+  """The round with the device model's timeline (always online, wait for
+  all: the simulator's cohorts) runs beside the plain one and prints its
+  cost ratio (no timing is asserted)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
+       '--population=40', '--clients=8', '--rounds=2', '--warmup=1',
+       '--methods=simulator,simulator_devices'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'simulator / simulator_devices throughput' in out.stdout, out.stdout

@@ -43,6 +43,11 @@ rounds back to back (s/round is their mean):
   client's delta compressed (``--compression_bits``,
   ``--compression_fraction``) inside the aggregator's client step: its cost
   is ``simulator / simulator_compress_<name>``;
+- ``simulator_devices``: the same round with a model of the devices
+  (`fedjax_pfi.devices`: log-normal profiles, always online, wait for all,
+  so the cohorts and the work are the simulator's): its cost is the host's
+  timeline of each round in simulated time, ``simulator /
+  simulator_devices``;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -71,7 +76,9 @@ import optax
 
 from experiments.benchmarks import baselines
 from fedjax_pfi import compression
+from fedjax_pfi import devices
 from fedjax_pfi import secure_aggregation
+from fedjax_pfi import training
 from fedjax_pfi.algorithms import aggregators
 from fedjax_pfi.algorithms import core
 from fedjax_pfi.algorithms import param_groups
@@ -193,15 +200,24 @@ def main(argv):
   else:
     buckets = (max_steps,)
 
-  def stack(r, spec=None):
+  def stack(r, spec=None, one=None):
     ids = cohort_lib.sample_cohort(ds.num_clients, c, 0, r)
     kw = dict(batch_size=B, step_buckets=buckets, seed=0, round_idx=r)
+    if one is not None:  # the device model's cohort, steps and weights
+      if lanes:
+        raise ValueError('simulator_devices runs unpacked (--lanes=0).')
+      ids = one.ids
+      kw.update(steps_override=one.steps, weight_override=one.weights)
     if lanes:
       cohort = cohort_lib.pack_cohort(ds, ids, num_lanes=lanes,
                                       num_slots=execution.slots(c), **kw)
     else:
       if chunk:  # clients of similar length share a chunk
-        ids = ids[np.argsort(-ds.client_sizes[ids], kind='stable')]
+        order = np.argsort(-ds.client_sizes[ids], kind='stable')
+        ids = ids[order]
+        if one is not None:
+          kw.update(steps_override=one.steps[order],
+                    weight_override=one.weights[order])
       cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
                                        **kw)
     if spec is not None:  # the round's graph and (no) dropouts, on the host
@@ -263,7 +279,8 @@ def main(argv):
          'private': replicate(private.init(params0)),
          **{k: replicate(a.init(params0)) for k, a in secure.items()},
          **{k: replicate(a.init(params0)) for k, a in robust_algs.items()},
-         **{k: replicate(a.init(params0)) for k, a in compressed.items()}}
+         **{k: replicate(a.init(params0)) for k, a in compressed.items()},
+         'devices': replicate(alg.init(params0))}
 
   def put(cohort):
     if mesh is None:
@@ -277,14 +294,32 @@ def main(argv):
           lambda _: whole, cohort.secagg))
     return jax.device_put(cohort, shard)
 
+  def timeline():
+    """A fresh device model: its round i is the simulator's round i."""
+    config = training.default_config()
+    config.clients_per_round, config.seed = c, 0
+    config.client.batch_size, config.client.max_steps = B, None
+    config.devices.profile = 'lognormal'
+    size = float(param_groups.num_bytes(trained))
+    return devices.Timeline(
+        config, ds.client_sizes,
+        devices.lognormal(config.devices, ds.num_clients,
+                          np.random.default_rng(0)),
+        devices.always(ds.num_clients), size, size)
+
   def run_simulator(rounds, which='state', algorithm=alg):
     state = sim[which]
     spec = specs.get(which)
-    pending = put(stack(rounds[0], spec)[1])
+    clock = timeline() if which == 'devices' else None
+
+    def one(i):  # the round's cohort, from the device model's timeline
+      return None if clock is None else clock.round(i)
+
+    pending = put(stack(rounds[0], spec, one(0))[1])
     for i, r in enumerate(rounds):
       state, m = algorithm.apply(state, pending, jax.random.key(r), frozen)
       if i + 1 < len(rounds):  # host work for r+1 overlaps device work for r
-        pending = put(stack(rounds[i + 1], spec)[1])
+        pending = put(stack(rounds[i + 1], spec, one(i + 1))[1])
       if not np.asarray(m['state_finite']).all():  # as the training loop
         raise FloatingPointError(f'round {r}: non-finite state')
     sim[which] = state
@@ -346,6 +381,8 @@ def main(argv):
              **{f'simulator_{k}': functools.partial(
                  run_simulator, which=k, algorithm=a)
                 for k, a in compressed.items()},
+             'simulator_devices': functools.partial(run_simulator,
+                                                    which='devices'),
              'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
@@ -433,7 +470,7 @@ def main(argv):
     for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
                   *(f'simulator_{k}' for k in robust_algs),
                   *(f'simulator_{k}' for k in compressed),
-                  'python_loop', 'centralized'):
+                  'simulator_devices', 'python_loop', 'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
               f'{med[other] / med["simulator"]:.2f}x')
