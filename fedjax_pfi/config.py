@@ -124,7 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
   # A model of the devices and a virtual clock (fedjax_pfi/devices.py):
   # profile none, lognormal or trace (trace_path: our CSV or a FedScale
   # device-capacity pickle); seed of the profiles (not the training seed);
-  # the lognormal's medians and log-stds; availability always, diurnal
+  # the lognormal's medians and log-stds, and their correlation with the
+  # clients' sizes (> 0: small clients are slow); availability always, diurnal
   # (online_hours a day) or trace (availability_path, windows within
   # period_hours); the probability of leaving at each stage; the round's
   # deadline in seconds (0: wait for all) and partial (keep stragglers'
@@ -133,7 +134,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.devices = ml_collections.ConfigDict(dict(
       profile='none', seed=0, trace_path='', seconds_per_example=0.005,
       speed_sigma=0.6, download_mbps=20.0, upload_mbps=5.0,
-      bandwidth_sigma=0.5, availability='always', availability_path='',
+      bandwidth_sigma=0.5, size_correlation=0.0, availability='always', availability_path='',
       online_hours=8.0, period_hours=24.0, dropout_download=0.0,
       dropout_train=0.0, dropout_upload=0.0, deadline=0.0, partial=False,
       over_select=0.0, power_compute_w=2.0, power_radio_w=1.0))

@@ -17,7 +17,9 @@ the mean per-sample time of FedScale's lognormal completion model) and
 log-std ``devices.speed_sigma`` (0.6, FedScale's ``tail_skew``, after the
 PAPAYA paper's observation that device speeds are log-normal); download and
 upload bandwidths have medians ``devices.download_mbps`` and
-``devices.upload_mbps`` and log-std ``devices.bandwidth_sigma``. These
+``devices.upload_mbps`` and log-std ``devices.bandwidth_sigma``.
+``devices.size_correlation`` ties them to the clients' data (> 0: the small
+clients have the slow devices and links). These
 defaults are round figures for phones, not measurements of ours: set your
 own. ``devices.profile='trace'`` reads ``devices.trace_path``: our CSV
 (`read_csv_profiles`) or a FedScale device-capacity pickle
@@ -153,13 +155,36 @@ def _dropout(d, n: int) -> np.ndarray:
                          (n, 3)).copy()
 
 
-def lognormal(d, n: int, rng: np.random.Generator) -> Profiles:
-  """The ``'lognormal'`` profile (module docstring)."""
-  def draw(median, sigma):
-    return median * np.exp(sigma * rng.standard_normal(n))
-  spe = draw(float(d.seconds_per_example), float(d.speed_sigma))
-  down = draw(float(d.download_mbps) * 1e6, float(d.bandwidth_sigma))
-  up = draw(float(d.upload_mbps) * 1e6, float(d.bandwidth_sigma))
+def size_scores(sizes: np.ndarray) -> np.ndarray:
+  """The normal score of each client's rank by training examples (ties in
+  id order): the Gaussian copula's coordinate for `lognormal`'s
+  ``size_correlation``."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = len(sizes)
+  rank = np.empty(n)
+  rank[np.argsort(sizes, kind='stable')] = np.arange(n)
+  return stats.norm.ppf((rank + 0.5) / n)
+
+
+def lognormal(d, n: int, rng: np.random.Generator,
+              sizes: Optional[np.ndarray] = None) -> Profiles:
+  """The ``'lognormal'`` profile (module docstring). With
+  ``devices.size_correlation = rho`` (and ``sizes``), each log-normal's
+  normal draw is ``rho z + sqrt(1 - rho^2) e``, ``z`` the client's
+  `size_scores`, so for ``rho > 0`` the small clients have the slow devices
+  and links (a Gaussian copula; ``rho = 0``: the same draws as without)."""
+  rho = float(d.get('size_correlation', 0.0))
+  z = np.zeros(n) if sizes is None or not rho else size_scores(sizes)
+
+  def normal(sign):
+    return sign * rho * z + math.sqrt(1.0 - rho * rho) * rng.standard_normal(n)
+
+  spe = float(d.seconds_per_example) * np.exp(float(d.speed_sigma) *
+                                              normal(-1.0))
+  down = float(d.download_mbps) * 1e6 * np.exp(float(d.bandwidth_sigma) *
+                                               normal(1.0))
+  up = float(d.upload_mbps) * 1e6 * np.exp(float(d.bandwidth_sigma) *
+                                           normal(1.0))
   return Profiles(spe, down, up, _dropout(d, n))
 
 
@@ -395,13 +420,17 @@ def check(config) -> None:
     if not (math.isfinite(v) and v >= 0):
       raise ValueError(f'devices.{key} must be a finite number >= 0, got '
                        f'{d[key]!r}.')
+  if not -1.0 <= float(d.size_correlation) <= 1.0:
+    raise ValueError(f'devices.size_correlation must lie in [-1, 1], got '
+                     f'{d.size_correlation!r}.')
   for stage in STAGES:
     v = float(d[f'dropout_{stage}'])
     if not 0.0 <= v < 1.0:
       raise ValueError(f'devices.dropout_{stage} must lie in [0, 1), got '
                        f'{v!r}.')
   if not enabled(config):
-    changed = [k for k in ('deadline', 'over_select', 'dropout_download',
+    changed = [k for k in ('deadline', 'over_select', 'size_correlation',
+                           'dropout_download',
                            'dropout_train', 'dropout_upload')
                if float(d[k])] + (['partial'] if d.partial else []) + (
                    [] if str(d.availability) == 'always' else
@@ -451,7 +480,7 @@ def build(config, names: np.ndarray, client_sizes: np.ndarray,
   n = len(client_sizes)
   rng = np.random.default_rng([int(d.seed), PROFILE_STREAM])
   if str(d.profile) == 'lognormal':
-    profiles = lognormal(d, n, rng)
+    profiles = lognormal(d, n, rng, np.asarray(client_sizes))
   elif _is_pickle(str(d.trace_path)):
     profiles = read_fedscale_capacity(str(d.trace_path), n, d)
   else:

@@ -140,6 +140,27 @@ def test_diurnal_windows_cross_midnight():
       == np.inf
 
 
+def test_size_correlation_gives_the_small_clients_the_slow_devices():
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  sizes = np.random.default_rng(1).integers(5, 500, 2000)
+  d = hand_config(**{'devices.size_correlation': 0.8}).devices
+  p = devices.lognormal(d, sizes.size, np.random.default_rng(0), sizes)
+  rho = stats.spearmanr(sizes, p.seconds_per_example).statistic
+  assert -0.85 < rho < -0.7  # Spearman's of a Gaussian copula with 0.8
+  assert stats.spearmanr(sizes, p.upload_bps).statistic > 0.7
+  # the log-normal's medians and spreads are kept
+  assert np.median(p.seconds_per_example) == pytest.approx(0.005, rel=0.05)
+  assert np.std(np.log(p.seconds_per_example)) == pytest.approx(0.6,
+                                                                rel=0.05)
+  # 0: the draws without it
+  d0 = hand_config().devices
+  np.testing.assert_array_equal(
+      devices.lognormal(d0, sizes.size, np.random.default_rng(0),
+                        sizes).seconds_per_example,
+      devices.lognormal(d0, sizes.size, np.random.default_rng(0))
+      .seconds_per_example)
+
+
 def test_csv_traces_are_read_and_bad_rows_named_by_line(tmp_path):
   names = np.array(['a', 'b'])
   d = hand_config().devices
@@ -301,6 +322,8 @@ def test_devices_compose_with_dp_and_secure_aggregation(tmp_path):
      r'devices.seconds_per_example must be a finite number > 0'),
     ({'devices.profile': 'lognormal', 'devices.dropout_train': 1.0},
      r'devices.dropout_train must lie in \[0, 1\)'),
+    ({'devices.profile': 'lognormal', 'devices.size_correlation': 1.5},
+     r'devices.size_correlation must lie in \[-1, 1\]'),
     ({'devices.profile': 'lognormal', 'devices.partial': True},
      'set devices.deadline > 0 too'),
     ({'devices.profile': 'lognormal', 'stragglers.fraction': 0.5},
@@ -327,3 +350,13 @@ def test_a_trace_that_misses_clients_is_refused_before_training(tmp_path):
                      match=r'training clients have no row, e.g. \['):
     training.build(small_config(**{'devices.profile': 'trace',
                                    'devices.trace_path': str(path)}))
+
+
+def test_the_strategies_script_runs_tiny(tmp_path):
+  from experiments import devices_compare  # pylint: disable=g-import-not-at-top
+  rows = devices_compare.run_all(str(tmp_path), testing=True)
+  assert [r['strategy'] for r in rows] == list(devices_compare.STRATEGIES)
+  assert all(r['hours'] > 0 for r in rows)
+  text = devices_compare.write_table(str(tmp_path), rows)
+  assert '| fedprox_partial |' in text
+  assert (tmp_path / 'accuracy_hours.png').exists()

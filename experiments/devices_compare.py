@@ -1,0 +1,204 @@
+r"""Synchronous strategies in simulated time, on the same devices (issue 16).
+
+  python -m experiments.devices_compare --workdir=/tmp/fedjax_pfi/devices
+  python -m experiments.devices_compare --workdir=/tmp/dc_small --testing
+
+The synchronous half of the PFI survey's third experiment: FedAvg with the
+CNN on the FEMNIST writers (``experiments/configs/femnist_fedavg.py``, 100
+rounds of 10) on one population of devices (``devices.seed=0``): log-normal
+speeds and bandwidths (`fedjax_pfi.devices` defaults) tied to the writers'
+data by ``--size_correlation`` (0.8: the writers with few images have the
+slow phones and links, the biased availability the issue asks about), each
+online 8 hours a day from a random hour. `STRATEGIES`:
+
+- ``wait_all``: the round waits for every selected client;
+- ``over_select``: 30% more are selected, the first 10 to finish are kept;
+- ``deadline``: rounds end at ``D`` seconds, late clients are dropped;
+- ``fedprox_partial``: FedProx (mu = 0.01) with the same deadline, the late
+  clients' partial work kept.
+
+``D`` is the ``--deadline_quantile`` (0.7) of the population's full-work
+times (download, every local step, upload), so about 30% of the writers
+cannot finish a round in time.
+
+Each row: the final per-writer mean test accuracy, and the mean of the
+smallest quartile of writers (by training images); simulated hours for the
+whole run and until the pooled test accuracy first reaches ``--target`` of
+``wait_all``'s final one; energy; the share of writers never aggregated
+(all, and the smallest quartile); the mean number of clients dropped per
+round. Writes ``WORKDIR/table.md``, ``table.json`` and ``accuracy_hours.png``
+(test accuracy against simulated hours). Runs go to ``WORKDIR/<strategy>``
+and resume from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import tables
+from experiments.configs import femnist_fedavg
+from fedjax_pfi import training
+from fedjax_pfi.data import cohort as cohort_lib
+
+STRATEGIES = ('wait_all', 'over_select', 'deadline', 'fedprox_partial')
+
+
+def base_config(size_correlation: float, testing: bool):
+  c = femnist_fedavg.get_config('testing' if testing else '')
+  c.devices.profile = 'lognormal'
+  c.devices.availability = 'diurnal'
+  c.devices.size_correlation = size_correlation
+  c.progress = False
+  c.personalization.finetune_epochs = 0  # held-out adaptation: not asked
+  if testing:
+    c.rounds = 3
+    c.eval_every = 1
+  return c
+
+
+def full_work_seconds(config) -> np.ndarray:
+  """Every client's time for a whole round of work (download, all its
+  local steps, upload) on its device: what the deadline is set from."""
+  exp = training.build(config)
+  t = exp.devices
+  p = t.profiles
+  c = config.client
+  sizes = t.sizes
+  steps = cohort_lib.client_steps(sizes, c.batch_size, c.epochs, c.max_steps)
+  return (8 * t.download_bytes / p.download_bps + np.minimum(
+      steps * c.batch_size, c.epochs * sizes) * p.seconds_per_example +
+          8 * t.upload_bytes / p.upload_bps)
+
+
+def config_for(strategy: str, deadline: float, size_correlation: float,
+               testing: bool = False):
+  c = base_config(size_correlation, testing)
+  if strategy == 'over_select':
+    c.devices.over_select = 0.3
+  elif strategy == 'deadline':
+    c.devices.deadline = deadline
+  elif strategy == 'fedprox_partial':
+    c.algorithm = 'fedprox'
+    c.client.proximal_mu = 0.01
+    c.devices.deadline = deadline
+    c.devices.partial = True
+  elif strategy != 'wait_all':
+    raise ValueError(f'unknown strategy {strategy!r}; accepted: '
+                     f'{", ".join(STRATEGIES)}.')
+  return c
+
+
+def _hours_to(rows: list[dict], target: float):
+  for r in rows:
+    if r.get('test/accuracy', -1.0) >= target:
+      return r['clock/simulated_seconds'] / 3600.0
+  return None
+
+
+def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
+            deadline_quantile=0.7, target=0.95, testing=False) -> list[dict]:
+  times = full_work_seconds(base_config(size_correlation, testing))
+  deadline = float(np.quantile(times, deadline_quantile))
+  out, curves = [], {}
+  for s in strategies:
+    wd = os.path.join(workdir, s)
+    training.run(config_for(s, deadline, size_correlation, testing), wd)
+    rows = training.read_metrics(wd)
+    curves[s] = rows
+    clock = np.load(os.path.join(wd, training.CLOCK_FILE))
+    sizes = clock['num_examples']
+    small = sizes <= np.quantile(sizes, 0.25)
+    final = np.load(os.path.join(wd, 'clients_final.npz'))
+    acc = np.full(sizes.size, np.nan)  # each writer's own test accuracy
+    acc[final['personalized/client_ids']] = final['personalized/accuracy']
+    last = rows[-1]
+    out.append({
+        'strategy': s, 'deadline_s': deadline if 'deadline' in s or
+        s == 'fedprox_partial' else None,
+        'accuracy': last['test/accuracy'],
+        'client_mean': last['test/client_accuracy_mean'],
+        'small_quartile_mean': float(np.nanmean(acc[small])),
+        'hours': last['clock/simulated_seconds'] / 3600.0,
+        'energy_kj': last['clock/energy_joules'] / 1e3,
+        'never_aggregated': float(np.mean(clock['completed'] == 0)),
+        'small_never_aggregated': float(np.mean(clock['completed'][small]
+                                                == 0)),
+        'dropped_per_round': float(np.mean([r['clock/dropped']
+                                            for r in rows])),
+        'partial_per_round': float(np.mean([r['clock/partial']
+                                            for r in rows]))})
+  base = next((r for r in out if r['strategy'] == 'wait_all'), out[0])
+  goal = target * base['accuracy']
+  for r in out:
+    r['target_accuracy'] = goal
+    r['hours_to_target'] = _hours_to(curves[r['strategy']], goal)
+  _plot(workdir, curves)
+  return out
+
+
+def write_table(workdir: str, rows: list[dict]) -> str:
+  goal = rows[0]['target_accuracy']
+  lines = ['| strategy | accuracy | writer mean | smallest quartile mean | '
+           f'hours to {goal:.3f} | hours | energy kJ | never aggregated % | '
+           'smallest quartile never aggregated % | dropped / round | '
+           'partial / round |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    h = '-' if r['hours_to_target'] is None else f"{r['hours_to_target']:.2f}"
+    lines.append(
+        f"| {r['strategy']} | {r['accuracy']:.4f} | {r['client_mean']:.4f} | "
+        f"{r['small_quartile_mean']:.4f} | {h} | {r['hours']:.2f} | "
+        f"{r['energy_kj']:.1f} | {100 * r['never_aggregated']:.1f} | "
+        f"{100 * r['small_never_aggregated']:.1f} | "
+        f"{r['dropped_per_round']:.2f} | {r['partial_per_round']:.2f} |")
+  d = next((r['deadline_s'] for r in rows if r['deadline_s']), None)
+  if d is not None:
+    lines += ['', f'Deadline: {d:.1f} s.']
+  return tables.write(workdir, lines + [''], rows)
+
+
+def _plot(workdir: str, curves: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, rows in curves.items():
+    pts = [(r['clock/simulated_seconds'] / 3600.0, r['test/accuracy'])
+           for r in rows if 'test/accuracy' in r]
+    ax.plot(*zip(*pts), marker='o', label=name)
+  ax.set_xlabel('simulated hours')
+  ax.set_ylabel('test accuracy (pooled)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'accuracy_hours.png'), dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  os.makedirs(f.workdir, exist_ok=True)
+  unknown = [s for s in f.strategies if s not in STRATEGIES]
+  if unknown:
+    raise ValueError(f'unknown --strategies {unknown}; accepted: '
+                     f'{", ".join(STRATEGIES)}.')
+  rows = run_all(f.workdir, tuple(f.strategies), f.size_correlation,
+                 f.deadline_quantile, f.target, f.testing)
+  write_table(f.workdir, rows)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Output directory.', required=True)
+  flags.DEFINE_list('strategies', list(STRATEGIES), 'Strategies to run.')
+  flags.DEFINE_float('size_correlation', 0.8,
+                     'devices.size_correlation of every run.')
+  flags.DEFINE_float('deadline_quantile', 0.7, 'The deadline, as a quantile '
+                     "of the population's full-work times.")
+  flags.DEFINE_float('target', 0.95, "Time to this share of wait_all's "
+                     'final accuracy.')
+  flags.DEFINE_bool('testing', False, 'Tiny runs (seconds).')
+  app.run(main)
