@@ -26,7 +26,9 @@ smallest quartile of writers (by training images); simulated hours for the
 whole run and until the pooled test accuracy first reaches ``--target`` of
 ``wait_all``'s final one; energy; the share of writers never aggregated
 (all, and the smallest quartile); the mean number of clients dropped per
-round. Writes ``WORKDIR/table.md``, ``table.json`` and ``accuracy_hours.png``
+round; and against ``wait_all``, the share of writers hurt (and helped) beyond
+noise, a one-sided exact McNemar test on each writer's own test images (all,
+and the smallest quartile). Writes ``WORKDIR/table.md``, ``table.json`` and ``accuracy_hours.png``
 (test accuracy against simulated hours). Runs go to ``WORKDIR/<strategy>``
 and resume from there.
 """
@@ -39,6 +41,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import robust_compare
 from experiments import tables
 from experiments.configs import femnist_fedavg
 from fedjax_pfi import training
@@ -133,9 +136,20 @@ def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
                                             for r in rows]))})
   base = next((r for r in out if r['strategy'] == 'wait_all'), out[0])
   goal = target * base['accuracy']
+  base_wd = os.path.join(workdir, base['strategy'])
+  sizes = np.load(os.path.join(base_wd, training.CLOCK_FILE))['num_examples']
+  small = sizes <= np.quantile(sizes, 0.25)
   for r in out:
     r['target_accuracy'] = goal
     r['hours_to_target'] = _hours_to(curves[r['strategy']], goal)
+    # Who is hurt beyond noise against waiting for all: a one-sided exact
+    # McNemar test on each writer's own test images, all and the smallest
+    # quartile (robust_compare's test; its "malicious" mask leaves out).
+    wd = os.path.join(workdir, r['strategy'])
+    r['hurt'], r['helped'] = robust_compare.honest_hurt(
+        wd, base_wd, np.zeros(sizes.size, bool))
+    r['small_hurt'], r['small_helped'] = robust_compare.honest_hurt(
+        wd, base_wd, ~small)
   _plot(workdir, curves)
   return out
 
@@ -145,8 +159,10 @@ def write_table(workdir: str, rows: list[dict]) -> str:
   lines = ['| strategy | accuracy | writer mean | smallest quartile mean | '
            f'hours to {goal:.3f} | hours | energy kJ | never aggregated % | '
            'smallest quartile never aggregated % | dropped / round | '
-           'partial / round |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           'partial / round | hurt (sig.) % | smallest quartile hurt (sig.) % '
+           '| helped (sig.) % |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
+           '| --- | --- | --- |']
   for r in rows:
     h = '-' if r['hours_to_target'] is None else f"{r['hours_to_target']:.2f}"
     lines.append(
@@ -154,7 +170,9 @@ def write_table(workdir: str, rows: list[dict]) -> str:
         f"{r['small_quartile_mean']:.4f} | {h} | {r['hours']:.2f} | "
         f"{r['energy_kj']:.1f} | {100 * r['never_aggregated']:.1f} | "
         f"{100 * r['small_never_aggregated']:.1f} | "
-        f"{r['dropped_per_round']:.2f} | {r['partial_per_round']:.2f} |")
+        f"{r['dropped_per_round']:.2f} | {r['partial_per_round']:.2f} | "
+        f"{100 * r['hurt']:.1f} | {100 * r['small_hurt']:.1f} | "
+        f"{100 * r['helped']:.1f} |")
   d = next((r['deadline_s'] for r in rows if r['deadline_s']), None)
   if d is not None:
     lines += ['', f'Deadline: {d:.1f} s.']

@@ -607,13 +607,15 @@ class Timeline:
 
   def _compute(self, r: int, t0: float) -> Round:
     c, d, p = self.config, self.config.devices, self.profiles
-    dp = c.privacy.mechanism != 'none'
     until = self.availability.until(t0)
-    waited = 0.0
-    if not dp and not (until > t0).any():  # wait for somebody to come online
-      t1 = self.availability.next_online(t0)
-      waited, t0 = t1 - t0, t1
+    start = t0
+    for _ in range(8):  # wait for somebody to come online
+      if (until > t0).any():
+        break
+      # (a microsecond past the window's start, which rounding may miss)
+      t0 = self.availability.next_online(t0) + 1e-6
       until = self.availability.until(t0)
+    waited = t0 - start
     sel, present = self._select(r, t0, until)
     n = sel.size
     B, E = int(c.client.batch_size), int(c.client.epochs)
