@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import ml_collections
 import numpy as np
 
+from fedjax_pfi import asynchrony
 from fedjax_pfi import compression
 from fedjax_pfi import devices
 from fedjax_pfi import privacy
@@ -138,6 +139,14 @@ def default_config() -> ml_collections.ConfigDict:
       online_hours=8.0, period_hours=24.0, dropout_download=0.0,
       dropout_train=0.0, dropout_upload=0.0, deadline=0.0, partial=False,
       over_select=0.0, power_compute_w=2.0, power_radio_w=1.0))
+  # Asynchronous aggregation in simulated time (fedjax_pfi/asynchrony.py):
+  # mode sync, fedbuff or fedasync; buffer_size K (0: clients_per_round;
+  # fedasync: 1); concurrency, the clients training at once (0:
+  # clients_per_round); staleness weights constant or polynomial
+  # (1 + tau)^-staleness_exponent; max_staleness, the stalest arrival kept.
+  c.asynchrony = ml_collections.ConfigDict(dict(
+      mode='sync', buffer_size=0, concurrency=0, staleness='polynomial',
+      staleness_exponent=0.5, max_staleness=8))
   # Secure aggregation (fedjax_pfi/secure_aggregation.py), simulated in the
   # round: bits b of Z_2^b; neighbors k of SecAgg+ (0: every other client,
   # Bonawitz et al.); threshold t of live neighbours to rebuild a secret (0:
@@ -339,6 +348,7 @@ def check(config) -> None:
   check_robust(config)
   compression.from_config(config)
   devices.check(config)
+  asynchrony.check(config)
   if get(config, 'evaluation.private_mechanism') not in (
       'gaussian', 'randomized_response'):
     raise ValueError(

@@ -495,8 +495,10 @@ def build(config, names: np.ndarray, client_sizes: np.ndarray,
   else:
     availability = read_csv_availability(str(d.availability_path), names,
                                          float(d.period_hours))
-  return Timeline(config, client_sizes, profiles, availability,
-                  download_bytes, upload_bytes)
+  from fedjax_pfi import asynchrony  # pylint: disable=g-import-not-at-top
+  kind = asynchrony.AsyncTimeline if asynchrony.enabled(config) else Timeline
+  return kind(config, client_sizes, profiles, availability, download_bytes,
+              upload_bytes)
 
 
 # -- the timeline ---------------------------------------------------------------------
@@ -513,6 +515,8 @@ class Round(NamedTuple):
     busy, energy: each selected client's busy seconds and joules.
     completed: bool per selected client: its update is aggregated.
     metrics: the round's ``clock/`` metrics (without running totals).
+    arrivals: an asynchronous step's `asynchrony.Arrivals` (else None).
+    staleness: an asynchronous step's staleness per cohort client.
   """
   ids: np.ndarray
   steps: np.ndarray
@@ -524,6 +528,8 @@ class Round(NamedTuple):
   energy: np.ndarray
   completed: np.ndarray
   metrics: dict
+  arrivals: Any = None
+  staleness: Any = None
 
 
 def _overlap(a, b, stop):

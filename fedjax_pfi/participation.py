@@ -89,6 +89,9 @@ def slots(config, population: int) -> int:
   `core.Execution.slots` rounds it up for chunks and devices)."""
   if sampling(config) == 'poisson':
     return poisson_slots(config.clients_per_round, population)
+  from fedjax_pfi import asynchrony  # pylint: disable=g-import-not-at-top
+  if asynchrony.enabled(config):  # a server step aggregates one buffer
+    return asynchrony.buffer_size(config)
   return config.clients_per_round
 
 

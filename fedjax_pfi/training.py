@@ -38,6 +38,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from fedjax_pfi import asynchrony
 from fedjax_pfi import attacks
 from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
@@ -230,6 +231,9 @@ def build(config, *, splits=None, transform=None) -> Experiment:
   if compressed is not None:  # after DP's clip, before the sum or buffer
     aggregator = compression.wrap(aggregator or aggregators.weighted_mean(),
                                   compressed)
+  if asynchrony.enabled(config):  # each client from its own version
+    aggregator = asynchrony.wrap(aggregator or aggregators.weighted_mean(),
+                                 asynchrony.spec(config))
   attack_transform = None if attack is None else attacks.transform(attack)
   if attack_transform is not None:  # first: it is the client's own code
     transform = attack_transform if transform is None else rounds.chain(
@@ -312,12 +316,17 @@ def make_cohort(exp: Experiment, round_idx: int,
       return packed
     return packed._replace(secagg=_secagg_plan(  # whole on every device
         exp, ids, weights, stages, num_slots, round_idx))
+  arrivals = None
+  if exp.devices is not None:
+    arrivals = exp.devices.round(round_idx).arrivals  # asynchronous steps
   if exp.execution.chunk_size is not None:
     # Clients of similar length share a chunk, which then skips the steps
     # none of them has; the order changes nothing else.
     order = np.argsort(-steps, kind='stable')
     ids, steps, weights = ids[order], steps[order], weights[order]
     stages = None if stages is None else stages[order]
+    if arrivals is not None:
+      arrivals = type(arrivals)(*(x[order] for x in arrivals))
   rows = None
   if exp.secagg is not None:  # the whole cohort's graph, before a host's part
     rows = _secagg_plan(exp, ids, weights, stages, num_slots, round_idx)
@@ -329,10 +338,16 @@ def make_cohort(exp: Experiment, round_idx: int,
     ids, steps, weights = ids[lo:hi], steps[lo:hi], weights[lo:hi]
     if rows is not None:
       rows = secure_aggregation.Plan(*(x[lo:hi] for x in rows))
+    if arrivals is not None:
+      arrivals = type(arrivals)(*(x[lo:hi] for x in arrivals))
     num_slots = hi - lo
   cohort = cohort_lib.stack_cohort(ds, ids, num_slots=num_slots,
                                    steps_override=steps,
                                    weight_override=weights, **kw)
+  if arrivals is not None:  # padded slots: ring slot 0, weight 0
+    pad = num_slots - ids.size
+    cohort = cohort._replace(arrivals=type(arrivals)(
+        *(np.pad(x, (0, pad)) for x in arrivals)))
   return cohort if rows is None else cohort._replace(secagg=rows)
 
 

@@ -64,6 +64,10 @@ class Aggregator(NamedTuple):
   # (`compression.wrap`; `rounds.message_sums` compresses, `rounds.finish`
   # counts the bytes).
   compression: Any = None
+  # An `asynchrony.Spec` in an asynchronous round (`asynchrony.wrap`):
+  # `partitioned.fed_partitioned` keeps a ring of model versions and starts
+  # each client from its own.
+  asynchrony: Any = None
 
 
 def weighted_sum(deltas: Params, weights: jax.Array) -> Params:

@@ -98,6 +98,11 @@ def fed_partitioned(model: base.Model,
   """
   aggregator = aggregator or aggregators_lib.weighted_mean()
   spec = aggregator.compression
+  asy = aggregator.asynchrony  # each client from its own model version
+  if asy is not None and client_train is not None:
+    raise ValueError(f'{name} trains its clients its own way; asynchronous '
+                     'aggregation starts each from its own version and runs '
+                     'the rounds built on plain local training only.')
   feedback = spec is not None and spec.error_feedback
   hooked = (aggregator.client is not None or transform is not None or
             aggregator.needs == 'all' or spec is not None)
@@ -125,6 +130,8 @@ def fed_partitioned(model: base.Model,
     if feedback:  # what each client's uploads have left out so far
       extra['residual'] = store.init(
           jax.tree.map(jnp.zeros_like, parts.global_), num_clients)
+    if asy is not None:  # version v of the federated part in slot v % ring
+      extra['ring'] = store.init(parts.global_, asy.ring)
     return core.ServerState(
         parts.global_, server_optimizer.init(parts.global_),
         aggregator.init(parts.global_), jnp.zeros([], jnp.int32),
@@ -135,21 +142,34 @@ def fed_partitioned(model: base.Model,
   def unpacked_sums(lanes, shared, lo, k, num_slots):
     """Clients ``lo:lo + k`` of an unpacked cohort -> the round's sums (the
     per-client ones indexed by cohort slot, ``[num_slots]``)."""
-    params, client_states, frozen_params, key, agg_state, residual = shared
+    (params, client_states, frozen_params, key, agg_state, residual,
+     ring) = shared
     ids, slot, weight = (core.take(lanes[n], lo, k)
                          for n in ('ids', 'slot', 'weight'))
     has_personal = bool(jax.tree.leaves(client_states))
     mine = store.gather(client_states, ids) if has_personal else {}
     keys = core.client_keys(key, ids)
+    if ring is not None:  # asynchronous: the version each client started at
+      begun = store.gather(ring, core.take(lanes['ring_slot'], lo, k))
+    else:
+      begun = store.broadcast(params, k)
     if client_train is not None:
       out = client_train(params, mine, lanes['batches'], lanes['mask'], keys,
                          frozen_params, (lo, k))
     else:
-      start = param_groups.merge(store.broadcast(params, k), mine)
+      start = param_groups.merge(begun, mine)
       out = train(start, lanes['batches'], lanes['mask'], keys,
                   frozen=frozen_params, window=(lo, k))
     global_paths = set(param_groups.leaf_paths(params))
     delta = param_groups.select(out.delta, global_paths.__contains__)
+    if ring is not None:
+      scale = core.take(lanes['staleness_weight'], lo, k)
+      if asy.mixing:  # FedAsync: x_client - x = delta + (x_v - x)
+        delta = jax.tree.map(lambda d, b, p: d + (b - p[None]), delta, begun,
+                             params)
+      delta = jax.tree.map(
+          lambda d: d * scale.reshape((-1,) + (1,) * (d.ndim - 1)).astype(
+              d.dtype), delta)
     def to_slots(v):
       return jnp.zeros((num_slots,) + v.shape[1:], v.dtype).at[slot].add(v)
     rows = None
@@ -215,10 +235,13 @@ def fed_partitioned(model: base.Model,
                'batches': cohort.batches, 'mask': cohort.mask}
       if aggregator.secure is not None:
         lanes['secagg'] = cohort.secagg
+      if asy is not None:
+        lanes['ring_slot'] = cohort.arrivals.slot
+        lanes['staleness_weight'] = cohort.arrivals.scale
       sums = core.sum_over_clients(
           functools.partial(unpacked_sums, num_slots=num_slots), lanes,
           (sent, state.client_states, frozen_params, key, state.agg_state,
-           state.extra.get('residual')), execution)
+           state.extra.get('residual'), state.extra.get('ring')), execution)
     if has_personal:
       client_states = store.scatter(state.client_states, ids,
                                     sums['personal'], ids >= 0)
@@ -230,6 +253,17 @@ def fed_partitioned(model: base.Model,
           extra['residual'], ids, sums['residual'], weight > 0)}
     if aggregator.secure is not None:
       sums['agg'].update(secure_aggregation.stage_counts(cohort.secagg, ids))
+    if asy is not None:
+      new, metrics = rounds.finish(
+          state, cohort, key, aggregator, server_optimizer,
+          {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},
+          loss_sum=sums['loss_sum'], count=sums['count'],
+          num_steps=sums['num_steps'], examples=sums['examples'],
+          client_states=client_states, extra=extra)
+      at = new.round % asy.ring  # the new version into its slot
+      ring = jax.tree.map(lambda r, p: r.at[at].set(p), extra['ring'],
+                          new.params)
+      return new._replace(extra={**new.extra, 'ring': ring}), metrics
     return rounds.finish(
         state, cohort, key, aggregator, server_optimizer,
         {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},

@@ -33,12 +33,16 @@ class Cohort(NamedTuple):
       training examples; 0 for padded or dropped clients).
     secagg: the round's `secure_aggregation.Plan` (rows per slot) under
       secure aggregation, else None.
+    arrivals: an asynchronous step's `asynchrony.Arrivals` (rows per slot:
+      the version each client started from, its staleness weight), else
+      None.
   """
   client_ids: np.ndarray
   batches: dict
   mask: np.ndarray
   weight: np.ndarray
   secagg: Any = None
+  arrivals: Any = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
