@@ -15,7 +15,12 @@ online 8 hours a day from a random hour. `STRATEGIES`:
 - ``over_select``: 30% more are selected, the first 10 to finish are kept;
 - ``deadline``: rounds end at ``D`` seconds, late clients are dropped;
 - ``fedprox_partial``: FedProx (mu = 0.01) with the same deadline, the late
-  clients' partial work kept.
+  clients' partial work kept;
+- ``fedbuff``: FedBuff (`fedjax_pfi.asynchrony`), 20 clients in flight, a
+  server step every K = 10 arrivals, staleness weights (1 + tau)^-0.5, at
+  most 8 steps stale: 100 steps, as many client updates as the rounds;
+- ``fedasync``: FedAsync, 20 in flight, a step per arrival mixing with
+  alpha = 0.6 (Xie et al.'s setting): 1,000 steps.
 
 ``D`` is the ``--deadline_quantile`` (0.7) of the population's full-work
 times (download, every local step, upload), so about 30% of the writers
@@ -29,7 +34,8 @@ whole run and until the pooled test accuracy first reaches ``--target`` of
 round; and against ``wait_all``, the share of writers hurt (and helped) beyond
 noise, a one-sided exact McNemar test on each writer's own test images (all,
 and the smallest quartile). Writes ``WORKDIR/table.md``, ``table.json`` and ``accuracy_hours.png``
-(test accuracy against simulated hours). Runs go to ``WORKDIR/<strategy>``
+(test accuracy against simulated hours) and ``staleness.png`` (the
+asynchronous runs' staleness histograms). Runs go to ``WORKDIR/<strategy>``
 and resume from there.
 """
 
@@ -47,7 +53,9 @@ from experiments.configs import femnist_fedavg
 from fedjax_pfi import training
 from fedjax_pfi.data import cohort as cohort_lib
 
-STRATEGIES = ('wait_all', 'over_select', 'deadline', 'fedprox_partial')
+STRATEGIES = ('wait_all', 'over_select', 'deadline', 'fedprox_partial',
+              'fedbuff', 'fedasync')
+CONCURRENCY = 20  # clients in flight under fedbuff and fedasync
 
 
 def base_config(size_correlation: float, testing: bool):
@@ -89,6 +97,16 @@ def config_for(strategy: str, deadline: float, size_correlation: float,
     c.client.proximal_mu = 0.01
     c.devices.deadline = deadline
     c.devices.partial = True
+  elif strategy == 'fedbuff':  # K = 10, as many updates a step as a round
+    c.asynchrony.mode = 'fedbuff'
+    c.asynchrony.concurrency = 4 if testing else CONCURRENCY
+  elif strategy == 'fedasync':  # one update a step: 10x the steps
+    c.asynchrony.mode = 'fedasync'
+    c.asynchrony.concurrency = 4 if testing else CONCURRENCY
+    c.server.learning_rate = 0.6  # alpha, as in Xie et al.'s experiments
+    c.rounds *= c.clients_per_round
+    c.eval_every *= c.clients_per_round
+    c.checkpoint_every *= c.clients_per_round
   elif strategy != 'wait_all':
     raise ValueError(f'unknown strategy {strategy!r}; accepted: '
                      f'{", ".join(STRATEGIES)}.')
@@ -132,8 +150,11 @@ def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
                                                 == 0)),
         'dropped_per_round': float(np.mean([r['clock/dropped']
                                             for r in rows])),
-        'partial_per_round': float(np.mean([r['clock/partial']
-                                            for r in rows]))})
+        'partial_per_round': float(np.mean([r.get('clock/partial', 0.0)
+                                            for r in rows])),
+        'steps': len(rows),
+        'staleness_mean': (float(clock['staleness'].mean())
+                           if 'staleness' in clock.files else 0.0)})
   base = next((r for r in out if r['strategy'] == 'wait_all'), out[0])
   goal = target * base['accuracy']
   base_wd = os.path.join(workdir, base['strategy'])
@@ -151,6 +172,8 @@ def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
     r['small_hurt'], r['small_helped'] = robust_compare.honest_hurt(
         wd, base_wd, ~small)
   _plot(workdir, curves)
+  _plot_staleness(workdir, [s for s in strategies
+                            if s in ('fedbuff', 'fedasync')])
   return out
 
 
@@ -160,9 +183,9 @@ def write_table(workdir: str, rows: list[dict]) -> str:
            f'hours to {goal:.3f} | hours | energy kJ | never aggregated % | '
            'smallest quartile never aggregated % | dropped / round | '
            'partial / round | hurt (sig.) % | smallest quartile hurt (sig.) % '
-           '| helped (sig.) % |',
+           '| helped (sig.) % | server steps | staleness mean |',
            '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
-           '| --- | --- | --- |']
+           '| --- | --- | --- | --- | --- |']
   for r in rows:
     h = '-' if r['hours_to_target'] is None else f"{r['hours_to_target']:.2f}"
     lines.append(
@@ -172,7 +195,8 @@ def write_table(workdir: str, rows: list[dict]) -> str:
         f"{100 * r['small_never_aggregated']:.1f} | "
         f"{r['dropped_per_round']:.2f} | {r['partial_per_round']:.2f} | "
         f"{100 * r['hurt']:.1f} | {100 * r['small_hurt']:.1f} | "
-        f"{100 * r['helped']:.1f} |")
+        f"{100 * r['helped']:.1f} | {r['steps']} | "
+        f"{r['staleness_mean']:.2f} |")
   d = next((r['deadline_s'] for r in rows if r['deadline_s']), None)
   if d is not None:
     lines += ['', f'Deadline: {d:.1f} s.']
@@ -193,6 +217,27 @@ def _plot(workdir: str, curves: dict) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'accuracy_hours.png'), dpi=120)
+  plt.close(fig)
+
+
+def _plot_staleness(workdir: str, names: list[str]) -> None:
+  """The staleness of every aggregated update (``clients_clock.npz``)."""
+  if not names:
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3),
+                           squeeze=False)
+  for ax, name in zip(axes[0], names):
+    tau = np.load(os.path.join(workdir, name, training.CLOCK_FILE))[
+        'staleness']
+    ax.hist(tau, bins=np.arange(tau.max() + 2) - 0.5, rwidth=0.85)
+    ax.set_title(f'{name}: mean {tau.mean():.2f}')
+    ax.set_xlabel('staleness (server steps)')
+  axes[0][0].set_ylabel('aggregated updates')
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'staleness.png'), dpi=120)
   plt.close(fig)
 
 

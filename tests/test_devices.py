@@ -358,5 +358,8 @@ def test_the_strategies_script_runs_tiny(tmp_path):
   assert [r['strategy'] for r in rows] == list(devices_compare.STRATEGIES)
   assert all(r['hours'] > 0 for r in rows)
   text = devices_compare.write_table(str(tmp_path), rows)
-  assert '| fedprox_partial |' in text
+  assert '| fedprox_partial |' in text and '| fedasync |' in text
   assert (tmp_path / 'accuracy_hours.png').exists()
+  assert (tmp_path / 'staleness.png').exists()
+  fedasync = next(r for r in rows if r['strategy'] == 'fedasync')
+  assert fedasync['steps'] == 6  # one update a step: rounds x cohort

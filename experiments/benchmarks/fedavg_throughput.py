@@ -48,6 +48,14 @@ rounds back to back (s/round is their mean):
   so the cohorts and the work are the simulator's): its cost is the host's
   timeline of each round in simulated time, ``simulator /
   simulator_devices``;
+- ``simulator_fedbuff``: FedBuff (`fedjax_pfi.asynchrony`) on the same
+  workload: a server step aggregates a buffer of ``--clients`` arrivals out
+  of twice as many in flight, each client starting from its own model
+  version (a ring of 9 in the state); the host's event loop gives each
+  step its buffer. Its client updates per second against the synchronous
+  round's is the price of asynchrony in simulation speed; ``python_loop``
+  (one client at a time, as FLSim's asynchronous trainer runs them) is the
+  Python baseline for both;
 - ``python_loop``: a Python loop over clients and their batches with one
   jitted per-step SGD function (fixed batch shape with a mask, so it
   compiles once) and a jitted weighted mean: how FedJAX-style simulators run;
@@ -75,6 +83,7 @@ import numpy as np
 import optax
 
 from experiments.benchmarks import baselines
+from fedjax_pfi import asynchrony
 from fedjax_pfi import compression
 from fedjax_pfi import devices
 from fedjax_pfi import secure_aggregation
@@ -220,6 +229,10 @@ def main(argv):
                     weight_override=one.weights[order])
       cohort = cohort_lib.stack_cohort(ds, ids, num_slots=execution.slots(c),
                                        **kw)
+    if one is not None and one.arrivals is not None:  # FedBuff's versions
+      pad = execution.slots(c) - one.ids.size
+      cohort = cohort._replace(arrivals=asynchrony.Arrivals(
+          *(np.pad(x, (0, pad)) for x in one.arrivals)))
     if spec is not None:  # the round's graph and (no) dropouts, on the host
       cohort = cohort._replace(secagg=secure_aggregation.plan(
           spec, cohort.client_ids, cohort.weight,
@@ -270,6 +283,9 @@ def main(argv):
           fraction=_COMPRESSION_FRACTION.value)
       compressed[k] = simulator(compression.wrap(
           aggregators.weighted_mean(), compression.Spec(compressors[k])))
+  # FedBuff: each client from its own version, a ring of 9 in the state.
+  buffered_alg = simulator(asynchrony.wrap(aggregators.weighted_mean(),
+                                           asynchrony.Spec(9, False)))
   traces = alg.traces
   replicate = (lambda s: s) if mesh is None else (
       lambda s: jax.device_put(s, jax.sharding.NamedSharding(
@@ -280,7 +296,8 @@ def main(argv):
          **{k: replicate(a.init(params0)) for k, a in secure.items()},
          **{k: replicate(a.init(params0)) for k, a in robust_algs.items()},
          **{k: replicate(a.init(params0)) for k, a in compressed.items()},
-         'devices': replicate(alg.init(params0))}
+         'devices': replicate(alg.init(params0)),
+         'fedbuff': replicate(buffered_alg.init(params0))}
 
   def put(cohort):
     if mesh is None:
@@ -294,26 +311,39 @@ def main(argv):
           lambda _: whole, cohort.secagg))
     return jax.device_put(cohort, shard)
 
-  def timeline():
-    """A fresh device model: its round i is the simulator's round i."""
+  def timeline(asynchronous=False):
+    """A fresh device model: its round i is the simulator's round i (or
+    FedBuff's step i: a buffer of c arrivals of 2c in flight)."""
     config = training.default_config()
     config.clients_per_round, config.seed = c, 0
     config.client.batch_size, config.client.max_steps = B, None
     config.devices.profile = 'lognormal'
+    if asynchronous:
+      config.asynchrony.mode = 'fedbuff'
+      config.asynchrony.concurrency = 2 * c
     size = float(param_groups.num_bytes(trained))
-    return devices.Timeline(
+    kind = asynchrony.AsyncTimeline if asynchronous else devices.Timeline
+    return kind(
         config, ds.client_sizes,
         devices.lognormal(config.devices, ds.num_clients,
                           np.random.default_rng(0)),
         devices.always(ds.num_clients), size, size)
 
+  clocks, steps_done = {}, {}
+
   def run_simulator(rounds, which='state', algorithm=alg):
     state = sim[which]
     spec = specs.get(which)
-    clock = timeline() if which == 'devices' else None
+    clock, first = None, 0
+    if which == 'devices':  # fresh: its timed rounds are the simulator's
+      clock = timeline()
+    elif which == 'fedbuff':  # one timeline: the state's versions go on
+      clock = clocks.setdefault(which, timeline(True))
+      first = steps_done.get(which, 0)
+      steps_done[which] = first + len(rounds)
 
     def one(i):  # the round's cohort, from the device model's timeline
-      return None if clock is None else clock.round(i)
+      return None if clock is None else clock.round(first + i)
 
     pending = put(stack(rounds[0], spec, one(0))[1])
     for i, r in enumerate(rounds):
@@ -383,6 +413,8 @@ def main(argv):
                 for k, a in compressed.items()},
              'simulator_devices': functools.partial(run_simulator,
                                                     which='devices'),
+             'simulator_fedbuff': functools.partial(
+                 run_simulator, which='fedbuff', algorithm=buffered_alg),
              'python_loop': run_loop, 'centralized': run_central}
   methods = {k: methods[k] for k in _METHODS.value}
   compile_s, times = {}, {k: [] for k in methods}
@@ -446,6 +478,9 @@ def main(argv):
             f'client (model): upload {sizes["upload"]:,} (masked input '
             f'{sizes["masked_input"]:,}), download {sizes["download"]:,}; '
             f'the plain float32 message {param_groups.num_bytes(trained):,}')
+    if 'simulator_fedbuff' in methods:
+      print('simulator_fedbuff compilations for the whole run: '
+            f'{len(buffered_alg.traces)}')
     for k, a in robust_algs.items():
       print(f'simulator_{k} compilations for the whole run: '
             f'{len(a.traces)}; buffer {c} x '
@@ -470,7 +505,8 @@ def main(argv):
     for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
                   *(f'simulator_{k}' for k in robust_algs),
                   *(f'simulator_{k}' for k in compressed),
-                  'simulator_devices', 'python_loop', 'centralized'):
+                  'simulator_devices', 'simulator_fedbuff', 'python_loop',
+                  'centralized'):
       if other in med:
         print(f'simulator / {other} throughput: '
               f'{med[other] / med["simulator"]:.2f}x')
