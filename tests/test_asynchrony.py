@@ -229,3 +229,36 @@ def test_chunked_fedbuff_equals_the_plain_layout(tmp_path):
 def test_refusals_name_the_option(overrides, match):
   with pytest.raises(ValueError, match=match):
     training.build(small_config(**overrides))
+
+
+def test_fedbuff_composes_with_personal_state_secagg_and_compression(
+    tmp_path):
+  """A buffer is a cohort: FedPer's personal rows are written for the
+  aggregated clients only, secure aggregation's masked sum gives the plain
+  run to within its fixed point, top-k with error feedback runs."""
+  exp = training.build(_run_config(3, algorithm='fedper'))
+  state = exp.algorithm.init(training.initial_params(exp))
+  before = jax.tree.map(np.asarray, state.client_states)
+  for r in range(3):
+    state, _ = exp.algorithm.apply(state, training.make_cohort(exp, r),
+                                   jax.random.fold_in(jax.random.key(0), r))
+  done = exp.devices.ever_completed(3)
+  for old, new in zip(jax.tree.leaves(before),
+                      jax.tree.leaves(state.client_states)):
+    changed = np.any(np.asarray(new) != old, axis=tuple(
+        range(1, old.ndim)))
+    np.testing.assert_array_equal(changed, done)
+  plain = training.run(_run_config(3), str(tmp_path / 'plain'))
+  masked = training.run(_run_config(3, **{
+      'secure_aggregation.enabled': True,
+      'secure_aggregation.clip_norm': 100.0}), str(tmp_path / 'secagg'))
+  np.testing.assert_allclose(masked['train_loss'], plain['train_loss'],
+                             rtol=1e-4)
+  np.testing.assert_allclose(masked['test/accuracy'], plain['test/accuracy'],
+                             atol=0.01)
+  topk = training.run(_run_config(3, **{
+      'compression.name': 'topk', 'compression.fraction': 0.1,
+      'compression.error_feedback': True}), str(tmp_path / 'topk'))
+  assert 0 < topk['compression/vnmse'] < 1
+  assert topk['comm/upload_bytes_per_client'] < plain[
+      'comm/upload_bytes_per_client'] / 5
