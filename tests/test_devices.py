@@ -354,11 +354,14 @@ def test_a_trace_that_misses_clients_is_refused_before_training(tmp_path):
 
 def test_the_strategies_script_runs_tiny(tmp_path):
   from experiments import devices_compare  # pylint: disable=g-import-not-at-top
-  rows = devices_compare.run_all(str(tmp_path), testing=True)
-  assert [r['strategy'] for r in rows] == list(devices_compare.STRATEGIES)
+  # (three of the six strategies: a FEMNIST CNN run costs about 30 s here)
+  strategies = ('wait_all', 'fedprox_partial', 'fedasync')
+  rows = devices_compare.run_all(str(tmp_path), strategies, testing=True)
+  assert [r['strategy'] for r in rows] == list(strategies)
   assert all(r['hours'] > 0 for r in rows)
   text = devices_compare.write_table(str(tmp_path), rows)
   assert '| fedprox_partial |' in text and '| fedasync |' in text
+  assert 'Deadline:' in text
   assert (tmp_path / 'accuracy_hours.png').exists()
   assert (tmp_path / 'staleness.png').exists()
   fedasync = next(r for r in rows if r['strategy'] == 'fedasync')
