@@ -46,6 +46,8 @@ from fedjax_pfi.data import cohort as cohort_lib
 MODES = ('sync', 'fedbuff', 'fedasync')
 STALENESS = ('constant', 'polynomial')
 SELECT_STREAM = 0x5EED  # as `cohort.sample_cohort`
+# A step that needs more client starts and ends than this never comes.
+MAX_EVENTS_PER_STEP = 1_000_000
 COIN_STREAM = 0xC10C
 
 
@@ -324,12 +326,22 @@ class AsyncTimeline:
     if not self._started:
       self._started = True
       self._start(0.0, self.concurrency)
+    events = 0
     while True:
       if not self._heap:
         raise RuntimeError('the asynchronous run has no client in flight and '
                            'none waiting: nobody can ever arrive.')
+      events += 1
+      if events > MAX_EVENTS_PER_STEP:
+        raise RuntimeError(
+            f'server step {len(self._rounds) + 1}: {MAX_EVENTS_PER_STEP:,} '
+            f'client starts and ends (simulated time {self._heap[0][0]:.0f} '
+            f's) without {self.k} arrivals to step on. Every client leaves '
+            'before it finishes or arrives staler than asynchrony.'
+            'max_staleness: check the online windows against the work '
+            '(devices.*), the dropout probabilities and max_staleness.')
       t = self._heap[0][0]
-      freed, stepped = 0, False
+      freed, stepped = 0, 0
       while self._heap and self._heap[0][0] == t:  # arrivals at one instant
         _, _, kind, what = heapq.heappop(self._heap)
         if kind == 'retry':
@@ -346,9 +358,11 @@ class AsyncTimeline:
             self._buffer.append((what, tau))
         while len(self._buffer) >= self.k:
           self._step(t)
-          stepped = True
+          stepped += 1
       self._start(t, freed)  # from the version current after the arrivals
       if stepped:
+        for one in self._rounds[-stepped:]:  # after the refill
+          one.metrics['async/in_flight'] = float(len(self._busy_ids))
         return
 
   def _step(self, t: float) -> None:
@@ -376,7 +390,7 @@ class AsyncTimeline:
         'async/staleness_max': float(tau.max()),
         'async/staleness_weight_mean': float(scale.mean()),
         'async/discarded_stale': float(self._discarded),
-        'async/in_flight': float(len(self._busy_ids)),
+        'async/in_flight': 0.0,  # set after the refill (`_advance`)
     }
     one = devices.Round(
         ids, np.asarray([c.steps for c, _ in batch], np.int64),

@@ -119,7 +119,8 @@ class Availability(NamedTuple):
     return np.where(np.isfinite(end) | always, out, -np.inf)
 
   def next_online(self, t: float) -> float:
-    """The first time ``>= t`` at which some client is online."""
+    """The earliest start of an online window at or after ``t`` (called
+    when nobody is online at ``t``: then the first time somebody is)."""
     if (~np.isfinite(self.period)).any():
       return t
     phase = np.mod(t, self.period)[:, None]
@@ -375,13 +376,25 @@ def read_csv_availability(path: str, names: np.ndarray,
   return _availability(np.full(len(names), period), windows, path)
 
 
+def _merged(windows: list) -> list:
+  """Sorted windows with touching or overlapping ones made one."""
+  out = []
+  for a, b in sorted(windows):
+    if out and a <= out[-1][1]:
+      out[-1] = (out[-1][0], max(out[-1][1], b))
+    else:
+      out.append((a, b))
+  return out
+
+
 def _availability(period: np.ndarray, windows: list, path: str
                   ) -> Availability:
+  windows = [_merged(w) for w in windows]
   width = max(len(w) for w in windows)
   starts = np.full((len(windows), width), np.nan)
   ends = np.full((len(windows), width), np.nan)
   for i, w in enumerate(windows):
-    for j, (a, b) in enumerate(sorted(w)):
+    for j, (a, b) in enumerate(w):
       if not 0 <= a < b <= period[i]:
         raise TraceError(f'{path}: client {i} has the window [{a}, {b}] '
                          f'outside its period [0, {period[i]}].')
@@ -605,7 +618,9 @@ class Timeline:
     # As `cohort.sample_cohort` draws (the same cohorts when all are online
     # and nobody is over-selected), from those online.
     pool = np.flatnonzero(online)
-    want = math.ceil(int(c.clients_per_round) * (1.0 + float(d.over_select)))
+    # (rounded first: 50 x 1.1 is 55.000000000000007 in floating point)
+    want = math.ceil(round(int(c.clients_per_round) *
+                           (1.0 + float(d.over_select)), 9))
     pick = np.random.default_rng([int(c.seed), r, 0x5EED]).choice(
         pool.size, min(want, pool.size), replace=False)
     ids = np.sort(pool[pick])
@@ -656,6 +671,7 @@ class Timeline:
     end = np.minimum(finish, gone)
     steps = np.where(completes, steps, 0)
     k = int(c.clients_per_round)
+    finished = completes  # before over-selection keeps the first K
     in_cohort = np.ones(n, bool)
     if float(d.over_select) and completes.sum() >= k:
       order = np.argsort(np.where(completes, end, np.inf), kind='stable')
@@ -682,8 +698,8 @@ class Timeline:
         'clock/selected': float(n),
         'clock/completed': float(completes.sum()),
         'clock/partial': float((completes & (steps < full)).sum()),
-        'clock/dropped': float((present & ~completes & in_cohort).sum()),
-        'clock/discarded': float((present & ~in_cohort).sum()),
+        'clock/dropped': float((present & ~finished).sum()),
+        'clock/discarded': float((present & finished & ~in_cohort).sum()),
         'clock/absent': float((~present).sum()),
         'clock/busy_seconds_mean': float(busy[present].mean()
                                          if present.any() else 0.0),

@@ -100,16 +100,19 @@ def participants(config, client_sizes: np.ndarray, round_idx: int,
   """Who takes part in round ``round_idx`` and with how much work; with a
   model of the devices (a `devices.Timeline`), the clients it selects, with
   the steps they finish in simulated time."""
+  cap = slots(config, client_sizes.size)
   if timeline is not None:
     one = timeline.round(round_idx)
-    return _with_stages(config, round_idx, one.ids, one.steps, one.weights)
-  ids = sample_ids(config, client_sizes.size, round_idx)
-  cap = slots(config, client_sizes.size)
+    ids = one.ids
+  else:
+    ids = sample_ids(config, client_sizes.size, round_idx)
   if ids.size > cap:
     raise RuntimeError(
         f'round {round_idx + 1} drew {ids.size} clients under Poisson '
         f'sampling, more than the {cap} slots sized to be exceeded with '
         f'probability {POISSON_TAIL:g}.')
+  if timeline is not None:
+    return _with_stages(config, round_idx, ids, one.steps, one.weights)
   full = cohort_lib.client_steps(client_sizes[ids], config.client.batch_size,
                                  config.client.epochs, config.client.max_steps)
   steps, weights = full, client_sizes[ids].astype(np.float32)

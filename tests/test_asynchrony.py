@@ -65,6 +65,18 @@ def test_max_staleness_discards_the_stale():
   assert t.round(3).arrivals.slot.tolist() == [3 % 3]  # a ring of 3
 
 
+def test_a_step_that_never_comes_is_an_error_not_a_hang(monkeypatch):
+  """Online windows of 2 s, work of 3-7 s: nobody ever arrives."""
+  monkeypatch.setattr(asynchrony, 'MAX_EVENTS_PER_STEP', 5000)
+  short = devices.Availability(np.full(3, 10.0), np.zeros((3, 1)),
+                               np.full((3, 1), 2.0))
+  t = asynchrony.AsyncTimeline(hand_config(**{
+      'asynchrony.mode': 'fedbuff', 'asynchrony.buffer_size': 1,
+      'asynchrony.concurrency': 3}), SIZES, hand_profiles(), short, MB, MB)
+  with pytest.raises(RuntimeError, match='without 1 arrivals to step on'):
+    t.round(0)
+
+
 def _run_config(rounds, **kw):
   return small_config(rounds=rounds, eval_every=rounds, **{
       'client.max_steps': 2, 'devices.profile': 'lognormal',

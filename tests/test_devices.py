@@ -97,6 +97,24 @@ def test_over_selection_keeps_the_first_k():
   assert one.metrics['clock/discarded'] == 1
 
 
+def test_over_selection_counts_the_left_as_dropped_and_rounds_exactly():
+  drop = np.zeros((3, 3))
+  drop[0, 1] = 0.999999  # client 0 leaves while training
+  config = hand_config(clients_per_round=1, **{'devices.over_select': 1.5})
+  one = timeline(config, dropout=drop).round(0)
+  np.testing.assert_array_equal(one.ids, [1])  # the first to finish
+  assert one.metrics['clock/dropped'] == 1  # client 0 left
+  assert one.metrics['clock/discarded'] == 1  # client 2, stopped at 5 s
+  # ceil(50 x 1.1) is 55, though 50 * 1.1 is 55.000000000000007
+  sizes = np.full(100, 10)
+  big = devices.Timeline(
+      hand_config(clients_per_round=50, **{'devices.over_select': 0.1}),
+      sizes, devices.Profiles(np.full(100, 0.1), np.full(100, 8e6),
+                              np.full(100, 8e6), np.zeros((100, 3))),
+      devices.always(100), MB, MB)
+  assert big.round(0).selected.size == 55
+
+
 def test_availability_windows_and_stage_dropouts():
   # client 1 goes offline at t = 4, before it finishes (5 s): it is dropped
   window = devices.Availability(
@@ -105,8 +123,8 @@ def test_availability_windows_and_stage_dropouts():
   one = timeline(hand_config(), window).round(0)
   np.testing.assert_array_equal(one.weights, [10, 0, 40])
   np.testing.assert_allclose(one.busy, [3, 4, 7])
-  # nobody online at t = 7 but client 0 (windows [0, 100) wrap); client 1's
-  # window [0, 4) is closed until t = 100
+  # at t = 7 clients 0 and 2 are online (their windows are the whole
+  # period); client 1's window [0, 4) is closed until t = 100
   second = timeline(hand_config(), window).round(1)
   np.testing.assert_array_equal(second.selected, [0, 2])
   # A client that leaves during training leaves at a point of it.
@@ -193,6 +211,10 @@ def test_csv_traces_are_read_and_bad_rows_named_by_line(tmp_path):
   a = devices.read_csv_availability(str(windows), names, 24.0)
   np.testing.assert_array_equal(a.until(7300.0) > 7300.0, [True, False])
   assert a.until(7300.0)[0] == 10800.0
+  windows.write_text('client,start,end\na,0,3600\na,3600,7200\nb,0,10\n')
+  # touching windows are one: online until 7200, not offline at 3600
+  assert devices.read_csv_availability(str(windows), names, 24.0).until(
+      100.0)[0] == 7200.0
   windows.write_text('client,start,end\na,0,3600\nb,200,100\n')
   with pytest.raises(devices.TraceError, match='line 3: the window'):
     devices.read_csv_availability(str(windows), names, 24.0)
