@@ -12,7 +12,8 @@ Tasks:
   1,690,046-parameter model as the message);
 - ``shakespeare_lora``: FedIT on the byte-level model pretrained on the
   history plays (``experiments/configs/shakespeare_lora.py:fedit``, 100
-  rounds of 10; the LoRA adapters, 49,152 parameters, as the message),
+  rounds of 10; the LoRA adapters, 12,288 parameters (49,152 bytes), as the
+  message),
   pretrained first into ``WORKDIR/pretrained``.
 
 Each task runs `SETTINGS`: uncompressed, QSGD at 8, 4 and 2 bits, rotated
