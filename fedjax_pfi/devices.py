@@ -68,7 +68,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-import pickle
+import struct
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -279,15 +279,129 @@ def read_csv_profiles(path: str, names: np.ndarray, d) -> Profiles:
   return Profiles(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:6])
 
 
+class _Mark:
+  """The pickle stack's MARK."""
+
+
+# opcode -> (struct format of its argument, or a length prefix's format)
+_FIXED = {b'K': '<B', b'M': '<H', b'J': '<i', b'G': '>d', b'q': '<B',
+          b'r': '<I', b'h': '<B', b'j': '<I'}
+_SIZED = {b'\x8c': '<B', b'X': '<I', b'\x8d': '<Q', b'\x8a': '<B',
+          b'\x8b': '<i', b'C': '<B', b'B': '<I'}
+
+
+def read_plain_pickle(data: bytes, name: str = 'the pickle'):
+  """The value of a pickle (protocols 2-5) made only of dicts, lists,
+  tuples, numbers, strings, bytes, booleans and None, decoded opcode by
+  opcode without the `pickle` module: no class is ever looked up, so no code
+  can run. Any other opcode (a class, a function, a numpy scalar) is
+  refused, naming it."""
+  stack: list = []
+  memo: list = []
+  i = 0
+
+  def pop_mark():
+    for k in range(len(stack) - 1, -1, -1):
+      if stack[k] is _Mark:
+        items = stack[k + 1:]
+        del stack[k:]
+        return items
+    raise TraceError(f'{name}: malformed (no MARK).')
+
+  while i < len(data):
+    op = data[i:i + 1]
+    i += 1
+    if op in _FIXED:
+      fmt = _FIXED[op]
+      (v,) = struct.unpack_from(fmt, data, i)
+      i += struct.calcsize(fmt)
+      if op in (b'q', b'r'):
+        memo.extend([None] * (v + 1 - len(memo)))
+        memo[v] = stack[-1]
+      elif op in (b'h', b'j'):
+        stack.append(memo[v])
+      else:
+        stack.append(v)
+    elif op in _SIZED:
+      fmt = _SIZED[op]
+      (n,) = struct.unpack_from(fmt, data, i)
+      i += struct.calcsize(fmt)
+      raw = data[i:i + n]
+      i += n
+      if op in (b'\x8a', b'\x8b'):
+        stack.append(int.from_bytes(raw, 'little', signed=True))
+      elif op in (b'C', b'B'):
+        stack.append(bytes(raw))
+      else:
+        stack.append(raw.decode('utf-8'))
+    elif op == b'\x80':  # PROTO
+      i += 1
+    elif op == b'\x95':  # FRAME
+      i += 8
+    elif op == b'.':  # STOP
+      if len(stack) != 1:
+        raise TraceError(f'{name}: malformed (stack of {len(stack)} at '
+                         'STOP).')
+      return stack[0]
+    elif op == b'(':
+      stack.append(_Mark)
+    elif op == b'}':
+      stack.append({})
+    elif op == b']':
+      stack.append([])
+    elif op == b')':
+      stack.append(())
+    elif op == b'N':
+      stack.append(None)
+    elif op in (b'\x88', b'\x89'):
+      stack.append(op == b'\x88')
+    elif op == b'\x94':  # MEMOIZE
+      memo.append(stack[-1])
+    elif op == b's':
+      v = stack.pop()
+      k = stack.pop()
+      stack[-1][k] = v
+    elif op == b'u':
+      items = pop_mark()
+      stack[-1].update(zip(items[::2], items[1::2]))
+    elif op == b'a':
+      v = stack.pop()
+      stack[-1].append(v)
+    elif op == b'e':
+      items = pop_mark()
+      stack[-1].extend(items)
+    elif op == b't':
+      stack.append(tuple(pop_mark()))
+    elif op in (b'\x85', b'\x86', b'\x87'):
+      n = op[0] - 0x84
+      items = stack[len(stack) - n:]
+      del stack[len(stack) - n:]
+      stack.append(tuple(items))
+    elif op == b'd':
+      items = pop_mark()
+      stack.append(dict(zip(items[::2], items[1::2])))
+    elif op == b'l':
+      stack.append(pop_mark())
+    else:
+      raise TraceError(
+          f'{name}: opcode {op!r} at byte {i - 1} is not plain data (a '
+          'class, a function or a numpy scalar); only dicts, lists, tuples, '
+          'numbers and strings are read. Convert the trace to plain Python '
+          'values, or to our CSV.')
+  raise TraceError(f'{name}: malformed (no STOP).')
+
+
 def _fedscale_pickle(path: str) -> dict:
-  """A FedScale trace (a pickled dict; pickles run code: read only your
-  own)."""
+  """A FedScale trace: a pickled dict of plain values, read by
+  `read_plain_pickle` (nothing in it can run)."""
   with open(path, 'rb') as f:
-    try:
-      data = pickle.load(f)
-    except Exception as e:  # pylint: disable=broad-except
-      raise TraceError(f'{path}: not a readable FedScale pickle '
-                       f'({type(e).__name__}: {e}).') from e
+    raw = f.read()
+  try:
+    data = read_plain_pickle(raw, path)
+  except (struct.error, IndexError, KeyError, TypeError, AttributeError,
+          UnicodeDecodeError) as e:
+    raise TraceError(f'{path}: not a readable FedScale pickle '
+                     f'({type(e).__name__}: {e}).') from e
   if not isinstance(data, dict) or not data:
     raise TraceError(f'{path}: expected a non-empty dict of client traces, '
                      f'got {type(data).__name__}.')

@@ -220,6 +220,19 @@ def test_csv_traces_are_read_and_bad_rows_named_by_line(tmp_path):
     devices.read_csv_availability(str(windows), names, 24.0)
 
 
+@pytest.mark.parametrize('protocol', [2, 3, 4, 5])
+def test_plain_pickles_are_decoded_without_unpickling(protocol):
+  value = {1: {'computation': 10.5, 'communication': 5000},
+           'x': [0, -1, 2**40, -(2**70), 1e-300, 'café', None, True, False,
+                 (1, 2), (), (3,), (4, 5, 6), (7, 8, 9, 10)],
+           2: {}, 3: [], 'shared': [[1.0] * 3] * 2}
+  assert devices.read_plain_pickle(pickle.dumps(value, protocol)) == value
+  # a class or function reference is refused before anything runs
+  for bad in (np.float64(1.0), print, ValueError('x')):
+    with pytest.raises(devices.TraceError, match='is not plain data'):
+      devices.read_plain_pickle(pickle.dumps({'v': bad}, protocol))
+
+
 def test_fedscale_traces_are_read(tmp_path):
   cap = tmp_path / 'client_device_capacity'
   with open(cap, 'wb') as f:
