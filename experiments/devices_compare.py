@@ -20,7 +20,7 @@ online 8 hours a day from a random hour. `STRATEGIES`:
   server step every K = 10 arrivals, staleness weights (1 + tau)^-0.5, at
   most 8 steps stale: 100 steps, as many client updates as the rounds;
 - ``fedasync``: FedAsync, 20 in flight, a step per arrival mixing with
-  alpha = 0.6 (Xie et al.'s setting): 1,000 steps.
+  alpha = 0.6: 1,000 steps.
 
 ``D`` is the ``--deadline_quantile`` (0.7) of the population's full-work
 times (download, every local step, upload), so about 30% of the writers
@@ -103,7 +103,7 @@ def config_for(strategy: str, deadline: float, size_correlation: float,
   elif strategy == 'fedasync':  # one update a step: 10x the steps
     c.asynchrony.mode = 'fedasync'
     c.asynchrony.concurrency = 4 if testing else CONCURRENCY
-    c.server.learning_rate = 0.6  # alpha, as in Xie et al.'s experiments
+    c.server.learning_rate = 0.6  # alpha, the mixing weight
     c.rounds *= c.clients_per_round
     c.eval_every *= c.clients_per_round
     c.checkpoint_every *= c.clients_per_round
