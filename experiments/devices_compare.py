@@ -50,6 +50,7 @@ import numpy as np
 from experiments import robust_compare
 from experiments import tables
 from experiments.configs import femnist_fedavg
+from fedjax_pfi import devices
 from fedjax_pfi import training
 from fedjax_pfi.data import cohort as cohort_lib
 
@@ -74,15 +75,13 @@ def base_config(size_correlation: float, testing: bool):
 def full_work_seconds(config) -> np.ndarray:
   """Every client's time for a whole round of work (download, all its
   local steps, upload) on its device: what the deadline is set from."""
-  exp = training.build(config)
-  t = exp.devices
-  p = t.profiles
+  clock = training.build(config).devices
+  ids = np.arange(clock.sizes.size)
   c = config.client
-  sizes = t.sizes
-  steps = cohort_lib.client_steps(sizes, c.batch_size, c.epochs, c.max_steps)
-  return (8 * t.download_bytes / p.download_bps + np.minimum(
-      steps * c.batch_size, c.epochs * sizes) * p.seconds_per_example +
-          8 * t.upload_bytes / p.upload_bps)
+  steps = cohort_lib.client_steps(clock.sizes, c.batch_size, c.epochs,
+                                  c.max_steps)
+  t_down, t_up = devices.link_seconds(clock, ids)
+  return t_down + devices.compute_seconds(clock, ids, steps) + t_up
 
 
 def config_for(strategy: str, deadline: float, size_correlation: float,

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_pfi import devices
 from fedjax_pfi.data import cohort as cohort_lib
 
 MODES = ('sync', 'fedbuff', 'fedasync')
@@ -189,7 +190,7 @@ class _Client(NamedTuple):
   energy: float
 
 
-class AsyncTimeline:
+class AsyncTimeline(devices.Clock):
   """The server steps of an asynchronous run in simulated time (module
   docstring). ``round(r)`` is step ``r`` as a `devices.Round` whose
   ``arrivals`` are the buffer's versions and staleness weights; memoized,
@@ -197,12 +198,8 @@ class AsyncTimeline:
 
   def __init__(self, config, client_sizes: np.ndarray, profiles,
                availability, download_bytes: float, upload_bytes: float):
-    self.config = config
-    self.sizes = np.asarray(client_sizes)
-    self.profiles = profiles
-    self.availability = availability
-    self.download_bytes = float(download_bytes)
-    self.upload_bytes = float(upload_bytes)
+    super().__init__(config, client_sizes, profiles, availability,
+                     download_bytes, upload_bytes)
     a = config.asynchrony
     self.k = buffer_size(config)
     self.concurrency = concurrency(config)
@@ -213,53 +210,27 @@ class AsyncTimeline:
       raise ValueError(
           f'asynchrony.concurrency={self.concurrency} is larger than the '
           f'{self.sizes.size} training clients.')
-    self._rounds: list = []
-    self._energy: list[float] = []
     self._heap: list = []
     self._seq = 0
     self._busy_ids: set[int] = set()
     self._buffer: list[tuple[_Client, int]] = []  # (client, staleness)
     self._ended: list[_Client] = []
-    self._aggregated: list[bool] = []
     self._discarded = 0
     self._fills: dict[int, int] = {}
     self._version = 0
     self._last = 0.0
     self._started = False
 
-  # The same interface as `devices.Timeline`.
-  def round(self, r: int):
-    while len(self._rounds) <= r:
-      self._advance()
-    return self._rounds[r]
-
-  def metrics(self, r: int) -> dict:
-    one = self.round(r)
-    return {**one.metrics,
-            'clock/simulated_seconds': one.start + one.seconds,
-            'clock/energy_joules': self._energy[r]}
+  def _aggregated(self, one) -> np.ndarray:
+    return one.ids  # a step's cohort is its buffer
 
   def totals(self, rounds: int) -> dict:
-    n = self.sizes.size
-    out = {k: np.zeros(n) for k in ('selected', 'completed', 'busy_seconds',
-                                    'energy_joules')}
-    stale = []
-    for r in range(rounds):
-      one = self.round(r)
-      np.add.at(out['selected'], one.selected, 1)
-      np.add.at(out['completed'], one.ids, 1)
-      np.add.at(out['busy_seconds'], one.selected, one.busy)
-      np.add.at(out['energy_joules'], one.selected, one.energy)
-      stale.append(one.staleness)
-    out['staleness'] = (np.concatenate(stale) if stale else
-                        np.zeros(0, np.int64))
+    """`devices.Clock.totals` and ``staleness``: every aggregated update's."""
+    out = super().totals(rounds)
+    out['staleness'] = (np.concatenate([self.round(r).staleness
+                                        for r in range(rounds)])
+                        if rounds else np.zeros(0, np.int64))
     return out
-
-  def ever_completed(self, rounds: int) -> np.ndarray:
-    seen = np.zeros(self.sizes.size, bool)
-    for r in range(rounds):
-      seen[self.round(r).ids] = True
-    return seen
 
   # -- the event loop -------------------------------------------------------------
 
@@ -288,32 +259,18 @@ class AsyncTimeline:
     pick = np.random.default_rng([int(c.seed), v, SELECT_STREAM] + tail
                                  ).choice(pool.size, take, replace=False)
     ids = np.sort(pool[pick])
-    rng = np.random.default_rng([int(c.seed), v, COIN_STREAM, j])
-    coins = rng.random((take, 3)) < p.dropout[ids]
-    frac = rng.random(take)
-    B, E = int(c.client.batch_size), int(c.client.epochs)
-    sizes = self.sizes[ids]
-    steps = cohort_lib.client_steps(sizes, B, E, c.client.max_steps)
-    d = c.devices
-    t_down = 8.0 * self.download_bytes / p.download_bps[ids]
-    t_up = 8.0 * self.upload_bytes / p.upload_bps[ids]
-    comp = np.minimum(steps * B, E * sizes) * p.seconds_per_example[ids]
+    steps = cohort_lib.client_steps(self.sizes[ids], int(c.client.batch_size),
+                                    int(c.client.epochs), c.client.max_steps)
+    t_down, t_up = devices.link_seconds(self, ids)
+    comp = devices.compute_seconds(self, ids, steps)
     finish = t_down + comp + t_up
-    stage = np.where(coins.any(axis=1), coins.argmax(axis=1), 3)
-    begins = np.stack([np.zeros(take), t_down, t_down + comp, finish], 1)
-    lengths = np.stack([t_down, comp, t_up, np.zeros(take)], 1)
-    pick2 = np.arange(take), stage
-    left = np.where(stage < 3, begins[pick2] + frac * lengths[pick2], np.inf)
+    left = devices.leave_times(
+        np.random.default_rng([int(c.seed), v, COIN_STREAM, j]),
+        p.dropout[ids], t_down, comp, t_up)
     gone = np.minimum(left, until[ids] - t)
     completes = finish <= gone
     stop = np.minimum(finish, gone)
-
-    def overlap(a, b):
-      return np.clip(np.minimum(b, stop) - a, 0.0, None)
-
-    energy = (float(d.power_radio_w) * (overlap(0.0, t_down) + overlap(
-        t_down + comp, finish)) + float(d.power_compute_w) *
-              overlap(t_down, t_down + comp))
+    energy = devices.energy_joules(c.devices, t_down, comp, t_up, stop)
     for i, cid in enumerate(ids):
       one = _Client(int(cid), v, t, t + float(stop[i]), bool(completes[i]),
                     int(steps[i]), float(stop[i]), float(energy[i]))
@@ -366,7 +323,6 @@ class AsyncTimeline:
         return
 
   def _step(self, t: float) -> None:
-    from fedjax_pfi import devices  # pylint: disable=g-import-not-at-top
     batch, self._buffer = self._buffer[:self.k], self._buffer[self.k:]
     ended, self._ended = self._ended, []
     aggregated = {id(c) for c, _ in batch}
@@ -398,8 +354,6 @@ class AsyncTimeline:
         selected, busy, energy, completed, metrics,
         Arrivals((versions % self.ring).astype(np.int32),
                  scale.astype(np.float32)), tau)
-    self._rounds.append(one)
-    self._energy.append((self._energy[-1] if self._energy else 0.0) +
-                        float(energy.sum()))
+    self._record(one)
     self._version += 1
     self._last = t

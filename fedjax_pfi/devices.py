@@ -664,10 +664,52 @@ def _overlap(a, b, stop):
   return np.clip(np.minimum(b, stop) - a, 0.0, None)
 
 
-class Timeline:
-  """The synchronous rounds of a run in simulated time (module docstring);
-  `round` is memoized and computed in order (each starts when the previous
-  ended)."""
+def compute_seconds(clock, ids: np.ndarray, steps: np.ndarray) -> np.ndarray:
+  """The training time of clients ``ids`` doing ``steps`` local steps: their
+  real examples (``min(steps B, epochs n)``) x seconds per example."""
+  c = clock.config.client
+  B, E = int(c.batch_size), int(c.epochs)
+  return (np.minimum(steps * B, E * clock.sizes[ids]) *
+          clock.profiles.seconds_per_example[ids])
+
+
+def link_seconds(clock, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(download, upload)`` seconds of clients ``ids``: the round's bytes
+  over their bandwidths."""
+  p = clock.profiles
+  return (8.0 * clock.download_bytes / p.download_bps[ids],
+          8.0 * clock.upload_bytes / p.upload_bps[ids])
+
+
+def leave_times(rng: np.random.Generator, dropout: np.ndarray,
+                t_down, comp, t_up) -> np.ndarray:
+  """When each client leaves (``inf``: it stays): during the first stage
+  (download, train, upload) whose coin says so, at a uniform point of it."""
+  n = dropout.shape[0]
+  coins = rng.random((n, 3)) < dropout
+  frac = rng.random(n)
+  finish = t_down + comp + t_up
+  stage = np.where(coins.any(axis=1), coins.argmax(axis=1), 3)
+  begins = np.stack([np.zeros(n), t_down, t_down + comp, finish], axis=1)
+  lengths = np.stack([t_down, comp, t_up, np.zeros(n)], axis=1)
+  pick = np.arange(n), stage
+  return np.where(stage < 3, begins[pick] + frac * lengths[pick], np.inf)
+
+
+def energy_joules(d, t_down, comp, t_up, stop) -> np.ndarray:
+  """Joules of the work done before ``stop`` (seconds from the start):
+  ``devices.power_radio_w`` while sending or receiving,
+  ``devices.power_compute_w`` while training."""
+  radio = (_overlap(0.0, t_down, stop) +
+           _overlap(t_down + comp, t_down + comp + t_up, stop))
+  return (float(d.power_radio_w) * radio + float(d.power_compute_w) *
+          _overlap(t_down, t_down + comp, stop))
+
+
+class Clock:
+  """What a run's timeline serves (`Timeline`, `asynchrony.AsyncTimeline`):
+  ``round(r)`` memoized and computed in order by ``_advance``, the running
+  energy, and per-client totals."""
 
   def __init__(self, config, client_sizes: np.ndarray, profiles: Profiles,
                availability: Availability, download_bytes: float,
@@ -681,15 +723,22 @@ class Timeline:
     self._rounds: list[Round] = []
     self._energy: list[float] = []
 
+  def _advance(self) -> None:
+    """Computes the next round and `_record`s it."""
+    raise NotImplementedError
+
+  def _record(self, one: Round) -> None:
+    self._rounds.append(one)
+    self._energy.append((self._energy[-1] if self._energy else 0.0) +
+                        float(one.energy.sum()))
+
+  def _aggregated(self, one: Round) -> np.ndarray:
+    """The clients whose update round ``one`` aggregated."""
+    return one.selected[one.completed]
+
   def round(self, r: int) -> Round:
     while len(self._rounds) <= r:
-      k = len(self._rounds)
-      prev_end = (self._rounds[-1].start + self._rounds[-1].seconds
-                  if self._rounds else 0.0)
-      one = self._compute(k, prev_end)
-      self._rounds.append(one)
-      self._energy.append((self._energy[-1] if self._energy else 0.0) +
-                          float(one.energy.sum()))
+      self._advance()
     return self._rounds[r]
 
   def metrics(self, r: int) -> dict:
@@ -701,14 +750,15 @@ class Timeline:
 
   def totals(self, rounds: int) -> dict:
     """Per training client over the first ``rounds`` rounds: ``selected``
-    and ``completed`` counts, ``busy_seconds`` and ``energy_joules``."""
+    and ``completed`` (aggregated) counts, ``busy_seconds`` and
+    ``energy_joules``."""
     n = self.sizes.size
     out = {k: np.zeros(n) for k in ('selected', 'completed', 'busy_seconds',
                                     'energy_joules')}
     for r in range(rounds):
       one = self.round(r)
       np.add.at(out['selected'], one.selected, 1)
-      np.add.at(out['completed'], one.selected, one.completed)
+      np.add.at(out['completed'], self._aggregated(one), 1)
       np.add.at(out['busy_seconds'], one.selected, one.busy)
       np.add.at(out['energy_joules'], one.selected, one.energy)
     return out
@@ -717,9 +767,18 @@ class Timeline:
     """Bool ``[N]``: aggregated in one of the first ``rounds`` rounds."""
     seen = np.zeros(self.sizes.size, bool)
     for r in range(rounds):
-      one = self.round(r)
-      seen[one.selected[one.completed]] = True
+      seen[self._aggregated(self.round(r))] = True
     return seen
+
+
+class Timeline(Clock):
+  """The synchronous rounds of a run in simulated time (module docstring);
+  each starts when the previous ended."""
+
+  def _advance(self) -> None:
+    prev = self._rounds[-1] if self._rounds else None
+    self._record(self._compute(len(self._rounds), 0.0 if prev is None else
+                               prev.start + prev.seconds))
 
   def _select(self, r: int, t0: float, until: np.ndarray):
     """``(selected ids, present mask)`` at time ``t0``."""
@@ -753,32 +812,24 @@ class Timeline:
     waited = t0 - start
     sel, present = self._select(r, t0, until)
     n = sel.size
-    B, E = int(c.client.batch_size), int(c.client.epochs)
+    B = int(c.client.batch_size)
     sizes = self.sizes[sel]
-    full = cohort_lib.client_steps(sizes, B, E, c.client.max_steps)
-    spe = p.seconds_per_example[sel]
-    t_down = 8.0 * self.download_bytes / p.download_bps[sel]
-    t_up = 8.0 * self.upload_bytes / p.upload_bps[sel]
+    full = cohort_lib.client_steps(sizes, B, int(c.client.epochs),
+                                   c.client.max_steps)
+    t_down, t_up = link_seconds(self, sel)
     deadline = float(d.deadline) or np.inf
     steps = full
     if d.partial and math.isfinite(deadline):
       # FedProx's partial work: a client that cannot finish by the deadline
       # plans the steps that fit before it must upload.
-      fit = np.floor((deadline - t_down - t_up) / (B * spe)).astype(np.int64)
-      late = t_down + np.minimum(full * B, E * sizes) * spe + t_up > deadline
+      fit = np.floor((deadline - t_down - t_up) /
+                     (B * p.seconds_per_example[sel])).astype(np.int64)
+      late = t_down + compute_seconds(self, sel, full) + t_up > deadline
       steps = np.where(late & (fit >= 1), np.clip(fit, 0, full), full)
-    comp = np.minimum(steps * B, E * sizes) * spe
+    comp = compute_seconds(self, sel, steps)
     finish = t_down + comp + t_up
-    # Leaving during a stage: the first stage whose coin says so, at a
-    # uniform point of it.
-    rng = np.random.default_rng([int(c.seed), r, CLOCK_STREAM])
-    coins = rng.random((n, 3)) < p.dropout[sel]
-    frac = rng.random(n)
-    stage = np.where(coins.any(axis=1), coins.argmax(axis=1), 3)
-    begins = np.stack([np.zeros(n), t_down, t_down + comp, finish], axis=1)
-    lengths = np.stack([t_down, comp, t_up, np.zeros(n)], axis=1)
-    pick = np.arange(n), stage
-    left = np.where(stage < 3, begins[pick] + frac * lengths[pick], np.inf)
+    left = leave_times(np.random.default_rng([int(c.seed), r, CLOCK_STREAM]),
+                       p.dropout[sel], t_down, comp, t_up)
     window = until[sel] - t0  # the online window's end, from the start
     gone = np.minimum(left, window)  # when it stops without finishing
     completes = present & (finish <= gone) & (finish <= deadline)
@@ -799,10 +850,7 @@ class Timeline:
       if float(d.over_select):  # fewer than K finished: keep all who did
         in_cohort = completes
     stop = np.where(present, np.minimum(end, seconds), 0.0)
-    radio = (_overlap(0.0, t_down, stop) +
-             _overlap(t_down + comp, t_down + comp + t_up, stop))
-    energy = (float(d.power_radio_w) * radio + float(d.power_compute_w) *
-              _overlap(t_down, t_down + comp, stop))
+    energy = energy_joules(d, t_down, comp, t_up, stop)
     weights = np.where(completes, sizes, 0.0).astype(np.float32)
     busy = stop
     metrics = {

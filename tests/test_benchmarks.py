@@ -159,28 +159,17 @@ def test_fedavg_throughput_benchmark_times_compression():
     assert f'simulator / simulator_compress_{name} throughput' in out.stdout
 
 
-def test_fedavg_throughput_benchmark_times_the_device_model():
+def test_fedavg_throughput_benchmark_times_devices_and_fedbuff():
   """The round with the device model's timeline (always online, wait for
-  all: the simulator's cohorts) runs beside the plain one and prints its
-  cost ratio (no timing is asserted)."""
+  all: the simulator's cohorts) and FedBuff's steps (each client from its
+  own version) run beside the plain one in one process, compile once and
+  print their cost ratios (no timing is asserted)."""
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
        '--population=40', '--clients=8', '--rounds=2', '--warmup=1',
-       '--methods=simulator,simulator_devices'],
+       '--methods=simulator,simulator_devices,simulator_fedbuff'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'simulator / simulator_devices throughput' in out.stdout, out.stdout
-
-
-def test_fedavg_throughput_benchmark_times_fedbuff():
-  """FedBuff's steps (each client from its own version) compile once and
-  print their cost ratio beside the synchronous round (no timing is
-  asserted)."""
-  out = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
-       '--population=40', '--clients=8', '--rounds=2', '--warmup=1',
-       '--methods=simulator,simulator_fedbuff'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
   assert 'simulator_fedbuff compilations for the whole run: 1' in out.stdout
   assert 'simulator / simulator_fedbuff throughput' in out.stdout, out.stdout

@@ -8,6 +8,7 @@ import pytest
 from fedjax_pfi import devices
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi import training
+from tests.test_training import override
 from tests.test_training import small_config
 from tests.test_training import without_time
 
@@ -28,13 +29,7 @@ def hand_config(**overrides):
   c.devices.profile = 'lognormal'
   c.devices.power_compute_w = 2.0
   c.devices.power_radio_w = 1.0
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return override(c, **overrides)
 
 
 def hand_profiles(dropout=None):

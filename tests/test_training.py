@@ -30,6 +30,11 @@ def small_config(**overrides):
   c.eval_every = 2
   c.checkpoint_every = 1
   c.progress = False
+  return override(c, **overrides)
+
+
+def override(c, **overrides):
+  """``c`` with dotted keys (``'client.batch_size'``) set."""
   for k, v in overrides.items():
     node = c
     *path, last = k.split('.')
