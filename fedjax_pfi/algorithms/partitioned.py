@@ -253,23 +253,18 @@ def fed_partitioned(model: base.Model,
           extra['residual'], ids, sums['residual'], weight > 0)}
     if aggregator.secure is not None:
       sums['agg'].update(secure_aggregation.stage_counts(cohort.secagg, ids))
-    if asy is not None:
-      new, metrics = rounds.finish(
-          state, cohort, key, aggregator, server_optimizer,
-          {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},
-          loss_sum=sums['loss_sum'], count=sums['count'],
-          num_steps=sums['num_steps'], examples=sums['examples'],
-          client_states=client_states, extra=extra)
-      at = new.round % asy.ring  # the new version into its slot
-      ring = jax.tree.map(lambda r, p: r.at[at].set(p), extra['ring'],
-                          new.params)
-      return new._replace(extra={**new.extra, 'ring': ring}), metrics
-    return rounds.finish(
+    new, metrics = rounds.finish(
         state, cohort, key, aggregator, server_optimizer,
         {**sums['agg'], 'message': sums['delta'], 'weight': jnp.sum(weight)},
         loss_sum=sums['loss_sum'], count=sums['count'],
         num_steps=sums['num_steps'], examples=sums['examples'],
         client_states=client_states, extra=extra)
+    if asy is not None:  # the new version into its slot of the ring
+      at = new.round % asy.ring
+      ring = jax.tree.map(lambda r, p: r.at[at].set(p), extra['ring'],
+                          new.params)
+      new = new._replace(extra={**new.extra, 'ring': ring})
+    return new, metrics
 
   def frozen_part(params):
     return split(params).frozen
