@@ -58,6 +58,7 @@ class Compressor(NamedTuple):
   apply: Callable[[jax.Array, jax.Array], jax.Array]
   bits: Callable[[int], int]
   unbiased: bool
+  levels: int = 0  # qsgd's and rotated_qsgd's 2^(bits - 1) - 1
 
 
 def _next_pow2(d: int) -> int:
@@ -129,7 +130,7 @@ def stochastic_levels(v: jax.Array, scale: jax.Array, levels: int,
   return jnp.where(scale > 0, jnp.sign(v) * q * (safe / levels), 0.0)
 
 
-def _levels(bits: int) -> int:
+def levels_of(bits: int) -> int:
   if int(bits) != bits or bits < 2:
     raise ValueError(f'compression.bits must be an integer >= 2 for qsgd and '
                      f'rotated_qsgd (a sign and at least one bit of level), '
@@ -138,17 +139,17 @@ def _levels(bits: int) -> int:
 
 
 def qsgd(bits: int) -> Compressor:
-  s = _levels(bits)
+  s = levels_of(bits)
 
   def apply(v, key):
     return stochastic_levels(v, jnp.linalg.norm(v), s, key)
 
   return Compressor('qsgd', apply, lambda d: int(d) * int(bits) + SCALE_BITS,
-                    True)
+                    True, s)
 
 
 def rotated_qsgd(bits: int) -> Compressor:
-  s = _levels(bits)
+  s = levels_of(bits)
 
   def apply(v, key):
     rkey, qkey = jax.random.split(key)
@@ -157,7 +158,8 @@ def rotated_qsgd(bits: int) -> Compressor:
     return unrotate(q, rkey, v.shape[0])
 
   return Compressor('rotated_qsgd', apply,
-                    lambda d: _next_pow2(d) * int(bits) + SCALE_BITS, True)
+                    lambda d: _next_pow2(d) * int(bits) + SCALE_BITS, True,
+                    s)
 
 
 def drive() -> Compressor:
@@ -316,23 +318,141 @@ def wrap(inner, spec: Spec):
   step; ``finalize`` adds ``compression/vnmse``, the cohort's ``sum
   ||m_hat - m||^2 / sum ||m||^2``; `rounds.finish` counts
   `message_bytes` per client as the upload (and the download, with
-  ``spec.download``)."""
-  if inner.secure is not None:
-    raise ValueError(
-        f'compression.name={spec.compressor.name!r} with secure aggregation: '
-        "the masked sum needs every client's message as integers on one "
-        'shared scale, which these compressors (a scale per client) do not '
-        'give. Use one of them.')
+  ``spec.download``).
+
+  Over secure aggregation (``inner.secure``, built with the compressor:
+  `secure_aggregation.make_spec`) the protocol's fixed point is the
+  quantizer: `rounds.message_sums` runs `secure_step` instead of
+  `client_step`, ``finalize`` rotates the unmasked mean back
+  (``rotated_qsgd``, `unrotate_mean`), and `rounds.finish` counts the
+  masked input's bytes."""
+  secure = inner.secure
+  if secure is not None:
+    check_secure(spec.compressor.name, spec.error_feedback)
+    if secure.levels != spec.compressor.levels or secure.rotated != (
+        spec.compressor.name == 'rotated_qsgd'):
+      raise ValueError(
+          f'secure aggregation was built for {secure.levels} levels '
+          f'(rotated: {secure.rotated}), not for compression.name='
+          f'{spec.compressor.name!r} with {spec.compressor.levels}: build it '
+          'with the compressor (secure_aggregation.build reads '
+          'config.compression).')
 
   def finalize(sums, state, key):
     mean, state, metrics = inner.finalize(sums, state, key)
+    if secure is not None and secure.rotated:
+      mean = unrotate_mean(mean, jax.random.fold_in(key, ROTATION_STREAM))
     metrics = {**metrics, 'compression/vnmse': (
         sums['compression/sq_error'] /
         jnp.maximum(sums['compression/sq_norm'], 1e-30))}
+    if secure is not None:
+      metrics['compression/clamped_coordinates'] = sums[
+          'compression/clamped']
     return mean, state, metrics
 
   return inner._replace(finalize=finalize, compression=spec,
                         name=f'{spec.compressor.name}({inner.name})')
+
+
+# -- under secure aggregation -------------------------------------------------
+#
+# The masked sum needs every client's message as integers on one scale that
+# all clients share (`secure_aggregation`). QSGD's stochastic levels are
+# such integers once the scale is the clip norm ``C`` instead of each
+# client's own norm: ``qsgd`` with ``b`` bits becomes the protocol's fixed
+# point with ``2^(b-1) - 1`` levels over ``[-C, C]``. ``rotated_qsgd``
+# first rotates every client's message with one rotation a round (the
+# server derives it too) and clamps each rotated coordinate to ``beta``
+# (`rotated_bound`), so the same levels cover ``[-beta, beta]``, a range
+# ``sqrt(d' / (2 ln(2 d' / delta)))`` times narrower than ``[-C, C]``
+# (Suresh et al. 2017's rotation; Kairouz et al., ICML 2021, "The
+# Distributed Discrete Gaussian Mechanism", flatten with it for the same
+# reason). The upload is the masked input: ``secure_aggregation.bits`` a
+# value, which must hold the cohort's weighted sum of the levels
+# (`secure_aggregation.check_compressed_fits`). DRIVE (a scale per client)
+# and top-k (each client's own coordinates) do not give shared integers.
+
+SECURE_NAMES = ('qsgd', 'rotated_qsgd')
+# ``fold_in(the round's aggregator key, ROTATION_STREAM)``: the rotation
+# every client of a round shares under secure aggregation (apart from the
+# DP noise's streams 0 and 1 of that key).
+ROTATION_STREAM = 2**31 - 5
+# The chance that a client's rotated message has a coordinate beyond
+# `rotated_bound` (then clamped, and counted).
+CLAMP_DELTA = 2.0**-20
+
+
+def check_secure(name: str, error_feedback: bool) -> None:
+  """Refuses the compressors secure aggregation cannot sum."""
+  if name not in SECURE_NAMES:
+    why = ('a scale per client (||v||^2 / ||Rv||_1)' if name == 'drive' else
+           "each client's own coordinates, which a masked sum must send "
+           'densely anyway')
+    raise ValueError(
+        f'compression.name={name!r} with secure_aggregation.enabled: the '
+        "masked sum needs every client's message as integers on one shared "
+        f'scale, which {name} ({why}) does not give. Accepted with secure '
+        f'aggregation: {", ".join(SECURE_NAMES)}, or none.')
+  if error_feedback:
+    raise ValueError(
+        'compression.error_feedback with secure aggregation: the '
+        'quantization happens inside the masking, where no client sees '
+        'what it lost, and the compressors that fit (qsgd, rotated_qsgd) '
+        'are unbiased; set compression.error_feedback=False.')
+
+
+def rotated_bound(clip_norm: float, n: int) -> float:
+  """``beta = C min(1, sqrt(2 ln(2 n / delta) / n))``: a rotated coordinate
+  ``(R v)_j = sum_i H_ji s_i v_i / sqrt(n)`` of a message ``||v|| <= C`` is
+  a Rademacher sum with ``sum_i (v_i / sqrt(n))^2 <= C^2 / n``, so by
+  Hoeffding ``P(|(R v)_j| >= t) <= 2 exp(-t^2 n / (2 C^2))``, and over the
+  ``n`` coordinates the chance that any exceeds ``beta`` is at most
+  ``delta`` (`CLAMP_DELTA`)."""
+  n = int(n)
+  return float(clip_norm) * min(
+      1.0, math.sqrt(2.0 * math.log(2.0 * n / CLAMP_DELTA) / n))
+
+
+def secure_values(compressor: Compressor, d: int) -> int:
+  """How many values a client masks for a message of ``d`` floats (its
+  weight apart): ``d``, or ``d'`` (the next power of 2) once rotated."""
+  return _next_pow2(d) if compressor.name == 'rotated_qsgd' else int(d)
+
+
+def secure_step(spec: Spec, clip_norm: float, message, key: jax.Array):
+  """One client's message before secure aggregation's fixed point, and its
+  stats: ``qsgd``: the message itself (the protocol's stochastic rounding
+  at ``levels / C`` is the quantizer); ``rotated_qsgd``: ``{'rotated':
+  the first d rotated coordinates shaped as message, 'tail': the other
+  d' - d}``, each clamped to `rotated_bound`. ``key``: the round's rotation
+  (every client's the same)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(message)
+  v = flat.astype(jnp.float32)
+  norm2 = jnp.sum(v * v)
+  if spec.compressor.name != 'rotated_qsgd':
+    zero = jnp.zeros((), jnp.float32)
+    return message, {'compression/sq_error': zero,
+                     'compression/sq_norm': norm2,
+                     'compression/clamped': zero}
+  y = rotate(v, key)
+  beta = rotated_bound(clip_norm, y.shape[0])
+  clamped = jnp.clip(y, -beta, beta)
+  stats = {'compression/sq_error': jnp.sum((clamped - y) ** 2),
+           'compression/sq_norm': norm2,
+           'compression/clamped': jnp.sum(jnp.abs(y) > beta).astype(
+               jnp.float32)}
+  d = v.shape[0]
+  return {'rotated': unravel(clamped[:d].astype(flat.dtype)),
+          'tail': clamped[d:]}, stats
+
+
+def unrotate_mean(mean, key: jax.Array):
+  """`secure_step`'s ``{'rotated', 'tail'}`` (the unmasked mean) rotated
+  back to the message's shape."""
+  flat, unravel = jax.flatten_util.ravel_pytree(mean['rotated'])
+  y = jnp.concatenate([flat.astype(jnp.float32),
+                       mean['tail'].astype(jnp.float32)])
+  return unravel(unrotate(y, key, flat.shape[0]).astype(flat.dtype))
 
 
 def from_config(config) -> Spec | None:
@@ -341,12 +461,7 @@ def from_config(config) -> Spec | None:
   cc = config.compression
   name = str(cc.name)
   if name != 'none' and bool(config.secure_aggregation.enabled):
-    raise ValueError(
-        f'compression.name={name!r} with secure_aggregation.enabled: the '
-        "masked sum needs every client's message as integers on one shared "
-        'scale, which these compressors (a scale per client) do not give; '
-        'set compression.name=none (secure aggregation already sends '
-        'secure_aggregation.bits per coordinate).')
+    check_secure(name, bool(cc.error_feedback))
   compressor = make(name, bits=cc.bits, fraction=cc.fraction)
   if compressor is None:
     if cc.error_feedback or cc.download:

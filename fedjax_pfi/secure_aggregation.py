@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_pfi import compression
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 
 # Stages at which a client can leave the protocol (`draw_stages`).
@@ -105,6 +106,12 @@ class Spec(NamedTuple):
       1`` for the complete graph).
     dropout: probabilities of leaving before keys, before upload, before
       unmasking (each among those still in).
+    levels: 0, or ``2^(b_c - 1) - 1`` when a compressor (``compression.
+      bits = b_c``) sets the fixed point (`compressed_scale`): each value
+      ``|x| <= bound`` maps to an integer in ``[-levels, levels]``.
+    rotated: the messages are rotated (``rotated_qsgd``) and clamped to
+      `compression.rotated_bound` before the fixed point, whose scale then
+      depends on the message's length (`value_scale`).
   """
   bits: int
   scale: float
@@ -116,6 +123,8 @@ class Spec(NamedTuple):
   slots: int
   degree: int
   dropout: tuple[float, float, float]
+  levels: int = 0
+  rotated: bool = False
 
 
 def max_scale(bits: int, clip_norm: float, max_weight: float,
@@ -152,17 +161,79 @@ def check_fits(spec: Spec) -> None:
         'clip x scale must also stay <= 2^23 (float32 rounds exactly).')
 
 
+def check_compressed_fits(compressor_bits: int, bits: int, slots: int,
+                          max_weight: float) -> int:
+  """The levels of a ``compressor_bits``-bit compressor under secure
+  aggregation, refused when the cohort's weighted sum of them can overflow
+  ``Z_{2^bits}``: ``slots * max_weight * (levels + 1) <= 2^(bits-1) - 1``
+  (`check_fits`'s bound, with ``clip x scale = levels``)."""
+  levels = compression.levels_of(compressor_bits)
+  limit = 2.0**(bits - 1) - 1
+  need = slots * max_weight * (levels + 1)
+  if need > limit or levels > FLOAT32_EXACT:
+    fit = [b for b in range(2, 25)
+           if slots * max_weight * 2.0**(b - 1) <= limit]
+    lower = (f'lower compression.bits to at most {fit[-1]}' if fit else
+             'no compression.bits >= 2 fits')
+    wide = next((b for b in range(bits, 33) if need <= 2.0**(b - 1) - 1),
+                None)
+    raise ValueError(
+        f'compression.bits={compressor_bits} does not fit the secure-'
+        f'aggregation modulus Z_2^{bits}: {slots} clients x weight '
+        f'{max_weight:g} x ({levels} levels + 1) = {need:.4g} exceeds '
+        f'2^{bits - 1} - 1 = {limit:.4g}, so the masked sum can overflow. '
+        f'Accepted: {lower}'
+        + (f', or raise secure_aggregation.bits to at least {wide}'
+           if wide is not None and levels <= FLOAT32_EXACT else '')
+        + ', or use uniform weights (server.weighting=uniform); '
+        'compression.bits <= 24 (float32 rounds exactly).')
+  return levels
+
+
+def value_scale(spec: Spec, num_values: int) -> float:
+  """The fixed point's scale for a message of ``num_values`` values
+  (per client, the weight apart): ``spec.scale``, or with a rotating
+  compressor ``levels / rotated_bound(clip_norm, num_values)``."""
+  if not spec.rotated:
+    return spec.scale
+  return spec.levels / compression.rotated_bound(spec.clip_norm,
+                                                 int(num_values))
+
+
 def make_spec(*, bits: int = 32, neighbors: int = 0, threshold: int = 0,
               clip_norm: float, clip: bool = True, max_weight: float = 1.0,
-              slots: int, dropout=(0.0, 0.0, 0.0), scale: float = 0.0
-              ) -> Spec:
+              slots: int, dropout=(0.0, 0.0, 0.0), scale: float = 0.0,
+              compressor: str = 'none', compressor_bits: int = 8) -> Spec:
   """A checked `Spec` (`Spec` says what each value is; ``scale=0``: the
   largest that cannot overflow, `max_scale`). The messages name the
-  ``secure_aggregation.*`` options."""
+  ``secure_aggregation.*`` options.
+
+  ``compressor`` (`compression.SECURE_NAMES`): ``qsgd`` or
+  ``rotated_qsgd`` with ``compressor_bits`` bits a value sets the fixed
+  point instead: ``2^(b_c - 1) - 1`` levels over ``[-clip_norm,
+  clip_norm]`` (QSGD's stochastic levels on one scale that every client
+  shares), over ``[-beta, beta]`` after the rotation
+  (`compression.rotated_bound`)."""
   bits, k, t = int(bits), int(neighbors), int(threshold)
   if not 2 <= bits <= 32:
     raise ValueError(f'secure_aggregation.bits must be in [2, 32], got '
                      f'{bits}.')
+  if not (float(clip_norm) > 0 and math.isfinite(float(clip_norm))):
+    raise ValueError(
+        f'secure aggregation needs a finite clip norm > 0 (it sizes the '
+        f'fixed-point range), got {clip_norm}: set privacy.clip_norm (under '
+        'DP) or secure_aggregation.clip_norm to a finite value.')
+  levels = 0
+  if compressor != 'none':
+    if compressor not in compression.SECURE_NAMES:
+      raise ValueError(compression.secure_refusal(compressor))
+    if float(scale):
+      raise ValueError(
+          f'secure_aggregation.scale={scale} and compression.name='
+          f'{compressor!r}: the compressor sets the fixed point (2^(bits-1) '
+          '- 1 levels over the clip); unset secure_aggregation.scale.')
+    levels = check_compressed_fits(compressor_bits, bits, slots, max_weight)
+    scale = levels / float(clip_norm)
   if k < 0 or k % 2:
     raise ValueError(
         f'secure_aggregation.neighbors must be 0 (every other client) or an '
@@ -187,7 +258,7 @@ def make_spec(*, bits: int = 32, neighbors: int = 0, threshold: int = 0,
                      f'largest safe one, got {scale}.')
   scale = float(scale) or max_scale(bits, clip_norm, max_weight, slots)
   spec = Spec(bits, scale, k, t, float(clip_norm), clip, float(max_weight),
-              slots, degree, dropout)
+              slots, degree, dropout, levels, compressor == 'rotated_qsgd')
   check_fits(spec)
   return spec
 
@@ -224,7 +295,8 @@ def build(config, *, slots: int, max_weight: float,
       bits=sa.bits, neighbors=sa.neighbors, threshold=sa.threshold,
       clip_norm=clip_norm, clip=clip, max_weight=max_weight, slots=slots,
       dropout=(sa.dropout_keys, sa.dropout_upload, sa.dropout_unmask),
-      scale=sa.scale)
+      scale=sa.scale, compressor=str(config.compression.name),
+      compressor_bits=config.compression.bits)
 
 
 # -- the host's part: who drops, the graph, recoverability ---------------------
@@ -421,6 +493,10 @@ def masked_input(q, client_id, neighbors, neighbor_dropped, round_key,
           jax.tree.map(lambda v: v & mask, removed))
 
 
+def num_values(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
 def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
                 ids: jax.Array, rows, round_key: jax.Array) -> dict:
   """A chunk's part of the protocol: ``{'masked': sum y_c, 'removed': sum
@@ -433,7 +509,7 @@ def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
   def one(m, w, key, cid, nb, gone):
     wq = jax.lax.bitcast_convert_type(jnp.round(w).astype(jnp.int32),
                                       jnp.uint32)
-    r = quantize(m, spec.scale, spec.bits, key)
+    r = quantize(m, value_scale(spec, num_values(m)), spec.bits, key)
     q = {'message': jax.tree.map(lambda v: (v * wq) & mask, r),
          'weight': wq.reshape(1) & mask}
     return masked_input(q, cid, nb, gone, round_key, spec.bits)
@@ -472,8 +548,9 @@ def unmask(spec: Spec, sums: dict, non_finite=0.0) -> tuple[dict, dict]:
   mask = _modulus_mask(spec.bits)
   z = jax.tree.map(lambda a, b: (a - b) & mask, sums['masked'],
                    sums['removed'])
+  scale = value_scale(spec, num_values(z['message']))
   total = jax.tree.map(lambda v: jnp.where(non_finite > 0, jnp.nan, v),
-                       dequantize(z['message'], spec.scale, spec.bits))
+                       dequantize(z['message'], scale, spec.bits))
   return total, dequantize(z['weight'], 1.0, spec.bits)[0]
 
 
@@ -505,7 +582,9 @@ def wrap(inner: aggregators_lib.Aggregator,
         x.size for x in jax.tree.leaves(sums['message']['masked'])), spec.bits)
     mean, state, metrics = inner.finalize(
         {**sums, 'message': total, 'weight': weight}, state, key)
-    metrics = {**metrics, 'secagg/scale': jnp.float32(spec.scale),
+    scale = value_scale(spec, num_values(sums['message']['masked'][
+        'message']))
+    metrics = {**metrics, 'secagg/scale': jnp.float32(scale),
                'secagg/upload_bytes_per_client': jnp.float32(sizes['upload']),
                'secagg/download_bytes_per_client': jnp.float32(
                    sizes['download']),

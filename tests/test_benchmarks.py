@@ -49,8 +49,8 @@ def test_fedavg_throughput_benchmark_times_secure_aggregation():
   out = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmarks.fedavg_throughput',
        '--population=40', '--clients=8', '--lanes=2', '--rounds=2',
-       '--warmup=1', '--methods=simulator,simulator_secagg',
-       '--secagg_neighbors=4'],
+       '--warmup=1', '--methods=simulator,simulator_secagg,'
+       'simulator_secagg_rotated_qsgd', '--secagg_neighbors=4'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert ('simulator_secagg compilations for the whole run: 1; 4 neighbours'
@@ -61,6 +61,10 @@ def test_fedavg_throughput_benchmark_times_secure_aggregation():
       ',', ''))
   assert upload == masked + 64 + 112 * 4  # keys, shares, unmasking shares
   assert 'simulator / simulator_secagg throughput' in out.stdout
+  # with the rotated compressor's levels: d' values masked, one compile
+  assert ('simulator_secagg_rotated_qsgd compilations for the whole run: 1'
+          in out.stdout), out.stdout
+  assert 'simulator / simulator_secagg_rotated_qsgd throughput' in out.stdout
 
 
 def test_fedavg_throughput_benchmark_times_robust_aggregation():

@@ -32,6 +32,10 @@ rounds back to back (s/round is their mean):
   ``--secagg_neighbors`` neighbours per client and the complete graph of
   Bonawitz et al. The masks are expanded
   inside the round (``1 + k`` vectors of the message's size per client);
+- ``simulator_secagg_qsgd`` and ``simulator_secagg_rotated_qsgd``: SecAgg+
+  as ``simulator_secagg`` with the compressor's ``--compression_bits``
+  levels as its fixed point (`compression.secure_step`; the rotated one
+  masks ``d'`` values, the next power of 2);
 - ``simulator_robust_<rule>`` (``<rule>`` one of `robust.RULES`, e.g.
   ``simulator_robust_krum``): the same round with that robust aggregator
   (``--robust_f`` Byzantine clients assumed), which fills the ``[C, ...]``
@@ -122,6 +126,7 @@ _REPEATS = flags.DEFINE_integer(
 _METHODS = flags.DEFINE_list(
     'methods', 'simulator,simulator_dp,python_loop,centralized',
     'Which methods to time (also simulator_secagg, simulator_secagg_full, '
+    'simulator_secagg_qsgd, simulator_secagg_rotated_qsgd, '
     'simulator_robust_<rule>, simulator_compress_<name>).')
 _ROBUST_F = flags.DEFINE_integer(
     'robust_f', 5, 'simulator_robust_*: the Byzantine clients per round the '
@@ -267,6 +272,17 @@ def main(argv):
               ds.client_sizes.max()), slots=execution.slots(c))
       secure[name] = simulator(secure_aggregation.wrap(
           aggregators.weighted_mean(), specs[name]))
+  for name in compression.SECURE_NAMES:  # SecAgg+ with a compressor's levels
+    k = f'secagg_{name}'
+    if f'simulator_{k}' in _METHODS.value:
+      specs[k] = secure_aggregation.make_spec(
+          neighbors=_SECAGG_K.value, clip_norm=100.0, max_weight=float(
+              ds.client_sizes.max()), slots=execution.slots(c),
+          compressor=name, compressor_bits=_COMPRESSION_BITS.value)
+      secure[k] = simulator(compression.wrap(
+          secure_aggregation.wrap(aggregators.weighted_mean(), specs[k]),
+          compression.Spec(compression.make(
+              name, bits=_COMPRESSION_BITS.value))))
   robust_algs = {}
   for name in _METHODS.value:
     if name.startswith('simulator_robust_'):
@@ -470,9 +486,11 @@ def main(argv):
             f'{compressors[k].bits(d) / 8:,.0f} against the plain '
             f'float32 message {param_groups.num_bytes(trained):,}')
     for k, a in secure.items():
-      sizes = secure_aggregation.protocol_bytes(
-          specs[k].degree, sum(x.size for x in jax.tree.leaves(trained)) + 1,
-          specs[k].bits)
+      d = sum(x.size for x in jax.tree.leaves(trained))
+      if specs[k].rotated:
+        d = 1 << (d - 1).bit_length()
+      sizes = secure_aggregation.protocol_bytes(specs[k].degree, d + 1,
+                                                specs[k].bits)
       print(f'simulator_{k} compilations for the whole run: '
             f'{len(a.traces)}; {specs[k].degree} neighbours; bytes per '
             f'client (model): upload {sizes["upload"]:,} (masked input '
@@ -503,6 +521,7 @@ def main(argv):
           f'{examples / med[name]:11.0f} {compile_s[name]:10.1f}{spread}')
   if 'simulator' in med:
     for other in ('simulator_dp', 'simulator_secagg', 'simulator_secagg_full',
+                  *(f'simulator_secagg_{n}' for n in compression.SECURE_NAMES),
                   *(f'simulator_{k}' for k in robust_algs),
                   *(f'simulator_{k}' for k in compressed),
                   'simulator_devices', 'simulator_fedbuff', 'python_loop',

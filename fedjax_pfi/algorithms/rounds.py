@@ -165,7 +165,19 @@ def message_sums(aggregator: aggregators_lib.Aggregator, agg_state,
     messages, stats = jax.vmap(aggregator.client, in_axes=(0, None, 0))(
         messages, agg_state, own)
     sums.update({k: jnp.sum(v * real) for k, v in stats.items()})
-  if aggregator.compression is not None:
+  if aggregator.compression is not None and aggregator.secure is not None:
+    if round_key is None:
+      raise ValueError(
+          f'aggregator {aggregator.name!r} compresses with one rotation a '
+          "round, which needs the round's key; this round passes none.")
+    rotation = jax.random.fold_in(aggregator_key(round_key),
+                                  compression.ROTATION_STREAM)
+    messages, stats = jax.vmap(
+        lambda m: compression.secure_step(
+            aggregator.compression, aggregator.secure.clip_norm, m,
+            rotation))(messages)
+    sums.update({k: jnp.sum(v * real) for k, v in stats.items()})
+  elif aggregator.compression is not None:
     step = functools.partial(compression.client_step, aggregator.compression,
                              aggregator.client)
     messages, stats, new_residuals = jax.vmap(
@@ -269,10 +281,15 @@ def finish(state, cohort, key: jax.Array,
                                examples)
   size = param_groups.num_bytes(state.params)
   spec = aggregator.compression
-  if spec is not None:  # what a compressed message costs
+  if spec is not None and aggregator.secure is not None:  # the masked input
+    upload = secure_aggregation.protocol_bytes(
+        aggregator.secure.degree, compression.secure_values(
+            spec.compressor, compression.num_floats(mean)) + 1,
+        aggregator.secure.bits)['upload']
+  elif spec is not None:  # what a compressed message costs
     upload = compression.message_bytes(spec.compressor, mean)
-    if spec.download:
-      download = compression.message_bytes(spec.compressor, state.params)
+  if spec is not None and spec.download:
+    download = compression.message_bytes(spec.compressor, state.params)
   metrics.update(core.comm_metrics(cohort, size if download is None else
                                    download, size if upload is None else upload))
   metrics.update(agg_metrics)
