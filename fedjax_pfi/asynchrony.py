@@ -145,12 +145,6 @@ def check(config) -> None:
     raise ValueError(
         f'devices.{sync_only[0]} is a synchronous strategy; asynchrony.mode='
         f'{m!r} has none (its staleness bound is asynchrony.max_staleness).')
-  if config.privacy.mechanism != 'none':
-    raise ValueError(
-        f'privacy.mechanism={config.privacy.mechanism!r} with asynchrony.'
-        f'mode={m!r}: who trains in a step depends on the devices and the '
-        "clients' own data sizes, which the accountant's sampling does not "
-        'cover yet; run asynchronous aggregation without DP.')
   if m == 'fedasync' and config.secure_aggregation.enabled:
     raise ValueError("asynchrony.mode='fedasync' with secure aggregation: "
                      'one client a step has no sum to hide its update in.')
@@ -213,6 +207,10 @@ class AsyncTimeline(devices.Clock):
     self._heap: list = []
     self._seq = 0
     self._busy_ids: set[int] = set()
+    # clients whose update waits in the buffer: at most one update of a
+    # client per server step (DP's sensitivity, secure aggregation's ids)
+    self._waiting: set[int] = set()
+    self._unfilled = 0
     self._buffer: list[tuple[_Client, int]] = []  # (client, staleness)
     self._ended: list[_Client] = []
     self._discarded = 0
@@ -236,7 +234,10 @@ class AsyncTimeline(devices.Clock):
 
   def _start(self, t: float, n: int) -> None:
     """Starts up to ``n`` idle online clients at time ``t`` from the current
-    version; the rest of the ``n`` slots retry when somebody comes online."""
+    version (idle: neither training nor with an update in the buffer); the
+    rest of the ``n`` slots retry when somebody comes online, or, when
+    somebody is always online, at the next arrival or step."""
+    n, self._unfilled = n + self._unfilled, 0
     if n <= 0:
       return
     c, p = self.config, self.profiles
@@ -246,14 +247,17 @@ class AsyncTimeline(devices.Clock):
     tail = [] if j == 0 else [j]
     until = self.availability.until(t)
     idle = np.ones(self.sizes.size, bool)
-    idle[list(self._busy_ids)] = False
+    idle[list(self._busy_ids | self._waiting)] = False
     pool = np.flatnonzero((until > t) & idle)
     take = min(n, pool.size)
     if take < n:  # the rest wait for somebody to come online
-      again = self.availability.next_online(t) + 1e-6
-      heapq.heappush(self._heap, (max(again, t + 1e-6), self._seq, 'retry',
-                                  n - take))
-      self._seq += 1
+      again = self.availability.next_online(t)
+      if again > t:
+        heapq.heappush(self._heap, (again + 1e-6, self._seq, 'retry',
+                                    n - take))
+        self._seq += 1
+      else:  # online but busy or waiting: freed by an arrival or a step
+        self._unfilled = n - take
     if not take:
       return
     pick = np.random.default_rng([int(c.seed), v, SELECT_STREAM] + tail
@@ -313,6 +317,7 @@ class AsyncTimeline(devices.Clock):
             self._discarded += 1
           else:
             self._buffer.append((what, tau))
+            self._waiting.add(what.id)
         while len(self._buffer) >= self.k:
           self._step(t)
           stepped += 1
@@ -324,6 +329,7 @@ class AsyncTimeline(devices.Clock):
 
   def _step(self, t: float) -> None:
     batch, self._buffer = self._buffer[:self.k], self._buffer[self.k:]
+    self._waiting.difference_update(c.id for c, _ in batch)
     ended, self._ended = self._ended, []
     aggregated = {id(c) for c, _ in batch}
     ids = np.asarray([c.id for c, _ in batch], np.int64)

@@ -722,6 +722,8 @@ class Clock:
     self.upload_bytes = float(upload_bytes)
     self._rounds: list[Round] = []
     self._energy: list[float] = []
+    self._units = np.zeros(self.sizes.size, np.int64)
+    self._max_units: list[int] = []
 
   def _advance(self) -> None:
     """Computes the next round and `_record`s it."""
@@ -731,6 +733,9 @@ class Clock:
     self._rounds.append(one)
     self._energy.append((self._energy[-1] if self._energy else 0.0) +
                         float(one.energy.sum()))
+    ids, times = np.unique(self._aggregated(one), return_counts=True)
+    self._units[ids] += times ** 2
+    self._max_units.append(int(self._units.max()) if self._units.size else 0)
 
   def _aggregated(self, one: Round) -> np.ndarray:
     """The clients whose update round ``one`` aggregated."""
@@ -740,6 +745,17 @@ class Clock:
     while len(self._rounds) <= r:
       self._advance()
     return self._rounds[r]
+
+  def max_units(self, rounds: int) -> int:
+    """``max_c sum_r k_cr^2`` over the first ``rounds`` rounds, ``k_cr`` the
+    times client ``c``'s update is aggregated in round ``r`` (0 or 1, but
+    for the sake of the bound any number): the rounds of Gaussian noise a
+    scheduled DP accountant composes for the most exposed client
+    (`privacy.Accountant`)."""
+    if rounds <= 0:
+      return 0
+    self.round(rounds - 1)
+    return self._max_units[rounds - 1]
 
   def metrics(self, r: int) -> dict:
     """Round ``r``'s ``clock/`` metrics, with the running totals."""

@@ -157,7 +157,11 @@ def ever_sampled(config, population: int, num_rounds: int,
 
 
 def expected_clients(config, population: int) -> float:
-  """The expected cohort size: the DP aggregator's fixed denominator."""
+  """The expected cohort size: the DP aggregator's fixed denominator (an
+  asynchronous step's: its buffer, ``K``)."""
+  from fedjax_pfi import asynchrony  # pylint: disable=g-import-not-at-top
+  if asynchrony.enabled(config):
+    return float(asynchrony.buffer_size(config))
   if sampling(config) == 'poisson':
     return poisson_rate(config, population) * population
   return float(config.clients_per_round)

@@ -52,6 +52,9 @@ from fedjax_pfi.algorithms import aggregators
 
 MECHANISMS = ('none', 'gaussian', 'adaptive')
 SAMPLINGS = ('poisson', 'fixed')
+# Asynchronous aggregation's accounting (`Accounting`): the device model's
+# schedule is public, nothing is sampled.
+SCHEDULED = 'scheduled'
 ACCOUNTANTS = ('pld', 'rdp')
 # The bracket `calibrate` searches for a noise multiplier in.
 NOISE_BRACKET = (0.1, 1e3)
@@ -63,9 +66,13 @@ class Accounting(NamedTuple):
   Attributes:
     noise_multiplier: ``z``, the std of the noise over the sensitivity
       (adaptive clipping's count included, Andrew et al. 2021 Thm. 1).
-    sampling: ``'poisson'`` or ``'fixed'``.
+    sampling: ``'poisson'``, ``'fixed'``, or `SCHEDULED` (asynchronous
+      aggregation: who trains in a step is the device model's schedule,
+      taken as public; no amplification by sampling, and the rounds
+      composed are a client's own steps, `Accountant`'s ``units``).
     population: clients the cohort is drawn from.
-    cohort: ``q * population`` (Poisson) or the cohort size (fixed).
+    cohort: ``q * population`` (Poisson), the cohort size (fixed), the
+      buffer ``K`` (scheduled).
     delta: the target delta.
     extrapolated: the population and cohort are ``noise_population`` and
       ``noise_cohort_size``, larger than the simulation's.
@@ -83,15 +90,24 @@ class Accounting(NamedTuple):
 
   @property
   def relation(self) -> str:
-    return ('add_or_remove_one' if self.sampling == 'poisson' else
-            'replace_one')
+    return {'poisson': 'add_or_remove_one', 'fixed': 'replace_one',
+            SCHEDULED: 'zero_out'}[self.sampling]
 
   @property
   def sensitivity(self) -> float:
     """How far one client moves the noised sum, in clip norms: adding or
-    removing a client moves it by at most ``C``, replacing one by ``2 C``
-    (and adaptive clipping's count of bits in {-1/2, 1/2} by 1/2 and 1)."""
-    return 1.0 if self.sampling == 'poisson' else 2.0
+    removing a client moves it by at most ``C``, replacing one by ``2 C``,
+    zeroing out its update (scheduled: its place in the schedule stays) by
+    ``C`` (and adaptive clipping's count of bits in {-1/2, 1/2} by 1/2 and
+    1)."""
+    return 2.0 if self.sampling == 'fixed' else 1.0
+
+  @property
+  def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+    return {'poisson': dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+            'fixed': dp_accounting.NeighboringRelation.REPLACE_ONE,
+            SCHEDULED: dp_accounting.NeighboringRelation.REPLACE_SPECIAL}[
+                self.sampling]
 
   def event(self, rounds: int, noise_multiplier: Optional[float] = None
             ) -> dp_accounting.DpEvent:
@@ -101,7 +117,9 @@ class Accounting(NamedTuple):
     l2-sensitivity under the accountant's neighbouring relation)."""
     z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
     gauss = dp_accounting.GaussianDpEvent(z / self.sensitivity)
-    if self.sampling == 'poisson':
+    if self.sampling == SCHEDULED:  # a step the client is in: no sampling
+      one = gauss
+    elif self.sampling == 'poisson':
       one = dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gauss)
     else:
       one = dp_accounting.SampledWithoutReplacementDpEvent(
@@ -109,10 +127,12 @@ class Accounting(NamedTuple):
     return dp_accounting.SelfComposedDpEvent(one, rounds)
 
   def rdp_accountant(self) -> rdp_privacy_accountant.RdpAccountant:
-    relation = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
-                if self.sampling == 'poisson' else
-                dp_accounting.NeighboringRelation.REPLACE_ONE)
-    return rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+    return rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=self.neighboring_relation)
+
+  def pld_accountant(self) -> pld_privacy_accountant.PLDAccountant:
+    return pld_privacy_accountant.PLDAccountant(
+        neighboring_relation=self.neighboring_relation)
 
   def report(self) -> dict:
     """``privacy/...`` entries of ``report.json``: the inputs beside epsilon."""
@@ -131,7 +151,14 @@ class Accounting(NamedTuple):
 
 
 class Accountant:
-  """Epsilon after ``t`` rounds of an `Accounting`'s mechanism."""
+  """Epsilon after ``t`` rounds of an `Accounting`'s mechanism.
+
+  Scheduled (asynchronous) accounting passes ``t`` = the largest number of
+  server steps any one client has been aggregated in (a client ``k`` times
+  in one step counts ``k^2``: its sensitivity there is ``k C``), from the
+  device model (`devices.Clock.max_units`): a client's privacy loss is the
+  composition of the Gaussian releases of the steps it is in, and the
+  others' releases do not depend on its data (zero-out neighbours)."""
 
   def __init__(self, accounting: Accounting):
     self.accounting = accounting
@@ -149,28 +176,28 @@ class Accountant:
 
   @property
   def has_pld(self) -> bool:
-    return self.accounting.sampling == 'poisson'
+    return self.accounting.sampling in ('poisson', SCHEDULED)
 
   @functools.lru_cache(maxsize=64)
   def epsilon_pld(self, rounds: int) -> Optional[float]:
-    """PLD's epsilon (Poisson sampling only; None otherwise)."""
+    """PLD's epsilon (Poisson sampling or scheduled; None otherwise)."""
     if not self.has_pld:
       return None
     if rounds <= 0:
       return 0.0
-    acc = pld_privacy_accountant.PLDAccountant()
+    acc = self.accounting.pld_accountant()
     acc.compose(self.accounting.event(rounds))
     return float(acc.get_epsilon(self.accounting.delta))
 
 
 def _accountant_for(kind: str, accounting: Accounting):
   if kind == 'pld':
-    if accounting.sampling != 'poisson':
+    if accounting.sampling == 'fixed':
       raise ValueError(
           "privacy.accountant='pld' needs Poisson sampling: dp-accounting's "
           'PLD does not support sampling without replacement; set '
           "privacy.accountant='rdp' or privacy.sampling='poisson'.")
-    return pld_privacy_accountant.PLDAccountant()
+    return accounting.pld_accountant()
   return accounting.rdp_accountant()
 
 
@@ -241,7 +268,7 @@ def check(config) -> None:
   aggregators.check_clip_and_noise(
       p.clip_norm, p.noise_multiplier if p.target_epsilon is None else None)
   if (p.target_epsilon is not None and p.accountant == 'pld' and
-      p.sampling != 'poisson'):
+      p.sampling != 'poisson' and not scheduled(config)):
     raise ValueError(
         "privacy.accountant='pld' needs Poisson sampling to calibrate: "
         "dp-accounting's PLD does not support sampling without replacement; "
@@ -259,6 +286,13 @@ def check(config) -> None:
         "server.weighting unset or 'uniform'.")
 
 
+def scheduled(config) -> bool:
+  """Asynchronous aggregation (``asynchrony.mode`` fedbuff or fedasync):
+  accounted as `SCHEDULED`."""
+  a = config.get('asynchrony')
+  return a is not None and str(a.mode) != 'sync'
+
+
 def build(config, population: int, expected_clients: float
           ) -> Optional[Mechanism]:
   """The mechanism of ``config.privacy`` for a population of ``population``
@@ -267,6 +301,13 @@ def build(config, population: int, expected_clients: float
   if p.mechanism == 'none':
     return None
   extrapolated = p.noise_cohort_size is not None
+  sampling = SCHEDULED if scheduled(config) else p.sampling
+  if extrapolated and sampling == SCHEDULED:
+    raise ValueError(
+        f'privacy.noise_cohort_size={p.noise_cohort_size} with asynchrony.'
+        f'mode={config.asynchrony.mode!r}: the extrapolation scales the '
+        'noise of a sampled cohort, and an asynchronous step samples none; '
+        'unset privacy.noise_cohort_size.')
   if extrapolated:
     cohort = int(p.noise_cohort_size)
     pop = int(p.noise_population or population)
@@ -275,6 +316,8 @@ def build(config, population: int, expected_clients: float
           f'privacy.noise_cohort_size={cohort} must lie in 1..'
           f'privacy.noise_population ({pop}).')
     noise_scale = expected_clients / cohort
+  elif sampling == SCHEDULED:  # the buffer: the DP mean's denominator
+    cohort, pop, noise_scale = int(expected_clients), population, 1.0
   else:
     cohort = (int(config.clients_per_round) if p.sampling == 'fixed' else
               config.clients_per_round)
@@ -285,7 +328,7 @@ def build(config, population: int, expected_clients: float
         f'{1.0 / pop:g}: a mechanism that publishes one client\'s data whole '
         f'satisfies such a delta. Choose delta well below 1/{pop}.',
         UserWarning, stacklevel=2)
-  accounting = Accounting(float(p.noise_multiplier), p.sampling, pop, cohort,
+  accounting = Accounting(float(p.noise_multiplier), sampling, pop, cohort,
                           float(p.delta), extrapolated)
   calibrated = p.target_epsilon is not None
   if calibrated:

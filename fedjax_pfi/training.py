@@ -515,12 +515,18 @@ def run_experiment(exp: Experiment, workdir: str, *,
 
   def epsilon(done: int) -> dict:
     """Epsilon spent by ``done`` rounds: RDP every round; PLD (0.3-2 s a
-    call) at evaluation and checkpoint rounds and at the end."""
-    out = {'privacy/epsilon_rdp': accountant.epsilon_rdp(done)}
+    call) at evaluation and checkpoint rounds and at the end. Asynchronous:
+    by the most exposed client's steps (`devices.Clock.max_units`)."""
+    units = done
+    out = {}
+    if accountant.accounting.sampling == privacy.SCHEDULED:
+      units = exp.devices.max_units(done)
+      out['privacy/max_client_steps'] = float(units)
+    out['privacy/epsilon_rdp'] = accountant.epsilon_rdp(units)
     if accountant.has_pld and (done % config.eval_every == 0 or
                                done % config.checkpoint_every == 0 or
                                done == config.rounds):
-      out['privacy/epsilon_pld'] = accountant.epsilon_pld(done)
+      out['privacy/epsilon_pld'] = accountant.epsilon_pld(units)
     return out
 
   def kept() -> str:

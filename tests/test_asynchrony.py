@@ -53,6 +53,87 @@ def test_a_fedbuff_timeline_by_hand():
                                 [0, 1, 1, 1, 3, 3])
 
 
+def test_a_client_has_one_update_in_the_buffer_at_a_time():
+  """K = 3 of the 3 hand clients: client 0 arrives at 3 and client 1 at 5,
+  and neither starts again while its update waits (else client 0 would
+  arrive twice, at 3 and 6, in the first step); the step at 7 takes all
+  three fresh, and all three restart from version 1."""
+  t = hand_timeline(**{'asynchrony.buffer_size': 3})
+  for r, time in enumerate((7.0, 14.0)):
+    one = t.round(r)
+    assert sorted(one.ids.tolist()) == [0, 1, 2], r
+    assert one.staleness.tolist() == [0, 0, 0], r
+    assert one.start + one.seconds == pytest.approx(time), r
+  assert t.max_units(2) == 2
+
+
+def test_max_units_counts_each_clients_steps():
+  t = hand_timeline()  # aggregated: 0, 1, 0, 2, 0, 1 (the timeline above)
+  assert [t.max_units(r) for r in range(7)] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_scheduled_accounting_is_the_composed_gaussian_closed_form():
+  """m steps of a Gaussian with multiplier z, no sampling, is one Gaussian
+  with ``mu = sqrt(m) / z``, whose exact delta(epsilon) is Balle & Wang
+  (ICML 2018, Thm. 8): ``Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu)``."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi import privacy  # pylint: disable=g-import-not-at-top
+  delta = 1e-5
+  acc = privacy.Accountant(privacy.Accounting(
+      2.0, privacy.SCHEDULED, 100, 10, delta))
+  assert acc.accounting.relation == 'zero_out'
+  assert acc.accounting.sensitivity == 1.0
+  for m in (1, 4, 25):
+    mu = np.sqrt(m) / 2.0
+    def gap(eps, mu=mu):
+      return (stats.norm.cdf(mu / 2 - eps / mu) -
+              np.exp(eps) * stats.norm.cdf(-mu / 2 - eps / mu) - delta)
+    exact = optimize.brentq(gap, 1e-6, 100.0)
+    pld, rdp = acc.epsilon_pld(m), acc.epsilon_rdp(m)
+    assert exact <= pld <= exact * 1.01 + 1e-3, (m, pld, exact)
+    assert pld <= rdp, (m, pld, rdp)
+  assert acc.epsilon_rdp(0) == 0.0
+
+
+def test_fedbuff_with_dp_is_one_gaussian_release_a_step(tmp_path):
+  """Without noise and with a clip nothing reaches, DP-FedBuff is FedBuff
+  with uniform weights (the buffer K is the mean's denominator); with
+  noise each step adds N(0, (z C)^2) to the buffer's sum, and epsilon is
+  accounted over the most exposed client's steps."""
+  from fedjax_pfi import privacy  # pylint: disable=g-import-not-at-top
+  common = {'server.weighting': 'uniform', 'server.optimizer': 'fedavg',
+            'server.learning_rate': 1.0}
+  plain = _run_config(4, **common)
+  private = _run_config(4, **common, **{
+      'privacy.mechanism': 'gaussian', 'privacy.clip_norm': 1e6,
+      'privacy.noise_multiplier': 0.0})
+  training.run(plain, str(tmp_path / 'plain'))
+  training.run(private, str(tmp_path / 'private'))
+  a = without_time(training.read_metrics(str(tmp_path / 'plain')))
+  b = without_time(training.read_metrics(str(tmp_path / 'private')))
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(y['train_loss'], x['train_loss'], rtol=1e-6)
+    np.testing.assert_allclose(y['delta_norm'], x['delta_norm'],
+                               rtol=1e-5)
+  noisy = _run_config(4, **common, **{
+      'privacy.mechanism': 'gaussian', 'privacy.clip_norm': 0.5,
+      'privacy.noise_multiplier': 0.8})
+  training.run(noisy, str(tmp_path / 'noisy'))
+  rows = training.read_metrics(str(tmp_path / 'noisy'))
+  exp = training.build(noisy)
+  assert exp.privacy.accountant.accounting.sampling == privacy.SCHEDULED
+  assert exp.privacy.accountant.accounting.cohort == 3  # the buffer
+  for r, row in enumerate(rows):
+    units = exp.devices.max_units(r + 1)
+    assert row['privacy/max_client_steps'] == units
+    assert row['privacy/epsilon_rdp'] == pytest.approx(
+        exp.privacy.accountant.epsilon_rdp(units))
+    assert row['privacy/noise_std'] == pytest.approx(0.8 * 0.5)
+  assert rows[-1]['privacy/epsilon_pld'] == pytest.approx(
+      exp.privacy.accountant.epsilon_pld(exp.devices.max_units(4)))
+
+
 def test_max_staleness_discards_the_stale():
   t = hand_timeline(**{'asynchrony.max_staleness': 2})
   # client 2 arrives at t=7 three versions late and is dropped; it restarts
@@ -228,8 +309,9 @@ def test_chunked_fedbuff_equals_the_plain_layout(tmp_path):
     ({'asynchrony.mode': 'fedbuff', 'devices.profile': 'lognormal',
       'devices.deadline': 5.0}, 'devices.deadline is a synchronous strategy'),
     ({'asynchrony.mode': 'fedbuff', 'devices.profile': 'lognormal',
-      'privacy.mechanism': 'gaussian'}, 'run asynchronous aggregation '
-                                        'without DP'),
+      'privacy.mechanism': 'gaussian', 'server.weighting': 'uniform',
+      'privacy.noise_cohort_size': 100},
+     'an asynchronous step samples none'),
     ({'asynchrony.mode': 'fedasync', 'devices.profile': 'lognormal'},
      "set server.optimizer='fedavg'"),
     ({'asynchrony.mode': 'fedbuff', 'devices.profile': 'lognormal',
