@@ -356,3 +356,56 @@ def test_fedbuff_composes_with_personal_state_secagg_and_compression(
   assert 0 < topk['compression/vnmse'] < 1
   assert topk['comm/upload_bytes_per_client'] < plain[
       'comm/upload_bytes_per_client'] / 5
+
+
+@pytest.mark.parametrize('asynchronous', [False, True])
+def test_one_client_with_10_examples_is_10_clients_with_1_example(
+    asynchronous):
+  """One local step of full-batch SGD: a client's delta is ``-lr`` times
+  its examples' mean gradient, so one client holding 10 examples (weight
+  10) moves the model exactly as 10 clients holding one each (weight 1
+  each). Synchronous FedAvg, and FedBuff steps (a buffer of the one fresh
+  client against a buffer of the ten, ``s(0) = 1``)."""
+  from fedjax_pfi.algorithms import aggregators  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import partitioned  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.data import cohort as cohort_lib  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.data.federated import FederatedDataset  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.models import zoo  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(10, 6)).astype(np.float32)
+  y = rng.integers(0, 3, 10).astype(np.int32)
+  # client 0: all ten; clients 1..10: one each (the same examples)
+  ds = FederatedDataset({'x': np.concatenate([x, x]),
+                         'y': np.concatenate([y, y])},
+                        np.concatenate([[0], np.arange(10, 21)]),
+                        [str(i) for i in range(11)], {'num_classes': 3})
+  model = zoo.build_model('mlp', x[:2], ds.metadata, hidden=(8,))
+  aggregator = aggregators.weighted_mean()
+  if asynchronous:
+    aggregator = asynchrony.wrap(aggregator, asynchrony.Spec(3, False))
+  alg = partitioned.fed_partitioned(
+      model, optax.sgd(0.5), server_optimizers.server_optimizer('fedavg',
+                                                                1.0),
+      aggregator)
+  params0 = model.init(jax.random.key(0))
+
+  def step(ids):
+    cohort = cohort_lib.stack_cohort(ds, ids, batch_size=10,
+                                     step_buckets=(1,), seed=0, round_idx=0,
+                                     num_slots=10)
+    if asynchronous:  # every client fresh: ring slot 0, s(0) = 1
+      cohort = cohort._replace(arrivals=asynchrony.Arrivals(
+          np.zeros(10, np.int32), np.where(np.arange(10) < len(ids), 1.0,
+                                           0.0).astype(np.float32)))
+    np.testing.assert_array_equal(cohort.weight[:len(ids)],
+                                  ds.client_sizes[ids])
+    state, _ = alg.apply(alg.init(params0), cohort_lib.to_device(cohort),
+                         jax.random.key(1))
+    return state.params
+
+  one = step(np.array([0]))
+  ten = step(np.arange(1, 11))
+  chex.assert_trees_all_close(one, ten, atol=1e-6, rtol=1e-6)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), one,
+                       params0)
+  assert max(jax.tree.leaves(moved)) > 1e-3  # the step did move the model

@@ -177,3 +177,18 @@ def test_fedavg_throughput_benchmark_times_devices_and_fedbuff():
   assert 'simulator / simulator_devices throughput' in out.stdout, out.stdout
   assert 'simulator_fedbuff compilations for the whole run: 1' in out.stdout
   assert 'simulator / simulator_fedbuff throughput' in out.stdout, out.stdout
+
+
+def test_secure_compression_benchmark_runs_tiny():
+  """The error table of compression under secure aggregation prints a row
+  per compressor and bits, the rotation's error the smaller."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.benchmarks.secure_compression',
+       '--dim=1024', '--clients=4', '--bits=4', '--repeats=1'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {m[1]: float(m[2]) for m in re.finditer(
+      r'^\| (qsgd|rotated_qsgd) \| 4 \| \d+ \| [\d,]+ \| ([\d.e+-]+) \|',
+      out.stdout, re.M)}
+  assert set(rows) == {'qsgd', 'rotated_qsgd'}, out.stdout
+  assert rows['rotated_qsgd'] < rows['qsgd']

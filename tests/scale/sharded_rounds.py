@@ -103,7 +103,21 @@ def training_diffs():
   compressed = {'compression.name': 'topk', 'compression.fraction': 0.1,
                 'compression.error_feedback': True,
                 'compression.download': True}
+  # FedBuff with DP, secure aggregation and rotated QSGD: each step's
+  # buffer sharded like a cohort, the ring of versions replicated
+  fedbuff = {'devices.profile': 'lognormal', 'asynchrony.mode': 'fedbuff',
+             'asynchrony.buffer_size': 4, 'asynchrony.concurrency': 6,
+             'client.max_steps': 2, 'privacy.mechanism': 'gaussian',
+             'privacy.clip_norm': 1.0, 'privacy.noise_multiplier': 0.3,
+             'server.weighting': 'uniform',
+             'secure_aggregation.enabled': True,
+             'secure_aggregation.bits': 24,
+             'compression.name': 'rotated_qsgd', 'compression.bits': 6}
   for name, kw in [('one', {}),
+                   ('fedbuff_one', fedbuff),
+                   ('fedbuff_two_chunked', {**fedbuff,
+                                            'execution.devices': 2,
+                                            'execution.chunk_size': 1}),
                    ('four_packed', {'execution.devices': 4,
                                     'execution.pack_lanes': 4}),
                    ('two_chunked', {'execution.devices': 2,
@@ -125,7 +139,8 @@ def training_diffs():
   for name, base in (('four_packed', 'one'), ('two_chunked', 'one'),
                      ('secagg_two_chunked', 'secagg_one'),
                      ('robust_two_chunked', 'robust_one'),
-                     ('compressed_two_chunked', 'compressed_one')):
+                     ('compressed_two_chunked', 'compressed_one'),
+                     ('fedbuff_two_chunked', 'fedbuff_one')):
     diffs[name] = max(
         abs(float(np.asarray(a[k], float).max() - np.asarray(b[k], float).max())
             if np.ndim(a[k]) else float(a[k]) - float(b[k]))
@@ -136,6 +151,9 @@ def training_diffs():
   diffs['robust_malicious'] = sum(r['attack/malicious_clients']
                                   for r in rows['robust_one'])
   diffs['compressed_vnmse'] = rows['compressed_one'][-1]['compression/vnmse']
+  diffs['fedbuff_staleness'] = max(r['async/staleness_max']
+                                  for r in rows['fedbuff_one'])
+  diffs['fedbuff_epsilon'] = rows['fedbuff_one'][-1]['privacy/epsilon_rdp']
   diffs['rounds'] = len(rows['one'])
   diffs['compilations'] = max(r['time/compilations'] for v in rows.values()
                               for r in v)

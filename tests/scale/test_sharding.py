@@ -75,3 +75,14 @@ def test_compression_with_error_feedback_on_2_chunked_devices_equals_one(diffs):
   got = diffs['training']
   assert got['compressed_vnmse'] > 0.1  # top-10% leaves most out
   assert got['compressed_two_chunked'] < 1e-4, got
+
+
+def test_fedbuff_with_dp_secagg_and_compression_on_2_chunked_devices(diffs):
+  """An asynchronous step's buffer shards like a cohort (each client from
+  its own version of the replicated ring), its masked, rotated sum is
+  psum-ed, and the noise is one draw of the step's key: the same steps on
+  1 device and on 2 chunked."""
+  got = diffs['training']
+  assert got['fedbuff_staleness'] >= 1  # stale clients were in the runs
+  assert got['fedbuff_epsilon'] > 0
+  assert got['fedbuff_two_chunked'] < 1e-4, got
