@@ -87,11 +87,11 @@ def sample_ids(config, population: int, round_idx: int) -> np.ndarray:
 def slots(config, population: int) -> int:
   """How many client slots every round's cohort is padded to (before
   `core.Execution.slots` rounds it up for chunks and devices)."""
-  if sampling(config) == 'poisson':
-    return poisson_slots(config.clients_per_round, population)
   from fedjax_pfi import asynchrony  # pylint: disable=g-import-not-at-top
   if asynchrony.enabled(config):  # a server step aggregates one buffer
     return asynchrony.buffer_size(config)
+  if sampling(config) == 'poisson':
+    return poisson_slots(config.clients_per_round, population)
   return config.clients_per_round
 
 
