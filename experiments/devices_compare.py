@@ -2,13 +2,19 @@ r"""Synchronous strategies in simulated time, on the same devices (issue 16).
 
   python -m experiments.devices_compare --workdir=/tmp/fedjax_pfi/devices
   python -m experiments.devices_compare --workdir=/tmp/dc_small --testing
+  python -m experiments.devices_compare --dataset=shakespeare \
+      --workdir=/tmp/fedjax_pfi/devices_shakespeare
 
-The synchronous half of the PFI survey's third experiment: FedAvg with the
-CNN on the FEMNIST writers (``experiments/configs/femnist_fedavg.py``, 100
-rounds of 10) on one population of devices (``devices.seed=0``): log-normal
-speeds and bandwidths (`fedjax_pfi.devices` defaults) tied to the writers'
-data by ``--size_correlation`` (0.8: the writers with few images have the
-slow phones and links, the biased availability the issue asks about), each
+The PFI survey's third experiment: FedAvg on one population of devices
+(``devices.seed=0``), with ``--dataset``'s config: ``femnist`` (the default),
+the CNN on the FEMNIST writers (``experiments/configs/femnist_fedavg.py``,
+100 rounds of 10), or ``shakespeare``, the character transformer on the
+Shakespeare (play, role) clients (the embedded default,
+``experiments/configs/shakespeare_fedavg.py``, 100 rounds of 10);
+``--testing`` takes either config's ``testing`` variant. Log-normal speeds
+and bandwidths (`fedjax_pfi.devices` defaults) are tied to the clients' data
+by ``--size_correlation`` (0.8: the clients with few examples have the slow
+phones and links, the biased availability the issue asks about), each
 online 8 hours a day from a random hour. `STRATEGIES`:
 
 - ``wait_all``: the round waits for every selected client;
@@ -23,17 +29,19 @@ online 8 hours a day from a random hour. `STRATEGIES`:
   alpha = 0.6: 1,000 steps.
 
 ``D`` is the ``--deadline_quantile`` (0.7) of the population's full-work
-times (download, every local step, upload), so about 30% of the writers
+times (download, every local step, upload), so about 30% of the clients
 cannot finish a round in time.
 
-Each row: the final per-writer mean test accuracy, and the mean of the
-smallest quartile of writers (by training images); simulated hours for the
+Each row: the final per-client mean test accuracy (FEMNIST: a writer's
+images; Shakespeare: a role's next characters), and the mean of the smallest
+quartile of clients (by training examples); simulated hours for the
 whole run and until the pooled test accuracy first reaches ``--target`` of
-``wait_all``'s final one; energy; the share of writers never aggregated
+``wait_all``'s final one; energy; the share of clients never aggregated
 (all, and the smallest quartile); the mean number of clients dropped per
-round; and against ``wait_all``, the share of writers hurt (and helped) beyond
-noise, a one-sided exact McNemar test on each writer's own test images (all,
-and the smallest quartile). Writes ``WORKDIR/table.md``, ``table.json`` and ``accuracy_hours.png``
+round; and against ``wait_all``, the share of clients hurt (and helped)
+beyond noise, a one-sided exact McNemar test on each client's own test
+examples (all, and the smallest quartile). Writes ``WORKDIR/table.md``,
+``table.json`` and ``accuracy_hours.png``
 (test accuracy against simulated hours) and ``staleness.png`` (the
 asynchronous runs' staleness histograms). Runs go to ``WORKDIR/<strategy>``
 and resume from there.
@@ -50,6 +58,7 @@ import numpy as np
 from experiments import robust_compare
 from experiments import tables
 from experiments.configs import femnist_fedavg
+from experiments.configs import shakespeare_fedavg
 from fedjax_pfi import devices
 from fedjax_pfi import training
 from fedjax_pfi.data import cohort as cohort_lib
@@ -57,10 +66,16 @@ from fedjax_pfi.data import cohort as cohort_lib
 STRATEGIES = ('wait_all', 'over_select', 'deadline', 'fedprox_partial',
               'fedbuff', 'fedasync')
 CONCURRENCY = 20  # clients in flight under fedbuff and fedasync
+CONFIGS = {'femnist': femnist_fedavg, 'shakespeare': shakespeare_fedavg}
+CLIENT_WORD = {'femnist': 'writer', 'shakespeare': 'role'}  # in the table
 
 
-def base_config(size_correlation: float, testing: bool):
-  c = femnist_fedavg.get_config('testing' if testing else '')
+def base_config(size_correlation: float, testing: bool,
+                dataset: str = 'femnist'):
+  if dataset not in CONFIGS:
+    raise ValueError(f'unknown dataset {dataset!r}; accepted: '
+                     f'{", ".join(CONFIGS)}.')
+  c = CONFIGS[dataset].get_config('testing' if testing else '')
   c.devices.profile = 'lognormal'
   c.devices.availability = 'diurnal'
   c.devices.size_correlation = size_correlation
@@ -85,8 +100,8 @@ def full_work_seconds(config) -> np.ndarray:
 
 
 def config_for(strategy: str, deadline: float, size_correlation: float,
-               testing: bool = False):
-  c = base_config(size_correlation, testing)
+               testing: bool = False, dataset: str = 'femnist'):
+  c = base_config(size_correlation, testing, dataset)
   if strategy == 'over_select':
     c.devices.over_select = 0.3
   elif strategy == 'deadline':
@@ -120,20 +135,22 @@ def _hours_to(rows: list[dict], target: float):
 
 
 def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
-            deadline_quantile=0.7, target=0.95, testing=False) -> list[dict]:
-  times = full_work_seconds(base_config(size_correlation, testing))
+            deadline_quantile=0.7, target=0.95, testing=False,
+            dataset='femnist') -> list[dict]:
+  times = full_work_seconds(base_config(size_correlation, testing, dataset))
   deadline = float(np.quantile(times, deadline_quantile))
   out, curves = [], {}
   for s in strategies:
     wd = os.path.join(workdir, s)
-    training.run(config_for(s, deadline, size_correlation, testing), wd)
+    training.run(config_for(s, deadline, size_correlation, testing, dataset),
+                 wd)
     rows = training.read_metrics(wd)
     curves[s] = rows
     clock = np.load(os.path.join(wd, training.CLOCK_FILE))
     sizes = clock['num_examples']
     small = sizes <= np.quantile(sizes, 0.25)
     final = np.load(os.path.join(wd, 'clients_final.npz'))
-    acc = np.full(sizes.size, np.nan)  # each writer's own test accuracy
+    acc = np.full(sizes.size, np.nan)  # each client's own test accuracy
     acc[final['personalized/client_ids']] = final['personalized/accuracy']
     last = rows[-1]
     out.append({
@@ -163,7 +180,7 @@ def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
     r['target_accuracy'] = goal
     r['hours_to_target'] = _hours_to(curves[r['strategy']], goal)
     # Who is hurt beyond noise against waiting for all: a one-sided exact
-    # McNemar test on each writer's own test images, all and the smallest
+    # McNemar test on each client's own test examples, all and the smallest
     # quartile (robust_compare's test; its "malicious" mask leaves out).
     wd = os.path.join(workdir, r['strategy'])
     r['hurt'], r['helped'] = robust_compare.honest_hurt(
@@ -176,9 +193,11 @@ def run_all(workdir: str, strategies=STRATEGIES, size_correlation=0.8,
   return out
 
 
-def write_table(workdir: str, rows: list[dict]) -> str:
+def write_table(workdir: str, rows: list[dict],
+                dataset: str = 'femnist') -> str:
   goal = rows[0]['target_accuracy']
-  lines = ['| strategy | accuracy | writer mean | smallest quartile mean | '
+  lines = [f'| strategy | accuracy | {CLIENT_WORD[dataset]} mean | '
+           'smallest quartile mean | '
            f'hours to {goal:.3f} | hours | energy kJ | never aggregated % | '
            'smallest quartile never aggregated % | dropped / round | '
            'partial / round | hurt (sig.) % | smallest quartile hurt (sig.) % '
@@ -249,12 +268,15 @@ def main(argv):
     raise ValueError(f'unknown --strategies {unknown}; accepted: '
                      f'{", ".join(STRATEGIES)}.')
   rows = run_all(f.workdir, tuple(f.strategies), f.size_correlation,
-                 f.deadline_quantile, f.target, f.testing)
-  write_table(f.workdir, rows)
+                 f.deadline_quantile, f.target, f.testing, f.dataset)
+  write_table(f.workdir, rows, f.dataset)
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Output directory.', required=True)
+  flags.DEFINE_enum('dataset', 'femnist', list(CONFIGS),
+                    'femnist: the CNN on FEMNIST writers; shakespeare: the '
+                    'embedded default, Shakespeare (play, role) clients.')
   flags.DEFINE_list('strategies', list(STRATEGIES), 'Strategies to run.')
   flags.DEFINE_float('size_correlation', 0.8,
                      'devices.size_correlation of every run.')

@@ -382,17 +382,25 @@ def test_a_trace_that_misses_clients_is_refused_before_training(tmp_path):
                                    'devices.trace_path': str(path)}))
 
 
-def test_the_strategies_script_runs_tiny(tmp_path):
+@pytest.mark.parametrize('dataset,word,fedasync_steps', [
+    ('femnist', 'writer', 6), ('shakespeare', 'role', 9)])
+def test_devices_compare_runs_tiny(tmp_path, dataset, word, fedasync_steps):
   from experiments import devices_compare  # pylint: disable=g-import-not-at-top
   # (three of the six strategies: a FEMNIST CNN run costs about 30 s here)
   strategies = ('wait_all', 'fedprox_partial', 'fedasync')
-  rows = devices_compare.run_all(str(tmp_path), strategies, testing=True)
+  rows = devices_compare.run_all(str(tmp_path), strategies, testing=True,
+                                 dataset=dataset)
   assert [r['strategy'] for r in rows] == list(strategies)
   assert all(r['hours'] > 0 for r in rows)
-  text = devices_compare.write_table(str(tmp_path), rows)
+  # the per-client path (clients_final.npz, McNemar against wait_all)
+  assert all(0 <= r['small_quartile_mean'] <= 1 for r in rows)
+  assert all(0 <= r['hurt'] <= 1 for r in rows)
+  text = devices_compare.write_table(str(tmp_path), rows, dataset)
+  assert f'| {word} mean |' in text
   assert '| fedprox_partial |' in text and '| fedasync |' in text
   assert 'Deadline:' in text
   assert (tmp_path / 'accuracy_hours.png').exists()
   assert (tmp_path / 'staleness.png').exists()
   fedasync = next(r for r in rows if r['strategy'] == 'fedasync')
-  assert fedasync['steps'] == 6  # one update a step: rounds x cohort
+  # one update a step: rounds x cohort (3 x 2 FEMNIST, 3 x 3 Shakespeare)
+  assert fedasync['steps'] == fedasync_steps
