@@ -138,7 +138,9 @@ class Accounting(NamedTuple):
     """``privacy/...`` entries of ``report.json``: the inputs beside epsilon."""
     return {'privacy/noise_multiplier': self.noise_multiplier,
             'privacy/sampling': self.sampling,
-            'privacy/sampling_rate': self.sampling_rate,
+            # nothing is sampled in a scheduled (asynchronous) run
+            'privacy/sampling_rate': (None if self.sampling == SCHEDULED
+                                      else self.sampling_rate),
             'privacy/population': self.population,
             'privacy/cohort': self.cohort,
             'privacy/delta': self.delta,

@@ -107,8 +107,9 @@ class Spec(NamedTuple):
     dropout: probabilities of leaving before keys, before upload, before
       unmasking (each among those still in).
     levels: 0, or ``2^(b_c - 1) - 1`` when a compressor (``compression.
-      bits = b_c``) sets the fixed point (`compressed_scale`): each value
-      ``|x| <= bound`` maps to an integer in ``[-levels, levels]``.
+      bits = b_c``) sets the fixed point (`make_spec`): each value ``|x|
+      <= clip_norm`` (``beta`` once rotated) maps to an integer in
+      ``[-levels, levels]``.
     rotated: the messages are rotated (``rotated_qsgd``) and clamped to
       `compression.rotated_bound` before the fixed point, whose scale then
       depends on the message's length (`value_scale`).
@@ -225,8 +226,7 @@ def make_spec(*, bits: int = 32, neighbors: int = 0, threshold: int = 0,
         'DP) or secure_aggregation.clip_norm to a finite value.')
   levels = 0
   if compressor != 'none':
-    if compressor not in compression.SECURE_NAMES:
-      raise ValueError(compression.secure_refusal(compressor))
+    compression.check_secure(compressor, error_feedback=False)
     if float(scale):
       raise ValueError(
           f'secure_aggregation.scale={scale} and compression.name='

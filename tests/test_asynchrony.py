@@ -124,6 +124,9 @@ def test_fedbuff_with_dp_is_one_gaussian_release_a_step(tmp_path):
   exp = training.build(noisy)
   assert exp.privacy.accountant.accounting.sampling == privacy.SCHEDULED
   assert exp.privacy.accountant.accounting.cohort == 3  # the buffer
+  report = exp.privacy.accountant.accounting.report()
+  assert report['privacy/neighboring_relation'] == 'zero_out'
+  assert report['privacy/sampling_rate'] is None  # nothing is sampled
   from fedjax_pfi import participation  # pylint: disable=g-import-not-at-top
   assert participation.slots(noisy, 12) == 3  # not Poisson's bound
   for r, row in enumerate(rows):

@@ -581,6 +581,9 @@ def test_compressor_bits_must_fit_the_secure_aggregation_modulus(tmp_path):
   sp = sa.make_spec(bits=12, clip_norm=2.0, slots=10, compressor='qsgd',
                     compressor_bits=8)
   assert sp.levels == 127 and sp.scale == 127 / 2.0
+  with pytest.raises(ValueError, match="compression.name='drive' with "
+                     'secure_aggregation.enabled'):
+    sa.make_spec(bits=24, clip_norm=1.0, slots=4, compressor='drive')
   with pytest.raises(ValueError, match='unset secure_aggregation.scale'):
     sa.make_spec(bits=24, clip_norm=1.0, slots=10, scale=5.0,
                  compressor='qsgd', compressor_bits=4)
