@@ -11,7 +11,9 @@ the CNN on the FEMNIST writers (``experiments/configs/femnist_fedavg.py``,
 100 rounds of 10), or ``shakespeare``, the character transformer on the
 Shakespeare (play, role) clients (the embedded default,
 ``experiments/configs/shakespeare_fedavg.py``, 100 rounds of 10);
-``--testing`` takes either config's ``testing`` variant. Log-normal speeds
+``--testing`` takes either config's ``testing`` variant; Shakespeare is
+evaluated every 5 rounds (its default's 20 is too coarse for a time to
+target). Log-normal speeds
 and bandwidths (`fedjax_pfi.devices` defaults) are tied to the clients' data
 by ``--size_correlation`` (0.8: the clients with few examples have the slow
 phones and links, the biased availability the issue asks about), each
