@@ -61,7 +61,7 @@ class Compressor(NamedTuple):
   levels: int = 0  # qsgd's and rotated_qsgd's 2^(bits - 1) - 1
 
 
-def _next_pow2(d: int) -> int:
+def next_pow2(d: int) -> int:
   return 1 << max(0, (int(d) - 1).bit_length())
 
 
@@ -106,7 +106,7 @@ def _signs(key: jax.Array, n: int, dtype) -> jax.Array:
 def rotate(v: jax.Array, key: jax.Array) -> jax.Array:
   """``R v = H D v / sqrt(d')``, ``v`` zero-padded to ``d'`` (a power of
   2); an orthonormal map, so ``||R v|| = ||v||``."""
-  n = _next_pow2(v.shape[0])
+  n = next_pow2(v.shape[0])
   x = jnp.pad(v, (0, n - v.shape[0])) * _signs(key, n, v.dtype)
   return fwht(x) / math.sqrt(n)
 
@@ -158,7 +158,7 @@ def rotated_qsgd(bits: int) -> Compressor:
     return unrotate(q, rkey, v.shape[0])
 
   return Compressor('rotated_qsgd', apply,
-                    lambda d: _next_pow2(d) * int(bits) + SCALE_BITS, True,
+                    lambda d: next_pow2(d) * int(bits) + SCALE_BITS, True,
                     s)
 
 
@@ -173,7 +173,7 @@ def drive() -> Compressor:
 
   # Unbiased over uniformly random rotations; a randomized Hadamard
   # rotation makes it so to within the test's tolerance (not exactly).
-  return Compressor('drive', apply, lambda d: _next_pow2(d) + SCALE_BITS,
+  return Compressor('drive', apply, lambda d: next_pow2(d) + SCALE_BITS,
                     False)
 
 
@@ -411,12 +411,6 @@ def rotated_bound(clip_norm: float, n: int) -> float:
   n = int(n)
   return float(clip_norm) * min(
       1.0, math.sqrt(2.0 * math.log(2.0 * n / CLAMP_DELTA) / n))
-
-
-def secure_values(compressor: Compressor, d: int) -> int:
-  """How many values a client masks for a message of ``d`` floats (its
-  weight apart): ``d``, or ``d'`` (the next power of 2) once rotated."""
-  return _next_pow2(d) if compressor.name == 'rotated_qsgd' else int(d)
 
 
 def secure_step(spec: Spec, clip_norm: float, message, key: jax.Array):

@@ -291,8 +291,8 @@ def check(config) -> None:
 def scheduled(config) -> bool:
   """Asynchronous aggregation (``asynchrony.mode`` fedbuff or fedasync):
   accounted as `SCHEDULED`."""
-  a = config.get('asynchrony')
-  return a is not None and str(a.mode) != 'sync'
+  from fedjax_pfi import asynchrony  # pylint: disable=g-import-not-at-top
+  return asynchrony.enabled(config)
 
 
 def build(config, population: int, expected_clients: float

@@ -408,6 +408,14 @@ def protocol_bytes(degree: int, num_values: int, bits: int) -> dict:
           'masked_input': masked}
 
 
+def client_bytes(spec: Spec, num_floats: int) -> dict:
+  """`protocol_bytes` for a client whose message has ``num_floats`` floats:
+  it masks them (``d'``, the next power of 2, once rotated) and its
+  weight."""
+  values = compression.next_pow2(num_floats) if spec.rotated else num_floats
+  return protocol_bytes(spec.degree, int(values) + 1, spec.bits)
+
+
 # -- the device's part ----------------------------------------------------------
 
 
@@ -493,10 +501,6 @@ def masked_input(q, client_id, neighbors, neighbor_dropped, round_key,
           jax.tree.map(lambda v: v & mask, removed))
 
 
-def num_values(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
-
-
 def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
                 ids: jax.Array, rows, round_key: jax.Array) -> dict:
   """A chunk's part of the protocol: ``{'masked': sum y_c, 'removed': sum
@@ -509,7 +513,8 @@ def client_sums(spec: Spec, messages, weights: jax.Array, keys: jax.Array,
   def one(m, w, key, cid, nb, gone):
     wq = jax.lax.bitcast_convert_type(jnp.round(w).astype(jnp.int32),
                                       jnp.uint32)
-    r = quantize(m, value_scale(spec, num_values(m)), spec.bits, key)
+    r = quantize(m, value_scale(spec, compression.num_floats(m)), spec.bits,
+                 key)
     q = {'message': jax.tree.map(lambda v: (v * wq) & mask, r),
          'weight': wq.reshape(1) & mask}
     return masked_input(q, cid, nb, gone, round_key, spec.bits)
@@ -548,7 +553,7 @@ def unmask(spec: Spec, sums: dict, non_finite=0.0) -> tuple[dict, dict]:
   mask = _modulus_mask(spec.bits)
   z = jax.tree.map(lambda a, b: (a - b) & mask, sums['masked'],
                    sums['removed'])
-  scale = value_scale(spec, num_values(z['message']))
+  scale = value_scale(spec, compression.num_floats(z['message']))
   total = jax.tree.map(lambda v: jnp.where(non_finite > 0, jnp.nan, v),
                        dequantize(z['message'], scale, spec.bits))
   return total, dequantize(z['weight'], 1.0, spec.bits)[0]
@@ -578,12 +583,11 @@ def wrap(inner: aggregators_lib.Aggregator,
   def finalize(sums, state, key):
     total, weight = unmask(spec, sums['message'],
                            sums.get('secagg/non_finite_clients', 0.0))
-    sizes = protocol_bytes(spec.degree, sum(
-        x.size for x in jax.tree.leaves(sums['message']['masked'])), spec.bits)
+    masked = compression.num_floats(sums['message']['masked']['message'])
+    sizes = protocol_bytes(spec.degree, masked + 1, spec.bits)
     mean, state, metrics = inner.finalize(
         {**sums, 'message': total, 'weight': weight}, state, key)
-    scale = value_scale(spec, num_values(sums['message']['masked'][
-        'message']))
+    scale = value_scale(spec, masked)
     metrics = {**metrics, 'secagg/scale': jnp.float32(scale),
                'secagg/upload_bytes_per_client': jnp.float32(sizes['upload']),
                'secagg/download_bytes_per_client': jnp.float32(

@@ -276,12 +276,8 @@ def _timeline(config, built, splits, secagg):
       built.init_params(k)), jax.random.key(0)).params
   down, up = devices_lib.nominal_bytes(config, params)
   if secagg is not None:  # the masked input and the protocol's messages
-    values = compression.num_floats(params)
-    compressed = compression.from_config(config)
-    if compressed is not None:  # rotated_qsgd masks d' values
-      values = compression.secure_values(compressed.compressor, values)
-    sizes = secure_aggregation.protocol_bytes(secagg.degree, values + 1,
-                                              secagg.bits)
+    sizes = secure_aggregation.client_bytes(secagg,
+                                            compression.num_floats(params))
     up, down = float(sizes['upload']), down + float(sizes['download'])
   return devices_lib.build(config, splits.train.client_names,
                            splits.train.client_sizes, down, up)

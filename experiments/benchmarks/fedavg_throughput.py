@@ -486,11 +486,8 @@ def main(argv):
             f'{compressors[k].bits(d) / 8:,.0f} against the plain '
             f'float32 message {param_groups.num_bytes(trained):,}')
     for k, a in secure.items():
-      d = sum(x.size for x in jax.tree.leaves(trained))
-      if specs[k].rotated:
-        d = 1 << (d - 1).bit_length()
-      sizes = secure_aggregation.protocol_bytes(specs[k].degree, d + 1,
-                                                specs[k].bits)
+      sizes = secure_aggregation.client_bytes(
+          specs[k], compression.num_floats(trained))
       print(f'simulator_{k} compilations for the whole run: '
             f'{len(a.traces)}; {specs[k].degree} neighbours; bytes per '
             f'client (model): upload {sizes["upload"]:,} (masked input '

@@ -71,17 +71,15 @@ def round_error(name: str, bits: int, d: int, c: int, norm: float,
     errs.append(float(np.sum((np.asarray(got) - exact) ** 2) /
                       np.sum(exact ** 2)))
     clamped += float(k)
-  values = compression.secure_values(compression.make(name, bits=bits), d)
   return {'error': float(np.mean(errs)), 'clamped': clamped,
           'modulus': modulus,
-          'bytes': sa.protocol_bytes(spec.degree, values + 1,
-                                     modulus)['masked_input']}
+          'bytes': sa.client_bytes(spec, d)['masked_input']}
 
 
 def main(argv):
   del argv
   d, c = _DIM.value, _CLIENTS.value
-  n = 1 << (d - 1).bit_length()
+  n = compression.next_pow2(d)
   beta = compression.rotated_bound(1.0, n)
   print(f'jax {jax.__version__}; d = {d:,} (rotated {n:,}), {c} clients, '
         f'message norm {_NORM.value} x clip; beta / C = {beta:.4f} '

@@ -282,10 +282,8 @@ def finish(state, cohort, key: jax.Array,
   size = param_groups.num_bytes(state.params)
   spec = aggregator.compression
   if spec is not None and aggregator.secure is not None:  # the masked input
-    upload = secure_aggregation.protocol_bytes(
-        aggregator.secure.degree, compression.secure_values(
-            spec.compressor, compression.num_floats(mean)) + 1,
-        aggregator.secure.bits)['upload']
+    upload = secure_aggregation.client_bytes(
+        aggregator.secure, compression.num_floats(mean))['upload']
   elif spec is not None:  # what a compressed message costs
     upload = compression.message_bytes(spec.compressor, mean)
   if spec is not None and spec.download:
