@@ -180,7 +180,7 @@ class Checkpointer:
           'Between a run and its resumption only '
           f'{", ".join(k + ".*" if k == "execution" else k for k in config_lib.RESUMABLE_KEYS)}'
           ' may change, and the trust report\'s evaluation.* options but '
-          'evaluation.canaries.')
+          'evaluation.canaries, and retrieval.*.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       state = self._manager.restore(

@@ -28,7 +28,8 @@ from fedjax_pfi import privacy
 # resume on another number of devices or chunk size.
 RESUMABLE_KEYS = ('rounds', 'checkpoint_every', 'progress', 'execution')
 # The trust report's options (all of `evaluation` but its canaries, which
-# change the training data; and the backdoor probe's size): they change
+# change the training data; the backdoor probe's size; retrieval, read at
+# the final evaluation only): they change
 # what is reported, never the training, so they may change on resumption
 # too and no fingerprint covers them.
 REPORT_KEYS = ('evaluation.alpha', 'evaluation.group_by',
@@ -36,7 +37,8 @@ REPORT_KEYS = ('evaluation.alpha', 'evaluation.group_by',
                'evaluation.private_mechanism', 'evaluation.base_task',
                'evaluation.base_task_examples', 'evaluation.erosion_margin',
                'evaluation.probe_clients', 'evaluation.vs_start',
-               'evaluation.reference_cache', 'attack.probe_examples')
+               'evaluation.reference_cache', 'attack.probe_examples',
+               'retrieval')
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -209,6 +211,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.evaluation.canaries = ml_collections.ConfigDict(dict(
       num=0, repeats=10, prefix='my pin is ', digits=4, candidates=255,
       seed=0))
+  # Retrieval over each client's private store (fedjax_pfi/retrieval/):
+  # mode none, knn_lm or in_context; k neighbours or chunks; lambda and
+  # temperature of kNN-LM; chunk_len and stride of in-context retrieval;
+  # metric l2 or ip ('': l2 for knn_lm, ip for in_context); store host or
+  # device; tune none, global or client (lambda and k from lambdas x ks on
+  # the validation split). Evaluated at the final evaluation.
+  c.retrieval = ml_collections.ConfigDict(dict(
+      mode='none', k=8, temperature=1.0, chunk_len=16, stride=0,
+      metric='', store='host', tune='none', lambdas='', ks=''))
+  c.retrieval['lambda'] = 0.25
   c.eval_every = 10
   c.eval_train = False      # also evaluate the global model on all train data
   c.eval_batch_size = 64
@@ -346,6 +358,8 @@ def check(config) -> None:
         f"{get(config, 'server.weighting')!r}.")
   privacy.check(config)
   check_robust(config)
+  from fedjax_pfi import retrieval  # pylint: disable=g-import-not-at-top
+  retrieval.check_config(config.retrieval)
   compression.from_config(config)
   devices.check(config)
   asynchrony.check(config)

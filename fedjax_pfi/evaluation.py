@@ -300,7 +300,9 @@ class Evaluator:
       params: shared params; with ``personal_params``, the shared part that
         the evaluator's ``combine`` joins to each client's own (or None).
       personal_params: optional pytree with a leading ``[ds.num_clients]``
-        axis: client ``i`` is evaluated with its own params.
+        axis: client ``i`` is evaluated with its own params; or a
+        `fedjax_pfi.client_store` store whose ``gather(ids)`` gives a
+        chunk's rows.
       probes: optional name -> `Probe`: every client's model also runs on
         these shared examples (`ClientMetrics.probes`).
       only: optional client indices: with ``personal_params``, evaluate
@@ -315,7 +317,9 @@ class Evaluator:
     for chunk, stacked in self._chunks(ds, only):
       idx = np.zeros(self.clients_per_chunk, np.int64)
       idx[:chunk.size] = chunk
-      mine = jax.tree.map(lambda p: p[idx], personal_params)
+      mine = (personal_params.gather(idx) if hasattr(personal_params,
+                                                     'gather') else
+              jax.tree.map(lambda p: p[idx], personal_params))
       results.add(chunk, self._personal(params, mine, stacked.batches,
                                         stacked.mask, on_device),
                   stacked.mask)

@@ -64,17 +64,21 @@ class Adapter:
     train = client_updates.local_training(model, optimizer)
     sums = client_sums(model)
 
-    def adapt_and_test(start, batches, mask, keys, test_batches, test_mask,
-                       frozen, probes):
+    def adapt(start, batches, mask, keys, frozen):
       init = store.broadcast(start, keys.shape[0])
       out = train(init, batches, mask, keys, frozen=frozen)
-      mine = jax.tree.map(lambda p, d: p + d, init, out.delta)
+      return jax.tree.map(lambda p, d: p + d, init, out.delta)
+
+    def adapt_and_test(start, batches, mask, keys, test_batches, test_mask,
+                       frozen, probes):
+      mine = adapt(start, batches, mask, keys, frozen)
       full = jax.vmap(lambda p: param_groups.merge(frozen, p))(mine) \
           if frozen is not None else mine
       return jax.vmap(sums, in_axes=(0, 0, 0, None))(full, test_batches,
                                                      test_mask, probes)
 
     self._run = jax.jit(adapt_and_test)
+    self._adapt = jax.jit(adapt)
 
   def evaluate(self, start, train_ds: FederatedDataset,
                test_ds: FederatedDataset, frozen=None,
@@ -93,17 +97,31 @@ class Adapter:
       ids = np.intersect1d(ids, only)
     if not ids.size:
       raise ValueError('no client of this dataset has test examples.')
+    results = evaluation.ChunkResults(test_ds, probes)
+    on_device = evaluation.device_probes(probes)
+    k = self.clients_per_chunk
+    for chunk, batches, mask, keys in self._chunks(train_ds, ids):
+      largest = int(test_ds.client_sizes[chunk].max())
+      b = min(self.eval_batch_size, 1 << max(0, (largest - 1).bit_length()))
+      te = cohort_lib.stack_eval(
+          test_ds, chunk, batch_size=b, num_slots=k,
+          step_buckets=cohort_lib.power_of_two_buckets(-(-largest // b)))
+      results.add(chunk, self._run(start, batches, mask, keys, te.batches,
+                                   te.mask, frozen, on_device), te.mask)
+    return results.result()
+
+  def _chunks(self, train_ds: FederatedDataset, ids: np.ndarray):
+    """``(chunk, batches, mask, keys)`` per chunk of ``ids``, sorted by
+    their training steps; a chunk's clients without training examples come
+    last and are not adapted."""
     steps = cohort_lib.client_steps(train_ds.client_sizes[ids],
                                     self.batch_size, max(self.epochs, 1))
     ids = ids[np.argsort(steps, kind='stable')]
     k = self.clients_per_chunk
-    results = evaluation.ChunkResults(test_ds, probes)
-    on_device = evaluation.device_probes(probes)
     for lo in range(0, ids.size, k):
       chunk = ids[lo:lo + k]
       trains = train_ds.client_sizes[chunk] > 0
       if self.epochs and np.any(trains):
-        # Clients without training examples are evaluated unadapted.
         tr = cohort_lib.stack_cohort(
             train_ds, chunk[trains], batch_size=self.batch_size,
             num_epochs=self.epochs, num_slots=k, seed=self.seed,
@@ -119,18 +137,32 @@ class Adapter:
         batches = {n: np.zeros((k, 1, self.batch_size) + c.shape[1:], c.dtype)
                    for n, c in train_ds.columns.items()}
         mask = np.zeros((k, 1, self.batch_size), bool)
-      largest = int(test_ds.client_sizes[chunk].max())
-      b = min(self.eval_batch_size, 1 << max(0, (largest - 1).bit_length()))
-      te = cohort_lib.stack_eval(
-          test_ds, chunk, batch_size=b, num_slots=k,
-          step_buckets=cohort_lib.power_of_two_buckets(-(-largest // b)))
       slots = np.zeros(k, np.int64)
       slots[:chunk.size] = chunk
       keys = jax.vmap(lambda c: jax.random.fold_in(
           jax.random.key(self.seed), c))(slots)
-      results.add(chunk, self._run(start, batches, mask, keys, te.batches,
-                                   te.mask, frozen, on_device), te.mask)
-    return results.result()
+      yield chunk, batches, mask, keys
+
+  def adapt(self, start, train_ds: FederatedDataset, frozen=None,
+            only: Optional[np.ndarray] = None):
+    """Every client's adapted params, ``[train_ds.num_clients, ...]`` host
+    arrays (of ``start``'s trainable part: adapters, not the frozen base):
+    the same models `evaluate` tests, for evaluating them another way
+    (with retrieval, `fedjax_pfi.retrieval`). Clients outside ``only`` or
+    without training data keep ``start``."""
+    n = train_ds.num_clients
+    out = jax.tree.map(lambda p: np.broadcast_to(
+        np.asarray(p), (n,) + np.shape(p)).copy(), start)
+    ids = np.arange(n) if only is None else np.asarray(only)
+    if not self.epochs:
+      return out
+    for chunk, batches, mask, keys in self._chunks(train_ds, ids):
+      mine = jax.device_get(self._adapt(start, batches, mask, keys, frozen))
+      trains = train_ds.client_sizes[chunk] > 0
+      rows = chunk[trains]
+      for o, m in zip(jax.tree.leaves(out), jax.tree.leaves(mine)):
+        o[rows] = m[:chunk.size][trains]
+    return out
 
 
 def compare(personal: ClientMetrics, baseline: ClientMetrics,

@@ -127,6 +127,18 @@ class RunEvaluator:
         if keep else None
     self._start_metrics = None
     self._local = None
+    self.retrieval = None  # built at the first final evaluation
+    if c.retrieval.mode != 'none':
+      if exp.algorithm.clusters:
+        raise ValueError(
+            f'retrieval.mode={c.retrieval.mode!r} with the clustered '
+            f'algorithm {c.algorithm!r}: each client reads with the cluster '
+            'model it picks, which retrieval does not support yet; use '
+            "retrieval.mode='none'.")
+      # The retriever: the frozen foundation model the run starts from.
+      self._retriever_params = (initial_params['base'] if isinstance(
+          initial_params, dict) and 'base' in initial_params else
+                                initial_params)
     self.last: dict = {}
     self.last_sampled = np.zeros(exp.splits.train.num_clients, bool)
 
@@ -262,6 +274,8 @@ class RunEvaluator:
         out.update(evaluation.summarize(adapted, 'heldout_adapted/'))
     if self.attack is not None:
       out.update(attack_metrics(results, self.attack.malicious))
+    if final and exp.config.retrieval.mode != 'none':
+      out.update(self._retrieval(view, mine, among))
     t1 = time.perf_counter()
     comparisons = self._report(results, among, out)
     t2 = time.perf_counter()
@@ -277,6 +291,53 @@ class RunEvaluator:
     out['time/report_s'] = t2 - t1  # the statistics of the trust report
     if final:
       out['time/final_report_s'] = t3 - t2  # base task, canaries, DP, ...
+    return out
+
+  def _retrieval(self, view, mine, among) -> dict:
+    """``retrieval/…``: each client's own model (as ``test/``) reading
+    from its private store, on its test data, against the same model
+    without retrieval (``vs_no_retrieval/…``, the trust report's paired
+    tests), and the stores' cost (`fedjax_pfi.retrieval`)."""
+    from fedjax_pfi import retrieval  # pylint: disable=g-import-not-at-top
+    exp, c = self.exp, self.exp.config
+    splits, alg = exp.splits, exp.algorithm
+    if self.retrieval is None:
+      self.retrieval = retrieval.Retrieval(
+          c.retrieval, exp.base_model, self._retriever_params, splits.train,
+          splits.metadata, batch_size=c.eval_batch_size,
+          clients_per_chunk=min(8, c.eval_clients_per_chunk))
+    r = self.retrieval
+    reader = alg.eval_model or exp.model
+    if alg.finetune:  # each client's fine-tuned model, as ``test/``
+      start, frozen = self._trainable(view.params, alg.finetune)
+      adapted = self.finetuner.adapt(start, splits.train, frozen)
+      kw = dict(personal=adapted, combine=(
+          (lambda f, p: param_groups.merge(f, p)) if frozen is not None
+          else (lambda f, p: p)))
+      params = frozen
+    elif view.personal is not None:
+      kw = dict(personal=view.personal, combine=alg.combine)
+      params = view.shared
+    else:
+      kw, params = {}, view.params
+    t0 = time.perf_counter()
+    if c.retrieval.tune != 'none':
+      got, out = r.tuned(reader, params, splits.val, splits.test, **kw)
+    else:
+      got, out = r.evaluate(reader, params, splits.test, **kw), {}
+    out['retrieval/eval_s'] = time.perf_counter() - t0  # compiles included
+    out.update(evaluation.summarize(got, 'retrieval/test/'))
+    out.update(r.metrics())
+    t0 = time.perf_counter()  # warm: one evaluation at retrieval.k, lambda
+    r.evaluate(reader, params, splits.test, **kw)
+    out['retrieval/query_ms'] = 1e3 * (time.perf_counter() - t0) / max(
+        float(got.count.sum()), 1.0)
+    out['retrieval/search_s'] = r.search_seconds(splits.test)
+    out.update(trust.compare(
+        'no_retrieval', got, mine, splits.test, alpha=self.alpha,
+        margin=self.margin, among=among,
+        train_sizes=splits.train.client_sizes, groups=self.groups,
+        num_resamples=int(c.evaluation.bootstrap_resamples), seed=c.seed))
     return out
 
   def _local_reference(self):

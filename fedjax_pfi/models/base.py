@@ -24,6 +24,11 @@ Batch = Mapping[str, jax.Array]
 # ICML 2017, use 15).
 CONFIDENCE_BINS = 15
 
+# The layer whose output `Model.features` returns: a transformer's final
+# norm, the input of its output layer (Khandelwal et al., ICLR 2020, key
+# their kNN-LM by a final-layer representation).
+FEATURES_LAYER = 'ln_f'
+
 
 class ExampleStats(NamedTuple):
   """Per-example sums, shape ``[B]`` each: summed loss, correct, count.
@@ -68,12 +73,19 @@ class Model(NamedTuple):
       ``[B]`` each.
     name: registry name, for messages and checkpoints.
     sample_x: an input batch of the right shape (or None).
+    features: ``(params, x) -> [B, T, d]``, the hidden states the output
+      layer reads (a transformer's final norm), for retrieval
+      (`fedjax_pfi.retrieval`); None where the model exposes none.
+    context_len: the most tokens one input row may hold (a transformer's
+      positions), or None.
   """
   init: Callable[[jax.Array], Params]
   apply: Callable[..., jax.Array]
   example_stats: Callable[..., ExampleStats]
   name: str = 'model'
   sample_x: Any = None  # one input batch, for abstract traces (shapes only)
+  features: Optional[Callable[..., jax.Array]] = None
+  context_len: Optional[int] = None
 
 
 def masked_mean_loss(model: Model, params: Params, batch: Batch,
@@ -112,7 +124,23 @@ def classifier(module: nn.Module, sample_x: jax.Array, name: str,
     rngs = {'dropout': rng} if (train and rng is not None) else {}
     return module.apply({'params': params}, x, train=train, rngs=rngs)
 
-  return from_apply(init, apply, name, pad_id, sample_x)
+  def features(params, x):
+    _, state = module.apply(
+        {'params': params}, x, train=False, mutable=['intermediates'],
+        capture_intermediates=lambda m, fn: m.name == FEATURES_LAYER and
+        fn == '__call__')
+    found = state.get('intermediates', {}).get(FEATURES_LAYER, {})
+    if '__call__' not in found:
+      raise ValueError(
+          f'model {name!r} has no layer named {FEATURES_LAYER!r} whose '
+          'output could serve as hidden states for retrieval; retrieval '
+          "needs a transformer ('transformer', 'char_transformer').")
+    return found['__call__'][0].astype(jnp.float32)
+
+  context_len = getattr(getattr(module, 'config', None), 'max_len',
+                        getattr(module, 'max_len', None))
+  return from_apply(init, apply, name, pad_id, sample_x)._replace(
+      features=features, context_len=context_len)
 
 
 def from_apply(init: Callable[[jax.Array], Params], apply: Callable[..., jax.Array],

@@ -251,7 +251,7 @@ def _wrap(model: base.Model, cfg: LoraConfig, scale_key: Optional[str]):
     return run(model.example_stats, params, batch, rng, train)
 
   return base.Model(init, apply, example_stats, f'{model.name}+lora',
-                    model.sample_x)
+                    model.sample_x, context_len=model.context_len)
 
 
 def lora_model_with_scale(model: base.Model, cfg: LoraConfig) -> base.Model:
