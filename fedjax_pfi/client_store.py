@@ -147,13 +147,24 @@ def next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Padded row counts: powers of two up to this, then its multiples (a few
+# shapes to compile, and at most this many padded rows per large client).
+ROW_BLOCK = 4096
+
+
+def padded_rows(n: int) -> int:
+  n = max(int(n), 1)
+  return next_pow2(n) if n <= ROW_BLOCK else -(-n // ROW_BLOCK) * ROW_BLOCK
+
+
 class RaggedStore:
   """Per-client rows of different counts: ``columns`` name -> ``[total,
   ...]``, client ``i``'s rows at ``offsets[i]:offsets[i + 1]``.
 
   ``gather(ids)`` returns each column ``[len(ids), N, ...]`` and ``valid``
-  ``[len(ids), N]``, with ``N`` the smallest power of two (at least
-  ``min_rows``) that holds the largest of these clients. With
+  ``[len(ids), N]``, with ``N`` the `padded_rows` (a power of two up to
+  ``ROW_BLOCK``, then a multiple of it; at least ``min_rows``) that holds
+  the largest of these clients. With
   ``on_device``, the population's padded arrays live on the device and a
   gather slices them there (identical values).
   """
@@ -185,7 +196,7 @@ class RaggedStore:
 
   def _dense(self):
     if self._device is None:  # the population padded once, on the device
-      n = next_pow2(max(int(self.sizes.max()), self.min_rows))
+      n = padded_rows(max(int(self.sizes.max()), self.min_rows))
       ids = np.arange(self.num_clients)
       self._device = jax.device_put(self._host_gather(ids, n))
     return self._device
@@ -209,7 +220,7 @@ class RaggedStore:
     """The padded row count ``N`` a gather of ``ids`` returns."""
     ids = _padded_ids(ids, self.num_clients)
     largest = int(self.sizes[ids[ids >= 0]].max()) if np.any(ids >= 0) else 0
-    return next_pow2(max(largest, self.min_rows))
+    return padded_rows(max(largest, self.min_rows))
 
   def gather(self, ids) -> dict:
     ids = _padded_ids(ids, self.num_clients)
