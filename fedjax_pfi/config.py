@@ -188,7 +188,11 @@ def default_config() -> ml_collections.ConfigDict:
   # chunk_size: clients (lanes) per chunk per device, None = all at once;
   # pack_lanes: pack the cohort's clients one after another into this many
   # vmap lanes (0 = one lane per client, padded to the longest).
-  c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0))
+  # client_store: where the per-client store (personal adapters, heads)
+  # lives between rounds: 'device', or 'host' (numpy, memory-mapped under the
+  # workdir when large; the cohort's rows travel with its batches).
+  c.execution = ml_collections.ConfigDict(dict(devices=1, pack_lanes=0,
+                                               client_store='device'))
   c.execution.chunk_size = optional(int)
   # The trust report (fedjax_pfi/trust.py; README "What the trust report
   # measures"): alpha, the level of the per-client paired tests; group_by,
@@ -352,6 +356,10 @@ def check(config) -> None:
       ok = False
     if not ok:
       raise ValueError(f'{key} must be {accepted}, got {value!r}.')
+  if get(config, 'execution.client_store') not in ('device', 'host'):
+    raise ValueError(
+        "execution.client_store must be 'device' or 'host', got "
+        f"{get(config, 'execution.client_store')!r}.")
   if get(config, 'server.weighting') not in ('', 'examples', 'uniform'):
     raise ValueError(
         f"server.weighting must be '', 'examples' or 'uniform', got "

@@ -42,6 +42,7 @@ from fedjax_pfi import asynchrony
 from fedjax_pfi import attacks
 from fedjax_pfi import canaries as canaries_lib
 from fedjax_pfi import checkpoint as checkpoint_lib
+from fedjax_pfi import client_store
 from fedjax_pfi import compression
 from fedjax_pfi import config as config_lib
 from fedjax_pfi import devices as devices_lib
@@ -468,6 +469,18 @@ def run_experiment(exp: Experiment, workdir: str, *,
       state = replicate(state)
     start = latest
     totals = meta.get('totals') or {}
+  host = None  # the per-client store on the host (execution.client_store)
+  if (config.execution.client_store == 'host' and
+      jax.tree.leaves(state.client_states)):
+    if multi:
+      raise ValueError("execution.client_store='host' runs in one process; "
+                       f'this run has {jax.process_count()}.')
+    host = client_store.HostStore(jax.device_get(state.client_states),
+                                  os.path.join(workdir, 'client_store'))
+    state = state._replace(client_states=None)
+
+  def full(s):  # the state with every client's rows (to save, evaluate)
+    return s if host is None else s._replace(client_states=host.rows)
   if distributed.is_primary():  # only once the workdir's config is accepted
     tmp = os.path.join(workdir, 'config.json.tmp')
     with open(tmp, 'w') as f:
@@ -499,6 +512,10 @@ def run_experiment(exp: Experiment, workdir: str, *,
 
   def prepare(r):  # sample, stack and start the transfer of round r's cohort
     cohort = make_cohort(exp, r, (lo, hi) if multi else None)
+    if host is not None:  # slot i reads row i of the cohort's rows
+      cohort = cohort._replace(store_rows=np.arange(
+          cohort.client_ids.shape[0], dtype=np.int32))
+      host_ids[r] = np.asarray(cohort.client_ids)
     # (multi-host: of this host's share)
     efficiency[r] = cohort_lib.padding_efficiency(
         cohort, exp.execution.chunk_size or rows // exp.execution.num_shards)
@@ -530,13 +547,20 @@ def run_experiment(exp: Experiment, workdir: str, *,
     return (f'The last good checkpoint is round {last} in {ckpt.directory}'
             if last is not None else 'No checkpoint was written before it')
 
+  host_ids = {}
   pending = prepare(start) if start < end else None
   t_prev = time.perf_counter()
   try:
     for r in range(start, end):
       done = r + 1  # rounds count from 1, as in metrics.jsonl and checkpoints
+      if host is not None:  # the cohort's rows, gathered after last round's
+        ids = host_ids.pop(r)
+        state = state._replace(client_states=replicate(jax.device_put(
+            host.gather(ids))))
       state, metrics = apply(state, pending,
                              replicate(jax.random.fold_in(root, r)), frozen)
+      if host is not None:  # and scattered back
+        host.scatter(ids, jax.device_get(state.client_states), ids >= 0)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = prepare(r + 1)
       metrics = jax.device_get(metrics)
@@ -557,7 +581,7 @@ def run_experiment(exp: Experiment, workdir: str, *,
             f'{names[0]}; stopped without saving it. {kept()}. '
             f'{_non_finite_advice(config)}')
       if done % config.eval_every == 0 or done == config.rounds:
-        view = exp.algorithm.eval_view(state, frozen)
+        view = exp.algorithm.eval_view(full(state), frozen)
         if multi:  # evaluate on this process's devices, from host copies
           view = jax.tree.map(np.asarray, view)
         row.update(evaluate(view, done))
@@ -579,8 +603,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
         evaluate.final_report(workdir, row, {**privacy_report(exp),
                                              **devices_report(exp, workdir)})
       if done % config.checkpoint_every == 0 or done == config.rounds:
-        ckpt.save(done, state, {'fingerprint': fp, 'config': recorded,
-                                'totals': comm_total})
+        ckpt.save(done, full(state), {'fingerprint': fp, 'config': recorded,
+                                      'totals': comm_total})
       if bar is not None:
         post = {'loss': f'{row["train_loss"]:.3f}',
                 'r/s': f'{1.0 / max(row["time/round_s"], 1e-9):.2f}'}

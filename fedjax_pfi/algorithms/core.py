@@ -128,6 +128,9 @@ class Capabilities(NamedTuple):
     compression_state: it keeps a compressing aggregator's error-feedback
       residual per client and compresses its broadcast
       (`compression.Spec`'s ``error_feedback`` and ``download``).
+    host_store: its per-client store may live on the host
+      (``execution.client_store='host'``): its round reads and writes the
+      store's rows through ``Cohort.store_rows``.
   """
   chunked: bool = False
   sharded: bool = False
@@ -140,6 +143,7 @@ class Capabilities(NamedTuple):
   secure_aggregation: bool = False
   robust_aggregation: bool = False
   compression_state: bool = False
+  host_store: bool = False
 
 
 class FederatedAlgorithm(NamedTuple):

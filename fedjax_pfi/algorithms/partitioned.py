@@ -147,7 +147,8 @@ def fed_partitioned(model: base.Model,
     ids, slot, weight = (core.take(lanes[n], lo, k)
                          for n in ('ids', 'slot', 'weight'))
     has_personal = bool(jax.tree.leaves(client_states))
-    mine = store.gather(client_states, ids) if has_personal else {}
+    mine = store.gather(client_states, core.take(lanes['store_rows'], lo, k)
+                        ) if has_personal else {}
     keys = core.client_keys(key, ids)
     if ring is not None:  # asynchronous: the version each client started at
       begun = store.gather(ring, core.take(lanes['ring_slot'], lo, k))
@@ -231,8 +232,10 @@ def fed_partitioned(model: base.Model,
           execution)
     else:
       num_slots = ids.shape[0]
+      store_rows = ids if cohort.store_rows is None else cohort.store_rows
       lanes = {'ids': ids, 'slot': jnp.arange(num_slots), 'weight': weight,
-               'batches': cohort.batches, 'mask': cohort.mask}
+               'batches': cohort.batches, 'mask': cohort.mask,
+               'store_rows': store_rows}
       if aggregator.secure is not None:
         lanes['secagg'] = cohort.secagg
       if asy is not None:
@@ -243,7 +246,7 @@ def fed_partitioned(model: base.Model,
           (sent, state.client_states, frozen_params, key, state.agg_state,
            state.extra.get('residual'), state.extra.get('ring')), execution)
     if has_personal:
-      client_states = store.scatter(state.client_states, ids,
+      client_states = store.scatter(state.client_states, store_rows,
                                     sums['personal'], ids >= 0)
     else:
       client_states = state.client_states
@@ -283,7 +286,8 @@ def fed_partitioned(model: base.Model,
       packed=personal is None and client_train is None,
       personal_state=personal is not None, private=federated,
       transforms=True, secure_aggregation=federated,
-      robust_aggregation=federated, compression_state=federated)
+      robust_aggregation=federated, compression_state=federated,
+      host_store=True)
   return core.make_algorithm(init, apply, name, frozen_part=frozen_part,
                              capabilities=capabilities, execution=execution,
                              eval_view=eval_view, combine=param_groups.merge,

@@ -311,6 +311,18 @@ def check(config, alg: core.FederatedAlgorithm,
         f'algorithm {name!r} keeps personal state per client, which packed '
         'lanes do not carry; set execution.pack_lanes=0 (chunking and '
         'sharding work).')
+  where = config.get('execution', {}).get('client_store', 'device')
+  if where == 'host' and caps.personal_state and not caps.host_store:
+    raise ValueError(
+        f"execution.client_store='host': algorithm {name!r} reads its "
+        'per-client store by client id inside the round; the host store '
+        'serves the LoRA and personalized partitions (fedsa_lora, '
+        "local_lora, fedper, ...). Use execution.client_store='device'.")
+  if where == 'host' and str(config.get('asynchrony', {}).get(
+      'mode', 'sync')) != 'sync':
+    raise ValueError(
+        "execution.client_store='host' runs synchronous rounds only; got "
+        f"asynchrony.mode={config.asynchrony.mode!r}.")
   cl = config.client
   if caps.plain_sgd and (cl.optimizer != 'sgd' or cl.momentum):
     raise ValueError(f'{name} {caps.plain_sgd}; got client optimizer '

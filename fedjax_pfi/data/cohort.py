@@ -36,6 +36,10 @@ class Cohort(NamedTuple):
     arrivals: an asynchronous step's `asynchrony.Arrivals` (rows per slot:
       the version each client started from, its staleness weight), else
       None.
+    store_rows: int32 ``[C]``: each slot's row of the state's per-client
+      store when that store holds only the cohort's rows (a host store,
+      `fedjax_pfi.client_store`); None: the store holds every client and
+      a slot's row is its client id.
   """
   client_ids: np.ndarray
   batches: dict
@@ -43,6 +47,7 @@ class Cohort(NamedTuple):
   weight: np.ndarray
   secagg: Any = None
   arrivals: Any = None
+  store_rows: Any = None
 
   @property
   def shape(self) -> tuple[int, int, int]:
