@@ -27,6 +27,10 @@ The public API, re-exported here:
   (robust aggregators over the round's buffer: `robust.aggregator`) and the
   `attacks` module (malicious clients: `attacks.transform`,
   `attacks.in_round`, `attacks.poison`);
+- retrieval: the `retrieval` module (`retrieval.Retrieval`: each client's
+  store over its own training split, kNN-LM and in-context retrieval over
+  any reader; `retrieval.search.exact_topk`) and the `client_store` module
+  (per-client rows on the device or the host);
 - evaluation: `Evaluator`, `summarize`, and the `personalization` module
   (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
   gains and silent-failure fractions; the report's files and plots);
@@ -35,8 +39,10 @@ The public API, re-exported here:
 """
 
 from fedjax_pfi import attacks
+from fedjax_pfi import client_store
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
+from fedjax_pfi import retrieval
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi import training
 from fedjax_pfi.algorithms import robust
@@ -84,6 +90,7 @@ __all__ = [
     'build',
     'build_model',
     'client_optimizer',
+    'client_store',
     'Cohort',
     'default_config',
     'ditto',
@@ -109,6 +116,7 @@ __all__ = [
     'partition',
     'personalization',
     'personalized',
+    'retrieval',
     'robust',
     'run',
     'run_experiment',
