@@ -166,6 +166,7 @@ class Retrieval:
     self.build_s = time.perf_counter() - t0
     self.store.min_rows = int(rc.k)
     self.plan = None
+    self._evaluators = {}  # one compiled evaluator per reader and setting
 
   def _k(self, k: int, ids: np.ndarray) -> int:
     """``k``, or the smallest store among ``ids`` where that is smaller
@@ -223,15 +224,19 @@ class Retrieval:
                        f'the evaluated data has {ds.num_clients}.')
     ids = np.flatnonzero(ds.client_sizes > 0)
     k = self._k(int(self.rc.k if k is None else k), ids)
-    augmented = self.model(reader, k=k, lam=lam)
-    inner = combine or (lambda shared, mine: mine)
-    def joined(shared, mine):
-      r = shared['reader'] if mine['reader'] is None else inner(
-          shared['reader'], mine['reader'])
-      return {'reader': r, 'retriever': shared['retriever'],
-              'store': mine['store']}
-    ev = evaluation.Evaluator(augmented, self.batch_size,
-                              self.clients_per_chunk, combine=joined)
+    # by the reader's identity (kept alive in the cache, so never reused)
+    key = (id(reader), k, lam, combine, personal is None)
+    if key not in self._evaluators:
+      augmented = self.model(reader, k=k, lam=lam)
+      inner = combine or (lambda shared, mine: mine)
+      def joined(shared, mine):
+        r = shared['reader'] if mine['reader'] is None else inner(
+            shared['reader'], mine['reader'])
+        return {'reader': r, 'retriever': shared['retriever'],
+                'store': mine['store']}
+      self._evaluators[key] = (reader, evaluation.Evaluator(
+          augmented, self.batch_size, self.clients_per_chunk, combine=joined))
+    ev = self._evaluators[key][1]
     shared = {'reader': params, 'retriever': self.retriever_params}
     return ev.evaluate(shared, ds, personal_params=_Rows(personal, self.store))
 
