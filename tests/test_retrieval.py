@@ -419,3 +419,25 @@ def test_a_run_reports_retrieval_per_client(tmp_path):
                  combine=exp.algorithm.combine)
   assert out['retrieval/test/client_accuracy_mean'] == pytest.approx(
       float(m.accuracy.mean()), abs=1e-6)
+
+
+def test_tuning_picks_lambda_on_validation_and_keeps_rows_per_client():
+  ds = _data(6)
+  model, params = _model(ds)
+  r = retrieval.Retrieval(_rc(k=1, tune='client', lambdas='0,1', ks='1'),
+                          model, params, ds, ds.metadata)
+  # validation = the stored text itself: lambda 1 predicts it exactly
+  got, info = r.tuned(model, params, ds, ds)
+  assert info['retrieval/tuned_lambda_mean'] == 1.0
+  want = r.evaluate(model, params, ds, k=1, lam=1.0)
+  np.testing.assert_array_equal(got.correct, want.correct)
+  np.testing.assert_array_equal(got.rows.correct, want.rows.correct)
+  # select: client j's sums and rows from results[pick[j]]
+  zero = r.evaluate(model, params, ds, k=1, lam=0.0)
+  mixed = retrieval.select([zero, want], np.array([0, 1, 0]), ds)
+  assert mixed.correct.tolist() == [zero.correct[0], want.correct[1],
+                                    zero.correct[2]]
+  lo, hi = ds.offsets[1], ds.offsets[2]
+  np.testing.assert_array_equal(mixed.rows.correct[lo:hi],
+                                want.rows.correct[lo:hi])
+  np.testing.assert_array_equal(mixed.rows.correct[:lo], zero.rows.correct[:lo])
