@@ -69,9 +69,11 @@ class RunEvaluator:
   final report.
   """
 
-  def __init__(self, exp, initial_params, frozen):
+  def __init__(self, exp, initial_params, frozen,
+               workdir: Optional[str] = None):
     c = exp.config
     self.exp = exp
+    self.workdir = workdir  # where the retrieval stores are kept
     model = exp.algorithm.eval_model or exp.model
     self.evaluator = evaluation.Evaluator(
         model, c.eval_batch_size, c.eval_clients_per_chunk,
@@ -305,7 +307,9 @@ class RunEvaluator:
       self.retrieval = retrieval.Retrieval(
           c.retrieval, exp.base_model, self._retriever_params, splits.train,
           splits.metadata, batch_size=c.eval_batch_size,
-          clients_per_chunk=min(8, c.eval_clients_per_chunk))
+          clients_per_chunk=min(8, c.eval_clients_per_chunk),
+          directory=None if self.workdir is None else os.path.join(
+              self.workdir, 'retrieval_store'))
     r = self.retrieval
     reader = alg.eval_model or exp.model
     if alg.finetune:  # each client's fine-tuned model, as ``test/``

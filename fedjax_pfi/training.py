@@ -457,7 +457,8 @@ def run_experiment(exp: Experiment, workdir: str, *,
   # The frozen part (a pretrained base) is an argument of every round, shared
   # by all clients and never part of the state or the checkpoints.
   frozen = replicate(exp.algorithm.frozen_part(params))
-  evaluate = RunEvaluator(exp, params, frozen)
+  evaluate = RunEvaluator(exp, params, frozen,
+                          workdir if distributed.is_primary() else None)
   del params
   ckpt = checkpoint_lib.Checkpointer(workdir)
   start = 0

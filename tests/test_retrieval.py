@@ -441,3 +441,22 @@ def test_tuning_picks_lambda_on_validation_and_keeps_rows_per_client():
   np.testing.assert_array_equal(mixed.rows.correct[lo:hi],
                                 want.rows.correct[lo:hi])
   np.testing.assert_array_equal(mixed.rows.correct[:lo], zero.rows.correct[:lo])
+
+
+def test_a_store_is_built_once_and_rebuilt_when_its_inputs_change(tmp_path):
+  ds = _data(7)
+  model, params = _model(ds)
+  where = str(tmp_path / 'store')
+  first = retrieval.Retrieval(_rc(k=2), model, params, ds, ds.metadata,
+                              directory=where)
+  again = retrieval.Retrieval(_rc(k=2), model, params, ds, ds.metadata,
+                              directory=where)
+  assert not first.loaded and again.loaded
+  a, b = (r.evaluate(model, params, ds) for r in (first, again))
+  np.testing.assert_array_equal(a.rows.loss_sum, b.rows.loss_sum)
+  other = model.init(jax.random.key(1))  # another base: rebuilt
+  assert not retrieval.Retrieval(_rc(k=2), model, other, ds, ds.metadata,
+                                 directory=where).loaded
+  assert not retrieval.Retrieval(_rc('in_context', k=1, chunk_len=2), model,
+                                 other, ds, ds.metadata,
+                                 directory=where).loaded

@@ -24,6 +24,9 @@ all clients or per client).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import time
 from typing import Any, Callable, Mapping, Optional
 import warnings
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_pfi import client_store
 from fedjax_pfi import evaluation
 from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.evaluation import ClientMetrics, RowStats
@@ -87,6 +91,18 @@ def check_config(rc, *, val_examples: Optional[int] = None) -> None:
         'split, which is empty; set data.val_fraction > 0.')
 
 
+def fingerprint(rc, retriever_params, train: FederatedDataset) -> str:
+  """What a store is a function of: its mode (and chunk length), the
+  retriever's params and every client's training windows."""
+  h = hashlib.sha256(f'{rc.mode}:{int(rc.chunk_len)}'.encode())
+  for leaf in jax.tree.leaves(retriever_params):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8))
+  h.update(np.asarray(train.offsets, np.int64).tobytes())
+  for k in sorted(train.columns):
+    h.update(np.ascontiguousarray(train.columns[k]).view(np.uint8))
+  return h.hexdigest()[:32]
+
+
 class _Rows:
   """Per-client evaluation inputs for `evaluation.Evaluator`: the reader's
   personal rows (or none) and the client's store rows, gathered per chunk."""
@@ -132,7 +148,10 @@ class Retrieval:
       the stores and the queries); ``retriever_params`` its params.
     train: the clients' training split (the stores' only source).
     metadata: the dataset's (``pad_id``, ``vocab_size``, ``seq_len``).
-    directory: where large stores are memory-mapped (host store).
+    directory: where the stores are kept: built once and saved there, then
+      loaded (memory-mapped) by a later evaluation or a resumed run while
+      the training split, the base and the store's settings are the same
+      (`fingerprint`); None: built in memory each time.
   """
 
   def __init__(self, rc, retriever: base.Model, retriever_params,
@@ -154,15 +173,29 @@ class Retrieval:
     self.metric = rc.metric or ('l2' if self.mode == 'knn_lm' else 'ip')
     on_device = rc.store == 'device'
     t0 = time.perf_counter()
-    if self.mode == 'knn_lm':
-      self.store = stores.knn_store(retriever, retriever_params, train,
-                                    self.pad_id, directory=directory,
-                                    on_device=on_device)
-    else:
-      self.store = stores.chunk_store(retriever, retriever_params, train,
-                                      self.pad_id, int(rc.chunk_len),
-                                      directory=directory,
+    key = fingerprint(rc, retriever_params, train)
+    self.loaded = False
+    if directory is not None and os.path.exists(
+        os.path.join(directory, 'store.json')):
+      store, meta = client_store.RaggedStore.load(directory,
+                                                  on_device=on_device)
+      if meta.get('fingerprint') == key:
+        self.store, self.loaded = store, True
+    if not self.loaded:
+      scratch = None if directory is None else directory + '.build'
+      if self.mode == 'knn_lm':
+        self.store = stores.knn_store(retriever, retriever_params, train,
+                                      self.pad_id, directory=scratch,
                                       on_device=on_device)
+      else:
+        self.store = stores.chunk_store(retriever, retriever_params, train,
+                                        self.pad_id, int(rc.chunk_len),
+                                        directory=scratch,
+                                        on_device=on_device)
+      if directory is not None:
+        self.store.save(directory, {'fingerprint': key, 'mode': self.mode})
+        if scratch is not None:
+          shutil.rmtree(scratch, ignore_errors=True)
     self.build_s = time.perf_counter() - t0
     self.store.min_rows = int(rc.k)
     self.plan = None
