@@ -40,11 +40,6 @@ from experiments.configs import shakespeare_lora
 from fedjax_pfi import training
 from fedjax_pfi.algorithms import param_groups
 
-_CASES = flags.DEFINE_list('cases', 'femnist_fedper,fedsa_lora',
-                           'Cases to run (see the module docstring).')
-_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Rounds of each run.')
-_TESTING = flags.DEFINE_bool('testing', False,
-                             "The configs' tiny ',testing' variants.")
 
 CASES = ('femnist_fedper', 'fedsa_lora', 'synthetic_fedper')
 
@@ -125,14 +120,14 @@ def compare(config, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  print(f'median time/round_s over rounds 2..{_ROUNDS.value - 1} of '
-        f'{_ROUNDS.value}; jax {jax.__version__} on '
+  print(f'median time/round_s over rounds 2..{flags.FLAGS.rounds - 1} of '
+        f'{flags.FLAGS.rounds}; jax {jax.__version__} on '
         f'{jax.default_backend()}')
   print(f'{"case":<16s} {"store B":>11s} {"row B":>9s} {"cohort":>6s} '
         f'{"moved B/round":>13s} {"device s":>9s} {"host s":>9s} '
         f'{"host/dev":>8s} {"identical":>9s}')
-  for case in _CASES.value:
-    config = case_config(case, _ROUNDS.value, _TESTING.value)
+  for case in flags.FLAGS.cases:
+    config = case_config(case, flags.FLAGS.rounds, flags.FLAGS.testing)
     with tempfile.TemporaryDirectory() as workdir:
       out = compare(config, workdir)
     print(f'{case:<16s} {out["store_bytes"]:11,d} {out["row_bytes"]:9,d} '
@@ -141,5 +136,16 @@ def main(argv):
           f'{out["ratio"]:8.3f} {str(out["identical"]):>9s}')
 
 
+def _define_flags():
+  """Flags exist only when this module is the program (tests import it
+  beside other benchmarks that define the same names)."""
+  flags.DEFINE_list('cases', 'femnist_fedper,fedsa_lora',
+                    'Cases to run (see the module docstring).')
+  flags.DEFINE_integer('rounds', 20, 'Rounds of each run.')
+  flags.DEFINE_bool('testing', False,
+                    "The configs' tiny ',testing' variants.")
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

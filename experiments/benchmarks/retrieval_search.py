@@ -49,17 +49,6 @@ import numpy as np
 
 from fedjax_pfi.retrieval import search
 
-_CLIENTS = flags.DEFINE_integer('clients', 1000, 'Clients (stores).')
-_ROWS = flags.DEFINE_integer('rows', 512, 'Padded rows a store (N).')
-_DIM = flags.DEFINE_integer('dim', 128, 'Key / query width (d).')
-_QUERIES = flags.DEFINE_integer('queries', 32, 'Queries a client (Q).')
-_K = flags.DEFINE_integer('k', 8, 'Neighbours a query.')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed rounds (median).')
-_METRICS = flags.DEFINE_list('metrics', list(search.METRICS), 'ip, l2.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Stores and queries.')
-_TESTING = flags.DEFINE_bool(
-    'testing', False, 'Tiny sizes (8 clients, 16 rows, d 8, 3 queries, '
-    'k 4, 1 repeat): checks the script, measures nothing.')
 
 TESTING_SIZES = dict(clients=8, rows=16, dim=8, queries=3, k=4, repeats=1)
 
@@ -193,17 +182,17 @@ def table(result: dict) -> str:
 
 def main(argv):
   del argv
-  if _TESTING.value:
+  if flags.FLAGS.testing:
     sizes = dict(TESTING_SIZES)
   else:
-    sizes = dict(clients=_CLIENTS.value, rows=_ROWS.value, dim=_DIM.value,
-                 queries=_QUERIES.value, k=_K.value, repeats=_REPEATS.value)
+    sizes = dict(clients=flags.FLAGS.clients, rows=flags.FLAGS.rows, dim=flags.FLAGS.dim,
+                 queries=flags.FLAGS.queries, k=flags.FLAGS.k, repeats=flags.FLAGS.repeats)
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}); faiss '
         f'{faiss.__version__}, default OpenMP threads '
         f'{faiss.omp_get_max_threads()} (OMP_WAIT_POLICY '
         f'{os.environ.get("OMP_WAIT_POLICY", "unset")}); cores available '
         f'{len(os.sched_getaffinity(0))}; {platform.processor() or "cpu"}')
-  result = run(metrics=tuple(_METRICS.value), seed=_SEED.value, **sizes)
+  result = run(metrics=tuple(flags.FLAGS.metrics), seed=flags.FLAGS.seed, **sizes)
   print(f"{sizes['clients']} clients, N = {sizes['rows']} padded rows "
         f"(mean valid {result['mean_valid_rows']:.1f}), d = {sizes['dim']}, "
         f"Q = {sizes['queries']}, k = {sizes['k']}; medians of "
@@ -222,5 +211,22 @@ def main(argv):
     print(f'{metric}: padded rows returned by JAX: {n}')
 
 
+def _define_flags():
+  """Flags exist only when this module is the program (tests import it
+  beside other benchmarks that define the same names)."""
+  flags.DEFINE_integer('clients', 1000, 'Clients (stores).')
+  flags.DEFINE_integer('rows', 512, 'Padded rows a store (N).')
+  flags.DEFINE_integer('dim', 128, 'Key / query width (d).')
+  flags.DEFINE_integer('queries', 32, 'Queries a client (Q).')
+  flags.DEFINE_integer('k', 8, 'Neighbours a query.')
+  flags.DEFINE_integer('repeats', 5, 'Timed rounds (median).')
+  flags.DEFINE_list('metrics', list(search.METRICS), 'ip, l2.')
+  flags.DEFINE_integer('seed', 0, 'Stores and queries.')
+  flags.DEFINE_bool(
+      'testing', False, 'Tiny sizes (8 clients, 16 rows, d 8, 3 queries, '
+      'k 4, 1 repeat): checks the script, measures nothing.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
