@@ -96,15 +96,21 @@ def evaluate_params(exp, model, params) -> dict:
   return out
 
 
-def compare(workdir: str, variants, testing: bool = False, rounds=None
-            ) -> list[dict]:
+def pretrain(workdir: str, testing: bool = False) -> str:
+  """Pretrains the foundation model into ``WORKDIR/pretrained`` (or finds
+  it there); returns the model's directory."""
   os.makedirs(workdir, exist_ok=True)
   pt_config = pretrain_shakespeare.get_config('testing' if testing else '')
   if testing:
     pt_config.data.plays = ('macbeth', 'the-tempest')
     pt_config.data.seq_len = 16
   pretraining.pretrain(pt_config, os.path.join(workdir, 'pretrained'))
-  pretrained = os.path.join(workdir, 'pretrained', 'model')
+  return os.path.join(workdir, 'pretrained', 'model')
+
+
+def compare(workdir: str, variants, testing: bool = False, rounds=None
+            ) -> list[dict]:
+  pretrained = pretrain(workdir, testing)
   rows = []
   for v in variants:
     config = variant_config(v, pretrained, testing, rounds)

@@ -48,14 +48,12 @@ from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import client_stats
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
-from fedjax_pfi import pretraining
 from fedjax_pfi import retrieval
 from fedjax_pfi import training
 from fedjax_pfi import trust
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.data.federated import FederatedDataset
-from experiments.configs import pretrain_shakespeare
 
 PEFT = ('fedit', 'fedsa_lora', 'local_lora')
 NAMES = {'base': 'pretrained model', 'fedit': 'FedIT',
@@ -425,11 +423,7 @@ def leakage(workdir, peft_workdir, testing, rounds, lam) -> list[dict]:
 def compare(workdir, peft_workdir, testing=False, rounds=None,
             parts=('table', 'refinement', 'leakage')) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  pt = pretrain_shakespeare.get_config('testing' if testing else '')
-  if testing:
-    pt.data.plays = ('macbeth', 'the-tempest')
-    pt.data.seq_len = 16
-  pretraining.pretrain(pt, os.path.join(peft_workdir, 'pretrained'))
+  peft_compare.pretrain(peft_workdir, testing)
   main = main_table(workdir, peft_workdir, testing, rounds)
   out = {'table': main['rows'], 'cost': main['cost']}
   if 'refinement' in parts:
