@@ -131,6 +131,10 @@ class RunEvaluator:
     self._local = None
     self.retrieval = None  # built at the first final evaluation
     if c.retrieval.mode != 'none':
+      from fedjax_pfi import retrieval  # pylint: disable=g-import-not-at-top
+      # before the first round: tuning needs a validation split
+      retrieval.check_config(c.retrieval,
+                             val_examples=exp.splits.val.num_examples)
       if exp.algorithm.clusters:
         raise ValueError(
             f'retrieval.mode={c.retrieval.mode!r} with the clustered '

@@ -460,3 +460,13 @@ def test_a_store_is_built_once_and_rebuilt_when_its_inputs_change(tmp_path):
   assert not retrieval.Retrieval(_rc('in_context', k=1, chunk_len=2), model,
                                  other, ds, ds.metadata,
                                  directory=where).loaded
+
+
+def test_tuning_without_a_validation_split_is_refused_before_training(
+    tmp_path):
+  c, splits = _tiny_run('knn_lm')
+  c.retrieval.tune = 'global'
+  exp = training.build(c, splits=splits)
+  with pytest.raises(ValueError, match='set data.val_fraction > 0'):
+    training.run_experiment(exp, str(tmp_path / 'run'))
+  assert not os.path.exists(str(tmp_path / 'run' / 'metrics.jsonl'))
