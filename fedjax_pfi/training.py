@@ -560,10 +560,10 @@ def run_experiment(exp: Experiment, workdir: str, *,
             host.gather(ids))))
       state, metrics = apply(state, pending,
                              replicate(jax.random.fold_in(root, r)), frozen)
-      if host is not None:  # and scattered back
-        host.scatter(ids, jax.device_get(state.client_states), ids >= 0)
       if r + 1 < end:  # host work for round r+1 overlaps device work for r
         pending = prepare(r + 1)
+      if host is not None:  # the rows scattered back (waits for the round)
+        host.scatter(ids, jax.device_get(state.client_states), ids >= 0)
       metrics = jax.device_get(metrics)
       finite = np.asarray(metrics.pop('state_finite'))
       row = evaluation.flat_metrics(metrics)

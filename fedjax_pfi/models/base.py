@@ -134,7 +134,7 @@ def classifier(module: nn.Module, sample_x: jax.Array, name: str,
       raise ValueError(
           f'model {name!r} has no layer named {FEATURES_LAYER!r} whose '
           'output could serve as hidden states for retrieval; retrieval '
-          "needs a transformer ('transformer', 'char_transformer').")
+          "needs model.name='transformer'.")
     return found['__call__'][0].astype(jnp.float32)
 
   context_len = getattr(getattr(module, 'config', None), 'max_len',
