@@ -14,6 +14,8 @@ Multi-host: ``python -m launch.local --num_processes=2 -- <this command>``
 host; `fedjax_pfi.distributed` joins them.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -54,4 +56,7 @@ if __name__ == '__main__':
                                  'Directory for metrics, TensorBoard and '
                                  'checkpoints; re-using it resumes the run.')
   flags.mark_flags_as_required(['config', 'workdir'])
+  # --config.retrieval.lambda: a keyword, which ml_collections parses only
+  # as a subscript
+  sys.argv = config_lib.command_line(sys.argv)
   app.run(main)

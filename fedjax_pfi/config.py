@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import keyword
 import math
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -52,6 +53,24 @@ OPEN_BLOCKS = ('model.kwargs', 'data.partitioner_kwargs',
 # `check` refuses any outside `OPEN_BLOCKS` (a typo), naming the nearest
 # option.
 COMMAND_LINE = dict(lock_config=False, accept_new_attributes=True)
+
+
+def command_line(argv: list[str]) -> list[str]:
+  """``argv`` with each ``--config.`` path part that is a Python keyword
+  written as a subscript, which is how ml_collections parses it:
+  ``--config.retrieval.lambda=0.1`` -> ``--config.retrieval["lambda"]=0.1``."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config.') and '=' in arg:
+      path, value = arg[len('--config.'):].split('=', 1)
+      parts = path.split('.')
+      if any(keyword.iskeyword(p) for p in parts):
+        head = parts[0]
+        for p in parts[1:]:
+          head += f'["{p}"]' if keyword.iskeyword(p) else '.' + p
+        arg = f'--config.{head}={value}'
+    out.append(arg)
+  return out
 
 
 def optional(field_type):

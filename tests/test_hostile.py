@@ -60,7 +60,8 @@ def parse_command_line(config_arg: str, *overrides: str):
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', flag_values=fv,
                                   **config_lib.COMMAND_LINE)
-  argv = ['main', f'--config={config_arg}', *overrides]
+  argv = config_lib.command_line(['main', f'--config={config_arg}',
+                                  *overrides])
   old, sys.argv = sys.argv, argv  # config_flags reads overrides from argv
   try:
     fv(argv)
