@@ -470,3 +470,19 @@ def test_tuning_without_a_validation_split_is_refused_before_training(
   with pytest.raises(ValueError, match='set data.val_fraction > 0'):
     training.run_experiment(exp, str(tmp_path / 'run'))
   assert not os.path.exists(str(tmp_path / 'run' / 'metrics.jsonl'))
+
+
+def test_extend_equals_one_add_per_client():
+  store, _ = _stores(clients=4, n=30)
+  rng = np.random.default_rng(9)
+  new = {c: {'keys': rng.normal(size=(m, 16)).astype(np.float32)}
+         for c, m in ((0, 3), (2, 0), (3, 5))}
+  one = store.copy()
+  for c, rows in new.items():
+    one.add(c, rows)
+  many = store.copy()
+  many.extend(new)
+  np.testing.assert_array_equal(one.offsets, many.offsets)
+  np.testing.assert_array_equal(one.columns['keys'], many.columns['keys'])
+  with pytest.raises(ValueError, match="column 'keys': new rows of shape"):
+    many.add(1, {'keys': np.zeros((2, 3))})
