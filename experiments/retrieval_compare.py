@@ -361,6 +361,15 @@ def canary_config(variant, peft_workdir, testing, rounds, dp: bool):
 
 
 def leakage(workdir, peft_workdir, testing, rounds, lam) -> list[dict]:
+  rows = leakage_training(workdir, peft_workdir, testing, rounds)
+  rows += leakage_retrieval(peft_workdir, testing, rounds, lam)
+  return write_leakage(workdir, rows, canary_config(
+      'fedit', peft_workdir, testing, rounds, False))
+
+
+def leakage_training(workdir, peft_workdir, testing, rounds) -> list[dict]:
+  """The canaries in LoRA adapters trained on them: local-only LoRA (the
+  holder's own adapters), and FedIT with DP."""
   rows = []
   for name, variant, dp in (('local-only LoRA', 'local_lora', False),
                             ('FedIT with DP', 'fedit', True)):
@@ -370,7 +379,13 @@ def leakage(workdir, peft_workdir, testing, rounds, lam) -> list[dict]:
                                    if dp and 'privacy/epsilon_pld' in out else ''),
                      exposure=out.get('test/canary/exposure_mean'),
                      accuracy=out.get('test/client_accuracy_mean')))
-  # Retrieval over the holders' stores, with the same canaries planted.
+  return rows
+
+
+def leakage_retrieval(peft_workdir, testing, rounds, lam) -> list[dict]:
+  """The canaries through retrieval over their holders' stores (the
+  pretrained reader), and the pretrained model alone (the floor)."""
+  rows = []
   c = canary_config('fedit', peft_workdir, testing, rounds, False)
   exp = training.build(c)
   base = training.initial_params(exp)['base']
@@ -403,10 +418,16 @@ def leakage(workdir, peft_workdir, testing, rounds, lam) -> list[dict]:
           for h in can.holders]
   rows.append(dict(model='pretrained model (never saw the canaries)',
                    exposure=float(np.mean(exp_)), accuracy=None))
-  lines = [f'{can.num} canaries "{can.texts[0][:-4]}NNNN", each {c.evaluation.canaries.repeats} '
-           f'times in one role\'s training windows; exposure among '
-           f'{can.candidates} other secrets (max {np.log2(r1):.1f} bits; '
-           'about 1 when unremarkable).', '',
+  return rows
+
+
+def write_leakage(workdir, rows, c) -> list[dict]:
+  can_cfg = c.evaluation.canaries
+  r1 = int(can_cfg.candidates) + 1
+  lines = [f'{can_cfg.num} canaries "{can_cfg.prefix}" + {can_cfg.digits} '
+           f'digits, each {can_cfg.repeats} times in one role\'s training '
+           f'windows; exposure among {can_cfg.candidates} other secrets (max '
+           f'{np.log2(r1):.1f} bits; about 1 when unremarkable).', '',
            '| model | mean exposure (bits) | per-role accuracy |',
            '| --- | --- | --- |']
   for x in rows:
