@@ -486,3 +486,17 @@ def test_extend_equals_one_add_per_client():
   np.testing.assert_array_equal(one.columns['keys'], many.columns['keys'])
   with pytest.raises(ValueError, match="column 'keys': new rows of shape"):
     many.add(1, {'keys': np.zeros((2, 3))})
+
+
+def test_a_fine_tuning_run_reads_its_fine_tuned_models_with_retrieval(
+    tmp_path):
+  """FedAvg + FT: each client's test/ model is the global one fine-tuned on
+  its data; retrieval reads the same fine-tuned models (Adapter.adapt)."""
+  c, splits = _tiny_run('knn_lm')
+  c.algorithm = 'fedavg_ft'
+  c.retrieval['lambda'] = 0.0  # the store's weight 0: exactly test/
+  exp = training.build(c, splits=splits)
+  out = training.run_experiment(exp, str(tmp_path / 'run'))
+  assert out['retrieval/test/client_accuracy_mean'] == pytest.approx(
+      out['test/client_accuracy_mean'], abs=1e-6)
+  assert out['vs_no_retrieval/discordant_mean'] == 0
