@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_pfi.algorithms import store
+
 # Host arrays of more bytes than this are memory-mapped files.
 MEMMAP_BYTES = 1 << 30
 
@@ -98,11 +100,9 @@ class DeviceStore:
 
   def scatter(self, ids, rows: Any, write=None) -> None:
     ids = _padded_ids(ids, self.num_clients)
-    write = (ids >= 0) if write is None else (np.asarray(write) & (ids >= 0))
-    idx = jnp.asarray(np.where(write, ids, self.num_clients))
-    self.rows = jax.tree.map(
-        lambda s, v: s.at[idx].set(jnp.asarray(v, s.dtype), mode='drop'),
-        self.rows, rows)
+    write = np.ones(ids.shape, bool) if write is None else np.asarray(write)
+    self.rows = store.scatter(self.rows, jnp.asarray(ids), rows,
+                              jnp.asarray(write))
 
   def state(self) -> Any:
     return self.rows

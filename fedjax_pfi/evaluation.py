@@ -28,7 +28,7 @@ examples (``probes``: a base task, canary candidates; `Probe`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -324,6 +324,33 @@ class Evaluator:
                                         stacked.mask, on_device),
                   stacked.mask)
     return results.result()
+
+
+def select(results: Sequence[ClientMetrics], pick: np.ndarray,
+           ds: FederatedDataset) -> ClientMetrics:
+  """Each evaluated client's metrics from ``results[pick[j]]`` (evaluations
+  of the same clients of ``ds`` by several models: clustered FL's models,
+  retrieval's settings), its per-example rows and calibration sums too, so
+  paired tests still apply."""
+  ids = results[0].client_ids
+  def take(f):
+    return np.take_along_axis(np.stack([getattr(m, f) for m in results]),
+                              pick[None], 0)[0]
+  # each example by the model of its client's pick
+  client_pick = np.zeros(ds.num_clients, np.int64)
+  client_pick[ids] = pick
+  row_pick = client_pick[np.repeat(np.arange(ds.num_clients),
+                                   ds.client_sizes)]
+  rows = RowStats(*(
+      np.take_along_axis(np.stack([getattr(m.rows, f) for m in results]),
+                         row_pick[None], 0)[0]
+      for f in ('loss_sum', 'correct', 'count')))
+  conf = None
+  if results[0].confidence is not None:
+    conf = np.stack([m.confidence for m in results])[pick,
+                                                      np.arange(ids.size)]
+  return ClientMetrics(ids, take('loss_sum'), take('correct'), take('count'),
+                       results[0].num_examples, rows, conf)
 
 
 def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:

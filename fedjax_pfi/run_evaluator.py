@@ -174,28 +174,10 @@ class RunEvaluator:
     for j, m in enumerate(on_train):
       loss[j, m.client_ids] = m.loss
     pick = np.argmin(loss[:, ids], axis=0)
-    def take(f):
-      return np.take_along_axis(
-          np.stack([getattr(m, f) for m in on_test]), pick[None], 0)[0]
-
-    # each test example by the model of its client's pick
-    client_pick = np.zeros(test.num_clients, np.int64)
-    client_pick[ids] = pick
-    row_pick = client_pick[np.repeat(np.arange(test.num_clients),
-                                     test.client_sizes)]
-    rows = evaluation.RowStats(*(
-        np.take_along_axis(np.stack([getattr(m.rows, f) for m in on_test]),
-                           row_pick[None], 0)[0]
-        for f in ('loss_sum', 'correct', 'count')))
-    conf = None
-    if on_test[0].confidence is not None:
-      conf = np.stack([m.confidence for m in on_test])[pick,
-                                                        np.arange(ids.size)]
     if test is self.exp.splits.test:  # for the probes of the final report
-      self._cluster_pick = client_pick
-    return evaluation.ClientMetrics(ids, take('loss_sum'), take('correct'),
-                                    take('count'), on_test[0].num_examples,
-                                    rows, conf)
+      self._cluster_pick = np.zeros(test.num_clients, np.int64)
+      self._cluster_pick[ids] = pick
+    return evaluation.select(on_test, pick, test)
 
   def sampled(self, rounds_done: int) -> np.ndarray:
     """Bool per training client: sampled in one of the first rounds."""
@@ -320,8 +302,7 @@ class RunEvaluator:
       start, frozen = self._trainable(view.params, alg.finetune)
       adapted = self.finetuner.adapt(start, splits.train, frozen)
       kw = dict(personal=adapted, combine=(
-          (lambda f, p: param_groups.merge(f, p)) if frozen is not None
-          else (lambda f, p: p)))
+          param_groups.merge if frozen is not None else None))
       params = frozen
     elif view.personal is not None:
       kw = dict(personal=view.personal, combine=alg.combine)

@@ -434,7 +434,7 @@ def test_tuning_picks_lambda_on_validation_and_keeps_rows_per_client():
   np.testing.assert_array_equal(got.rows.correct, want.rows.correct)
   # select: client j's sums and rows from results[pick[j]]
   zero = r.evaluate(model, params, ds, k=1, lam=0.0)
-  mixed = retrieval.select([zero, want], np.array([0, 1, 0]), ds)
+  mixed = evaluation.select([zero, want], np.array([0, 1, 0]), ds)
   assert mixed.correct.tolist() == [zero.correct[0], want.correct[1],
                                     zero.correct[2]]
   lo, hi = ds.offsets[1], ds.offsets[2]

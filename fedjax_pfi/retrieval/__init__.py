@@ -38,7 +38,7 @@ import numpy as np
 from fedjax_pfi import client_store
 from fedjax_pfi import evaluation
 from fedjax_pfi.data.federated import FederatedDataset
-from fedjax_pfi.evaluation import ClientMetrics, RowStats
+from fedjax_pfi.evaluation import ClientMetrics
 from fedjax_pfi.models import base
 from fedjax_pfi.retrieval import in_context as in_context_lib
 from fedjax_pfi.retrieval import knn_lm as knn_lm_lib
@@ -118,26 +118,6 @@ class _Rows:
     return {'reader': mine, 'store': store}
 
 
-def select(results: list[ClientMetrics], pick: np.ndarray,
-           ds: FederatedDataset) -> ClientMetrics:
-  """Each client's metrics from ``results[pick[j]]`` (``pick`` per
-  evaluated client), rows included, so paired tests still apply."""
-  ids = results[0].client_ids
-  def take(f):
-    return np.stack([getattr(m, f) for m in results])[pick, np.arange(
-        ids.size)]
-  owner_pick = np.zeros(ds.num_clients, np.int64)
-  owner_pick[ids] = pick
-  row_pick = owner_pick[np.repeat(np.arange(ds.num_clients), ds.client_sizes)]
-  rows = RowStats(*(np.take_along_axis(
-      np.stack([getattr(m.rows, f) for m in results]), row_pick[None], 0)[0]
-                    for f in ('loss_sum', 'correct', 'count')))
-  conf = None if results[0].confidence is None else np.stack(
-      [m.confidence for m in results])[pick, np.arange(ids.size)]
-  return ClientMetrics(ids, take('loss_sum'), take('correct'), take('count'),
-                       results[0].num_examples, rows, conf)
-
-
 class Retrieval:
   """Every client's store over its training split, and retrieval-augmented
   evaluation of any reader.
@@ -173,7 +153,8 @@ class Retrieval:
     self.metric = rc.metric or ('l2' if self.mode == 'knn_lm' else 'ip')
     on_device = rc.store == 'device'
     t0 = time.perf_counter()
-    key = fingerprint(rc, retriever_params, train)
+    key = None if directory is None else fingerprint(
+        rc, retriever_params, train)
     self.loaded = False
     if directory is not None and os.path.exists(
         os.path.join(directory, 'store.json')):
@@ -339,7 +320,7 @@ class Retrieval:
     else:  # per client; a client without validation data takes the first
       pick = np.argmin(loss[:, ids], 0)
     chosen = np.array(grid, np.float64)[pick]
-    return select(on_test, pick, test), {
+    return evaluation.select(on_test, pick, test), {
         'retrieval/tuned_k_mean': float(chosen[:, 0].mean()),
         'retrieval/tuned_lambda_mean': float(chosen[:, 1].mean())}
 
