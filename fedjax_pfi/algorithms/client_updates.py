@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import performance
 from fedjax_pfi.algorithms import param_groups
 from fedjax_pfi.algorithms.core import take as core_take
 from fedjax_pfi.algorithms.core import window_at_step as core_window
@@ -126,6 +127,7 @@ def _client_step(model: base.Model, optimizer: optax.GradientTransformation,
   active)``, a no-op where the mask ``m`` is all False."""
   if proximal_mu < 0:
     raise ValueError(f'FedProx mu must be >= 0, got {proximal_mu}.')
+  performance.warn_scanned_convolutions(model)
 
   def loss_fn(params, batch, mask, rng, frozen, aux):
     full = (params if frozen is None and aux is None else
