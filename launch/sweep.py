@@ -11,10 +11,14 @@ runs ``experiments.main`` once per point of the grid (here 4) with
 ``--workdir=<workdir>/client.learning_rate=0.01,clients_per_round=10`` and so
 on. ``--set`` adds overrides common to every job. Every job resumes from its
 workdir, so re-running the sweep finishes what is missing (finished jobs
-return at once). ``--slurm`` writes ``<workdir>/sweep.sbatch`` and
-``<workdir>/jobs.txt`` (one command per line) instead: an array job whose
-task ``$SLURM_ARRAY_TASK_ID`` runs line ``id + 1`` (submit it with
-``sbatch``). ``--dry_run`` prints the commands.
+return at once). ``--dry_run`` prints the commands.
+
+``--slurm`` goes through submitit instead (`launch.slurm`): one job per point
+as a SLURM job array (``--array=0-N%P``, ``P`` = ``--array_parallelism``),
+each job on one node, requeued on preemption or time-out (it resumes from its
+workdir). Without ``--submit`` it prints the sbatch script and submits
+nothing; ``--cluster=local`` runs the same jobs on this machine with
+submitit's local executor. submitit's logs go to ``<workdir>/submitit/``.
 """
 
 from __future__ import annotations
@@ -88,6 +92,20 @@ def run_local(jobs, parallel: int) -> int:
   return failed
 
 
+def run_slurm(jobs, workdir: str, resources: slurm.Resources,
+              cluster: str = 'slurm', submit: bool = False) -> list:
+  """The jobs as one submitit array (`launch.slurm.submit`) on ``cluster``;
+  without ``submit``, prints the sbatch script instead. Returns submitit's
+  jobs (none if not submitted)."""
+  commands = [cmd for _, cmd in jobs]
+  if not submit:
+    print(slurm.preview(commands, workdir, resources))
+    return []
+  for job_dir, _ in jobs:
+    os.makedirs(job_dir, exist_ok=True)
+  return slurm.submit(commands, workdir, resources, cluster)
+
+
 def main(argv, f):
   del argv
   jobs = expand(f.config, f.workdir, f.grid, f.set)
@@ -96,10 +114,17 @@ def main(argv, f):
       print(shlex.join(cmd))
     return
   if f.slurm:
-    path = slurm.write_array(jobs, f.workdir, partition=f.partition,
-                             time=f.time, gpus=f.gpus)
-    print(f'{len(jobs)} jobs: sbatch {path}')
-    return
+    resources = slurm.Resources(
+        nodes=1, gpus_per_node=f.gpus, cpus_per_task=f.cpus_per_task,
+        partition=f.partition, time=f.time, job_name=f.job_name,
+        array_parallelism=f.array_parallelism,
+        max_num_timeout=f.max_num_timeout, requeue=f.requeue)
+    try:
+      submitted = run_slurm(jobs, f.workdir, resources.check(), f.cluster,
+                            f.submit)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+    sys.exit(1 if slurm.report(submitted, f.cluster) else 0)
   sys.exit(1 if run_local(jobs, f.parallel) else 0)
 
 
@@ -113,11 +138,26 @@ def _define_flags():
       'fields.')
   flags.DEFINE_multi_string('set', [], "'key=value' overrides for every job.")
   flags.DEFINE_integer('parallel', 1, 'Local jobs at a time.')
-  flags.DEFINE_bool('slurm', False, 'Write a SLURM array instead.')
+  flags.DEFINE_bool('slurm', False,
+                    'Run the jobs as a SLURM array through submitit.')
   flags.DEFINE_bool('dry_run', False, 'Print the commands only.')
+  flags.DEFINE_bool('submit', False, 'With --slurm: submit; without it, '
+                    'print the sbatch script only.')
+  flags.DEFINE_enum('cluster', 'slurm', list(slurm.CLUSTERS),
+                    'With --slurm: slurm; local: this machine; debug: in '
+                    'this process.')
   flags.DEFINE_string('partition', None, 'SLURM partition.')
-  flags.DEFINE_string('time', '24:00:00', 'SLURM time limit.')
-  flags.DEFINE_integer('gpus', 0, 'GPUs per SLURM task.')
+  flags.DEFINE_string('time', '24:00:00',
+                      f'Time limit per job ({", ".join(slurm.TIME_FORMATS)}).')
+  flags.DEFINE_integer('gpus', 0, 'GPUs per job (one node each).')
+  flags.DEFINE_integer('cpus_per_task', 8, 'CPU cores per job.')
+  flags.DEFINE_string('job_name', 'fedjax_pfi_sweep', 'SLURM job name.')
+  flags.DEFINE_integer('array_parallelism', 256,
+                       'Array jobs SLURM may run at once.')
+  flags.DEFINE_bool('requeue', True,
+                    'Requeue jobs on preemption and time-out.')
+  flags.DEFINE_integer('max_num_timeout', 3,
+                       'Requeues after hitting the time limit.')
 
 
 if __name__ == '__main__':
