@@ -53,7 +53,14 @@ COIN_STREAM = 0xC10C
 
 
 class Spec(NamedTuple):
-  """What the round needs: the ring's length and FedAsync's mixing."""
+  """What the round needs: the ring's length and FedAsync's mixing.
+
+  Attributes:
+    ring: the number of model versions kept in the server state's ring
+      (``max_staleness + 1``; ``[ring, ...]`` of the federated params).
+    mixing: FedAsync's mixing: a client's message gains the drift term
+      ``x_v - x`` (False: FedBuff's delta).
+  """
   ring: int
   mixing: bool
 

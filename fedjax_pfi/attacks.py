@@ -51,9 +51,9 @@ ATTACKS = ('none', 'label_flip', 'sign_flip', 'scale', 'gaussian', 'alie',
 ON_DATA = ('label_flip', 'backdoor')
 ON_UPDATE = ('sign_flip', 'scale', 'gaussian', 'backdoor')
 IN_ROUND = ('alie', 'ipm')  # they need the round's buffer of messages
-# FEMNIST-style images [28, 28, 1]: a 4 x 4 checkerboard in the lower
-# right corner (Bagdasaryan et al.'s pixel pattern; ink = 1 on MNIST
-# polarity, the background 0).
+#: The trigger of FEMNIST-style images ``[28, 28, 1]``, a 4 x 4
+#: checkerboard in the lower right corner (Bagdasaryan et al.'s pixel
+#: pattern; ink = 1 on MNIST polarity, the background 0).
 PATTERN = np.indices((4, 4)).sum(0) % 2 == 0
 
 
@@ -76,6 +76,8 @@ class Spec:
 
   @property
   def malicious_ids(self) -> np.ndarray:
+    """The malicious clients' ids in ascending order,
+    ``flatnonzero(malicious)``."""
     return np.flatnonzero(self.malicious)
 
 

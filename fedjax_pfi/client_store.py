@@ -1,6 +1,6 @@
 """Where per-client state lives: on the device, or on the host.
 
-A `ClientStore` holds rows for every client of a population and hands a
+A client store holds rows for every client of a population and hands a
 cohort (or an evaluation chunk) its rows: ``gather(ids)`` returns a pytree of
 ``[len(ids), ...]`` arrays that travel with the cohort like its batches, and
 ``scatter(ids, rows, write)`` puts updated rows back. Padded slots (id -1)
@@ -16,8 +16,9 @@ read zeros and are never written.
   a ``valid`` mask. ``on_device=True`` keeps the padded arrays on the device
   instead; both give identical arrays, hence identical results.
 
-Every store saves to and loads from a directory (``save`` writes to a
-temporary directory and renames it, so a crash leaves the old copy).
+A `RaggedStore` saves to and loads from a directory (``save`` writes to a
+temporary directory and renames it, so a crash leaves the old copy); a
+dense store's ``rows`` (a pytree) are checkpointed with the server state.
 """
 
 from __future__ import annotations
@@ -93,18 +94,23 @@ class DeviceStore:
     self.num_clients = int(jax.tree.leaves(rows)[0].shape[0])
 
   def gather(self, ids) -> Any:
+    """Rows of ``ids`` (int ``[k]``; -1: a padded slot, zeros): a pytree of
+    ``[k, ...]`` arrays."""
     ids = jnp.asarray(_padded_ids(ids, self.num_clients))
     return jax.tree.map(
         lambda s: jnp.where((ids >= 0).reshape((-1,) + (1,) * (s.ndim - 1)),
                             s[jnp.maximum(ids, 0)], 0), self.rows)
 
   def scatter(self, ids, rows: Any, write=None) -> None:
+    """Writes ``rows`` (leaves ``[k, ...]``) to the clients ``ids`` where
+    ``write`` (bool ``[k]``; default all) and the id is not -1."""
     ids = _padded_ids(ids, self.num_clients)
     write = np.ones(ids.shape, bool) if write is None else np.asarray(write)
     self.rows = store.scatter(self.rows, jnp.asarray(ids), rows,
                               jnp.asarray(write))
 
   def state(self) -> Any:
+    """The whole store, a pytree of ``[num_clients, ...]`` arrays."""
     return self.rows
 
 
@@ -126,6 +132,8 @@ class HostStore:
     self.num_clients = int(jax.tree.leaves(self.rows)[0].shape[0])
 
   def gather(self, ids) -> Any:
+    """Rows of ``ids`` (int ``[k]``; -1: a padded slot, zeros): a pytree of
+    ``[k, ...]`` arrays."""
     ids = _padded_ids(ids, self.num_clients)
     keep = ids >= 0
     return jax.tree.map(
@@ -134,25 +142,32 @@ class HostStore:
         self.rows)
 
   def scatter(self, ids, rows: Any, write=None) -> None:
+    """Writes ``rows`` (leaves ``[k, ...]``) to the clients ``ids`` where
+    ``write`` (bool ``[k]``; default all) and the id is not -1."""
     ids = _padded_ids(ids, self.num_clients)
     write = (ids >= 0) if write is None else (np.asarray(write) & (ids >= 0))
     for s, v in zip(jax.tree.leaves(self.rows), jax.tree.leaves(rows)):
       s[ids[write]] = np.asarray(v)[write]
 
   def state(self) -> Any:
+    """The whole store, a pytree of ``[num_clients, ...]`` arrays."""
     return self.rows
 
 
 def next_pow2(n: int) -> int:
+  """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
   return 1 << max(0, int(n) - 1).bit_length()
 
 
-# Padded row counts: powers of two up to this, then its multiples (a few
-# shapes to compile, and at most this many padded rows per large client).
+#: Padded row counts are powers of two up to this, then its multiples (a
+#: few shapes to compile, and at most this many padded rows per large
+#: client).
 ROW_BLOCK = 4096
 
 
 def padded_rows(n: int) -> int:
+  """The rows a client of ``n`` rows is padded to: the next power of two up
+  to `ROW_BLOCK`, then the next multiple of `ROW_BLOCK`."""
   n = max(int(n), 1)
   return next_pow2(n) if n <= ROW_BLOCK else -(-n // ROW_BLOCK) * ROW_BLOCK
 
@@ -223,6 +238,9 @@ class RaggedStore:
     return padded_rows(max(largest, self.min_rows))
 
   def gather(self, ids) -> dict:
+    """Rows of ``ids`` (int ``[k]``; -1: a padded slot): each column ``[k,
+    N, ...]`` and ``valid`` bool ``[k, N]``, ``N`` = `rows_for` ``(ids)``;
+    rows past a client's count are zeros."""
     ids = _padded_ids(ids, self.num_clients)
     n = self.rows_for(ids)
     if not self.on_device:
@@ -273,17 +291,22 @@ class RaggedStore:
     self._device = None
 
   def copy(self) -> 'RaggedStore':
+    """A copy whose columns are new arrays (in memory)."""
     return RaggedStore({k: np.array(v) for k, v in self.columns.items()},
                        self.offsets.copy(), on_device=self.on_device,
                        min_rows=self.min_rows)
 
   def save(self, directory: str, meta: Optional[Mapping] = None) -> None:
+    """Writes the columns, offsets and ``meta`` (JSON) to ``directory``
+    atomically (a temporary directory, renamed)."""
     _save_arrays(directory, dict(self.columns, offsets=self.offsets),
                  dict(meta or {}, min_rows=self.min_rows))
 
   @classmethod
   def load(cls, directory: str, *, on_device: bool = False,
            mmap: bool = True) -> tuple['RaggedStore', dict]:
+    """A store `save` wrote (columns memory-mapped with ``mmap``), and its
+    ``meta``."""
     arrays, meta = _load_arrays(directory, mmap)
     offsets = np.asarray(arrays.pop('offsets'))
     return cls(arrays, offsets, on_device=on_device,

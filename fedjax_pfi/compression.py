@@ -46,6 +46,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+#: The compressors ``compression.name`` may name.
 NAMES = ('none', 'qsgd', 'rotated_qsgd', 'drive', 'topk')
 SCALE_BITS = 32   # a float32 norm or scale
 VALUE_BITS = 32   # a float32 value (top-k)
@@ -53,7 +54,15 @@ VALUE_BITS = 32   # a float32 value (top-k)
 
 class Compressor(NamedTuple):
   """``apply(v, key) -> v_hat`` on a vector ``[d]``; ``bits(d)``: the bits
-  a client sends for one such vector; ``unbiased``: ``E[v_hat] = v``."""
+  a client sends for one such vector; ``unbiased``: ``E[v_hat] = v``.
+
+  Attributes:
+    name: one of `NAMES`.
+    apply: ``apply(v [d], key) -> v_hat [d]``, the vector the server decodes.
+    bits: ``bits(d)``: the bits a client sends for a vector of ``d`` floats.
+    unbiased: whether ``E[v_hat] = v``.
+    levels: qsgd's and rotated_qsgd's ``2^(bits - 1) - 1`` (else 0).
+  """
   name: str
   apply: Callable[[jax.Array, jax.Array], jax.Array]
   bits: Callable[[int], int]
@@ -241,9 +250,9 @@ def vnmse(v: jax.Array, v_hat: jax.Array) -> jax.Array:
 # compressor's randomness, apart from the transforms' (1) and secure
 # aggregation's (2) streams of the same key (`rounds.message_sums`).
 COMPRESSION_STREAM = 3
-# ``fold_in(round key, DOWNLOAD_STREAM)``: the broadcast's compression, one
-# draw a round for the whole cohort (apart from every client id's key and
-# the aggregator's, ``2**31 - 2``).
+#: The broadcast's compression draws from ``fold_in(round key,
+#: DOWNLOAD_STREAM)``, one draw a round for the whole cohort (apart from
+#: every client id's key and the aggregator's, ``2**31 - 2``).
 DOWNLOAD_STREAM = 2**31 - 4
 
 
@@ -372,13 +381,14 @@ def wrap(inner, spec: Spec):
 # (`secure_aggregation.check_compressed_fits`). DRIVE (a scale per client)
 # and top-k (each client's own coordinates) do not give shared integers.
 
+#: The compressors whose messages secure aggregation can sum (above).
 SECURE_NAMES = ('qsgd', 'rotated_qsgd')
 # ``fold_in(the round's aggregator key, ROTATION_STREAM)``: the rotation
 # every client of a round shares under secure aggregation (apart from the
 # DP noise's streams 0 and 1 of that key).
 ROTATION_STREAM = 2**31 - 5
-# The chance that a client's rotated message has a coordinate beyond
-# `rotated_bound` (then clamped, and counted).
+#: The chance that a client's rotated message has a coordinate beyond
+#: `rotated_bound` (then clamped, and counted).
 CLAMP_DELTA = 2.0**-20
 
 

@@ -79,7 +79,19 @@ def optional(field_type):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every option of a run, with defaults. Configs override what they need."""
+  """Every option of a run, with defaults. Configs override what they need.
+
+  Returns:
+    A fresh ``ml_collections.ConfigDict``: ``seed``, ``rounds``,
+    ``clients_per_round`` and one block per part of a run (``data``,
+    ``model``, ``peft``, ``personalization``, ``algorithm``, ``client``,
+    ``server``, ``privacy``, ``stragglers``, ``compression``, ``devices``,
+    ``asynchrony``, ``secure_aggregation``, ``aggregator``, ``attack``,
+    ``execution``, ``evaluation``, ``retrieval``) and the loop's own
+    (``step_buckets``, ``eval_every``, ``checkpoint_every``, ...). Every
+    optional field is typed, so ``--config.x=...`` can set it; `check`
+    refuses a bad value by name before anything is loaded.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.rounds = 100

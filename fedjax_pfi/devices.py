@@ -293,7 +293,7 @@ _SIZED = {b'\x8c': '<B', b'X': '<I', b'\x8d': '<Q', b'\x8a': '<B',
 def read_plain_pickle(data: bytes, name: str = 'the pickle'):
   """The value of a pickle (protocols 2-5) made only of dicts, lists,
   tuples, numbers, strings, bytes, booleans and None, decoded opcode by
-  opcode without the `pickle` module: no class is ever looked up, so no code
+  opcode without the ``pickle`` module: no class is ever looked up, so no code
   can run. Any other opcode (a class, a function, a numpy scalar) is
   refused, naming it."""
   stack: list = []

@@ -53,7 +53,16 @@ class RowStats(NamedTuple):
 class ClientMetrics(NamedTuple):
   """Per-client evaluation sums; arrays ``[num_evaluated_clients]``.
 
-  Attributes beyond the sums (None where an evaluation did not make them):
+  The attributes beyond the sums (``rows``, ``confidence``, ``probes``) are
+  None where an evaluation did not make them.
+
+  Attributes:
+    client_ids: int ``[clients]``: the evaluated clients.
+    loss_sum: ``[clients]``: each client's summed loss.
+    correct: ``[clients]``: its correct predictions (tokens for sequences).
+    count: ``[clients]``: what ``loss_sum`` and ``correct`` are summed over
+      (examples, or valid tokens).
+    num_examples: ``[clients]``: its examples.
     rows: `RowStats` per example of the evaluated dataset, for paired tests
       between two models on the same examples.
     confidence: ``[clients, CONFIDENCE_BINS, 3]`` calibration sums
@@ -73,10 +82,12 @@ class ClientMetrics(NamedTuple):
 
   @property
   def accuracy(self) -> np.ndarray:
+    """``correct / count`` per client, ``[clients]``."""
     return self.correct / np.maximum(self.count, 1)
 
   @property
   def loss(self) -> np.ndarray:
+    """``loss_sum / count`` per client, ``[clients]``."""
     return self.loss_sum / np.maximum(self.count, 1)
 
 
@@ -117,7 +128,7 @@ def client_sums(model: base.Model):
   ``count``, ``rows`` (each ``[S * B]``), ``confidence`` (``[bins, 3]``,
   where the model has it) and, for each `Probe` in ``probes``, its
   ``[P * B]`` per-example sums (``probes`` from `device_probes`; batches
-  run one at a time by `lax.map`,
+  run one at a time by ``lax.map``,
   so a chunk of clients holds one probe batch's activations)."""
 
   def probe_rows(params, probe):  # probe: (batches, mask), `device_probes`
@@ -145,9 +156,10 @@ def client_sums(model: base.Model):
 
 
 def device_probes(probes: Optional[Mapping[str, Probe]]):
+  """What a program is given of each probe: name -> ``(batches, mask)``
+  (None without probes)."""
   if not probes:
     return None
-  """What a program is given of each probe: ``(batches, mask)``."""
   return {k: (p.batches, p.mask) for k, p in probes.items()}
 
 
@@ -188,6 +200,7 @@ class ChunkResults:
           [np.asarray(r)[:n, :size] for r in out['probes'][k]]))
 
   def result(self) -> ClientMetrics:
+    """The collected chunks as one `ClientMetrics`, clients in id order."""
     ids = np.concatenate(self.ids)
     order = np.argsort(ids)
     sums = np.concatenate(self.sums, axis=1)[:, order]
@@ -201,7 +214,18 @@ class ChunkResults:
 class Evaluator:
   """Evaluates params on a `FederatedDataset`, client by client.
 
+  ``evaluate`` returns `ClientMetrics` (per-client sums ``[clients]``):
+  shared params run over the pooled examples in one flat pass of
+  ``batch_size`` batches, summed per client; personal params (a leading
+  ``[num_clients]`` axis) run ``vmap``-ped over chunks of
+  ``clients_per_chunk`` clients, stacked to ``[clients, steps, batch, ...]``
+  (the module docstring says why both give the same numbers).
+
   Args:
+    model: the evaluated model.
+    batch_size: examples per batch (``B``).
+    clients_per_chunk: clients per ``vmap``-ped chunk of personal
+      evaluation.
     combine: ``(shared, personal_i) -> params`` for personal evaluation
       (default None: the personal params alone).
   """
@@ -354,7 +378,17 @@ def select(results: Sequence[ClientMetrics], pick: np.ndarray,
 
 
 def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:
-  """Pooled metrics and the per-client accuracy/loss distribution."""
+  """Pooled metrics and the per-client accuracy/loss distribution.
+
+  Args:
+    m: per-client sums, arrays ``[clients]``.
+    prefix: put before every key (``'test/'``).
+
+  Returns:
+    ``accuracy`` and ``loss`` over all pooled examples (or tokens);
+    ``client_accuracy_mean``, ``_median``, ``_p10``, ``_p90``, ``_worst``
+    and ``_std`` over clients, ``client_loss_mean``, and ``num_clients``.
+  """
   acc = m.accuracy
   out = {
       'accuracy': float(m.correct.sum() / max(m.count.sum(), 1)),

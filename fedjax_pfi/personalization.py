@@ -16,6 +16,10 @@ and reports the distribution of the gains and the fraction of clients hurt.
   so runs can be compared client by client afterwards.
 - `plot_run`: accuracy curves, the per-client accuracy distribution and the
   gain against client data size, as PNGs in the workdir.
+
+Per-client results are arrays over the evaluated clients (`ClientMetrics`,
+``[clients]``); a gain is a client's personalized accuracy minus its
+baseline accuracy, ``[clients]``.
 """
 
 from __future__ import annotations
@@ -350,6 +354,8 @@ def plot_gain(ax, sizes, gain, binary: bool, **style):
 
 
 def save_figure(fig, workdir, name):
+  """Writes ``fig`` to ``workdir/name`` (a PNG, 110 dpi), closes it and
+  returns the path."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, name)
   fig.tight_layout()

@@ -1,6 +1,6 @@
 """Centralized pretraining of a foundation model, saved in the Hugging Face layout.
 
-`pretrain(config, workdir)` is what ``experiments/pretrain.py`` runs: it
+`pretrain` ``(config, workdir)`` is what ``experiments/pretrain.py`` runs: it
 trains a `fedjax_pfi.models.transformer.Transformer` on a dataset's pooled
 examples (`fedjax_pfi.algorithms.centralized`) and writes
 

@@ -52,8 +52,8 @@ from fedjax_pfi.algorithms import aggregators
 
 MECHANISMS = ('none', 'gaussian', 'adaptive')
 SAMPLINGS = ('poisson', 'fixed')
-# Asynchronous aggregation's accounting (`Accounting`): the device model's
-# schedule is public, nothing is sampled.
+#: The sampling of asynchronous aggregation's accounting (`Accounting`),
+#: where the device model's schedule is public and nothing is sampled.
 SCHEDULED = 'scheduled'
 ACCOUNTANTS = ('pld', 'rdp')
 # The bracket `calibrate` searches for a noise multiplier in.
@@ -86,16 +86,19 @@ class Accounting(NamedTuple):
 
   @property
   def sampling_rate(self) -> float:
+    """``q = cohort / population``."""
     return self.cohort / self.population
 
   @property
   def relation(self) -> str:
+    """The neighbouring relation's name, ``'add_or_remove_one'``
+    (Poisson), ``'replace_one'`` (fixed) or ``'zero_out'`` (scheduled)."""
     return {'poisson': 'add_or_remove_one', 'fixed': 'replace_one',
             SCHEDULED: 'zero_out'}[self.sampling]
 
   @property
   def sensitivity(self) -> float:
-    """How far one client moves the noised sum, in clip norms: adding or
+    """How far one client moves the noised sum, in clip norms. Adding or
     removing a client moves it by at most ``C``, replacing one by ``2 C``,
     zeroing out its update (scheduled: its place in the schedule stays) by
     ``C`` (and adaptive clipping's count of bits in {-1/2, 1/2} by 1/2 and
@@ -104,6 +107,7 @@ class Accounting(NamedTuple):
 
   @property
   def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+    """`relation` as dp-accounting's ``NeighboringRelation``."""
     return {'poisson': dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
             'fixed': dp_accounting.NeighboringRelation.REPLACE_ONE,
             SCHEDULED: dp_accounting.NeighboringRelation.REPLACE_SPECIAL}[
@@ -127,10 +131,12 @@ class Accounting(NamedTuple):
     return dp_accounting.SelfComposedDpEvent(one, rounds)
 
   def rdp_accountant(self) -> rdp_privacy_accountant.RdpAccountant:
+    """A fresh RDP accountant under `neighboring_relation`."""
     return rdp_privacy_accountant.RdpAccountant(
         neighboring_relation=self.neighboring_relation)
 
   def pld_accountant(self) -> pld_privacy_accountant.PLDAccountant:
+    """A fresh PLD accountant under `neighboring_relation`."""
     return pld_privacy_accountant.PLDAccountant(
         neighboring_relation=self.neighboring_relation)
 
@@ -178,6 +184,7 @@ class Accountant:
 
   @property
   def has_pld(self) -> bool:
+    """Whether a PLD accountant applies (Poisson or scheduled sampling)."""
     return self.accounting.sampling in ('poisson', SCHEDULED)
 
   @functools.lru_cache(maxsize=64)

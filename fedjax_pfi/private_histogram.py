@@ -35,7 +35,8 @@ from scipy import optimize
 from scipy import stats
 
 MECHANISMS = ('gaussian', 'randomized_response')
-# Gain bins (accuracy points, as fractions): the hurt ones are those below 0.
+#: The edges of the gain bins, in accuracy points as fractions; the hurt
+#: bins are those below 0.
 GAIN_EDGES = np.array([-1.0, -0.2, -0.1, -0.05, -0.02, -1e-9, 1e-9, 0.02,
                        0.05, 0.1, 0.2, 1.0 + 1e-9])
 
@@ -107,7 +108,7 @@ def calibrate_gaussian(epsilon: float, delta: float) -> float:
 
 
 def randomized_response_p(epsilon: float, num_bins: int) -> float:
-  """The noise parameter ``p`` (dp-accounting's `RandomizedResponseDpEvent`)
+  """The noise parameter ``p`` (`dp_accounting.RandomizedResponseDpEvent`)
   of k-ary randomized response with pure ``epsilon``: the most and least
   likely reports of two inputs differ by ``(1 - p + p/k) / (p/k) = e^eps``,
   so ``p = k / (e^eps + k - 1)``."""

@@ -70,7 +70,7 @@ import numpy as np
 from fedjax_pfi import compression
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 
-# Stages at which a client can leave the protocol (`draw_stages`).
+#: Stages at which a client can leave the protocol (`draw_stages`).
 SURVIVED, BEFORE_KEYS, BEFORE_UPLOAD, BEFORE_UNMASK = 0, 1, 2, 3
 STAGE_NAMES = ('survived', 'dropped_before_keys', 'dropped_before_upload',
                'dropped_before_unmask')

@@ -1,6 +1,6 @@
 """The training loop behind ``experiments/main.py``: config in, workdir out.
 
-One call of `run(config, workdir)`:
+One call of `run` ``(config, workdir)``:
 
 1. checks the config (`fedjax_pfi.config.check`) and the workdir before
    anything is loaded, then against the data, before anything is traced;
@@ -181,7 +181,19 @@ def build(config, *, splits=None, transform=None) -> Experiment:
   """Everything a run needs, from ``config``; ``splits`` (the data, already
   loaded) and ``transform`` (a `rounds.ClientTransform` of each client's
   message, e.g. `audit.canary_transform`) replace what the config would
-  build."""
+  build.
+
+  Checks the config (`fedjax_pfi.config.check`) before loading anything,
+  then loads the data (`load_splits`; canaries planted, attackers' data
+  poisoned), builds the model (`build_model`), the aggregator the trust
+  mechanisms make (DP, secure aggregation, robust aggregation,
+  compression, asynchrony), and the algorithm with the model it trains
+  (`fedjax_pfi.algorithms.registry.build`; LoRA-wrapped for the PEFT
+  algorithms).
+
+  Returns:
+    The `Experiment`, ready for `run_experiment`.
+  """
   config_lib.check(config)  # before the data: cheap refusals first
   if splits is None:
     splits = registry.load_splits(config.data)
@@ -426,9 +438,13 @@ def _non_finite_advice(config) -> str:
 
 
 def run(config, workdir: str, *, stop_after: Optional[int] = None) -> dict:
-  """Runs (or resumes) the experiment ``config`` in ``workdir``.
+  """Runs (or resumes) the experiment ``config`` in ``workdir``: `build`,
+  then `run_experiment` (the module docstring lists the steps).
 
   Args:
+    config: the run's config (`default_config` with overrides).
+    workdir: where metrics (``metrics.jsonl``, TensorBoard), checkpoints
+      and the personalization report go; a run found there is resumed.
     stop_after: stop after this many rounds of *this call* (to test resuming).
   Returns:
     The last metrics row (with the final evaluation). Its ``round`` says
@@ -443,7 +459,18 @@ def run_experiment(exp: Experiment, workdir: str, *,
                    stop_after: Optional[int] = None) -> dict:
   """`run` over an `Experiment` already built (by `build`, or by hand: a
   notebook's own model, data or algorithm); ``exp.config`` says the rest
-  (rounds, cohorts, evaluation, checkpoints)."""
+  (rounds, cohorts, evaluation, checkpoints).
+
+  Args:
+    exp: the experiment.
+    workdir: where metrics (``metrics.jsonl``), checkpoints and the report
+      go; a run found there is resumed.
+    stop_after: stop after this many rounds of *this call* (to test
+      resuming).
+
+  Returns:
+    The last metrics row, as `run`'s.
+  """
   prepare_workdir(workdir)
   config = exp.config
   fp = config_fingerprint(config)

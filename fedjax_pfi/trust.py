@@ -19,6 +19,12 @@ trust report measures" lists them:
 - `private_estimates`: what a server sees of the gains through a DP
   histogram (`private_histogram`), charged to the run's accountant.
 
+The inputs are `ClientMetrics`: per-client sums ``[clients]`` and
+per-example rows (``rows``, one entry per test example, for the paired
+tests); the outputs are flat ``{name: float}`` metrics (`compare`'s
+`Comparison` also carries each client's ``gain``, ``hurt`` and ``helped``,
+``[clients]``).
+
 The unit of a paired test is the model's example: one prediction for a
 classifier or a recommender's ranked list, a window of characters for a
 language model (two models are compared by the number of a window's
@@ -41,6 +47,7 @@ from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.evaluation import ClientMetrics
 
 SIZE_ATTRIBUTE = 'size'  # the built-in group: training-data quartile
+#: The names of the ``'size'`` attribute's groups, training-data quartiles.
 SIZE_BANDS = ('Q1 (smallest)', 'Q2', 'Q3', 'Q4 (largest)')
 
 

@@ -48,7 +48,34 @@ WEIGHTINGS = ('examples', 'uniform')
 
 
 class Aggregator(NamedTuple):
-  """``init``, ``finalize`` and optionally ``client`` (module docstring)."""
+  """How the server combines the cohort's messages: ``init``, ``finalize``
+  and optionally ``client``, pure functions over the aggregator's own state
+  (optax-shaped; the module docstring says what each sees).
+
+  Attributes:
+    init: ``init(params) -> state`` (params: the federated part).
+    finalize: ``finalize(sums, state, key) -> (aggregate, state, metrics)``:
+      from the round's sums (``sums['message']``: ``sum_c w_c m_c``, a
+      pytree like the params; ``sums['weight']``: ``sum_c w_c``, a scalar;
+      each ``client`` stat summed); for ``needs='all'``, ``sums['message']``
+      is the buffer of every message instead (leaves ``[C, ...]``, one row
+      per cohort slot, with ``sums['buffer_weight']`` and
+      ``sums['buffer_id']``).
+    client: ``client(message, state, key) -> (message, stats)`` on each
+      client's message, ``vmap``-ped over the cohort (DP-FedAvg's clipping);
+      None: the message as it is.
+    weighting: what ``w_c`` is: ``'examples'`` (the client's training
+      examples) or ``'uniform'`` (1 per client that trained).
+    needs: ``'sum'`` (only the weighted sums) or ``'all'`` (every message:
+      robust aggregation).
+    name: for metrics.
+    secure: a `secure_aggregation.Spec` when the messages are masked
+      (`secure_aggregation.wrap`), else None.
+    compression: a `compression.Spec` when each message is compressed after
+      ``client`` (`compression.wrap`), else None.
+    asynchrony: an `asynchrony.Spec` in an asynchronous round
+      (`asynchrony.wrap`), else None.
+  """
   init: Callable[[Params], Any]
   finalize: Callable[[dict, Any, jax.Array], tuple[Params, Any, dict]]
   client: Optional[Callable[[Params, Any, jax.Array],
@@ -84,8 +111,19 @@ def _over(total: jax.Array, s: jax.Array) -> jax.Array:
 
 def weighted_mean(weighting: str = 'examples') -> Aggregator:
   """The FedAvg aggregate ``sum_c w_c m_c / sum_c w_c``: with example
-  weights McMahan et al. (2017)'s, with uniform weights the plain mean of
-  the clients that trained."""
+  weights McMahan et al.'s ("Communication-Efficient Learning of Deep
+  Networks from Decentralized Data", AISTATS 2017), with uniform weights
+  the plain mean of the clients that trained.
+
+  Args:
+    weighting: ``'examples'`` (``w_c``: client ``c``'s training examples)
+      or ``'uniform'`` (1 per client that trained).
+
+  Returns:
+    An `Aggregator` whose ``finalize`` divides the sums' ``'message'``
+    (a pytree like the federated params) by their ``'weight'``; no state,
+    no randomness.
+  """
   if weighting not in WEIGHTINGS:
     raise ValueError(f'unknown weighting {weighting!r}; accepted: '
                      f'{", ".join(WEIGHTINGS)}.')

@@ -104,7 +104,23 @@ def client_optimizer(name: str, learning_rate: float, momentum: float = 0.0,
   ``lr_scales`` (`parse_lr_scales`) gives leaves their own step sizes (an
   embedding row's gradient is averaged over a whole batch of which few
   examples touch it: MovieLens' item tables need ~1000x the user
-  embedding's step)."""
+  embedding's step).
+
+  Args:
+    name: ``'sgd'`` (``optax.sgd``; FedAvg's local SGD, McMahan et al.,
+      AISTATS 2017) or ``'adam'`` (``optax.adam``, Kingma and Ba, ICLR
+      2015).
+    learning_rate: the local step size, > 0.
+    momentum: SGD's heavy-ball momentum (0: none).
+    b1, b2, eps: Adam's.
+    lr_scales: ``'REGEX=FACTOR,...'``: a leaf whose path a regex matches
+      steps with ``learning_rate * FACTOR`` (`parse_lr_scales`); empty:
+      none.
+
+  Returns:
+    An optax transform over one client's params; the round re-initialises
+    its state for each client each round and ``vmap``-s it over clients.
+  """
   if not learning_rate > 0:
     raise ValueError(
         f'client learning rate must be positive, got {learning_rate}.')

@@ -1,4 +1,4 @@
-"""`FederatedAlgorithm(init, apply)` and the server state it threads.
+"""`FederatedAlgorithm` (``init``, ``apply``) and the server state it threads.
 
 ``apply(state, cohort, key, frozen=None)`` is one jitted program with the
 state donated: broadcast the server params, train every client of the cohort
@@ -163,6 +163,20 @@ class FederatedAlgorithm(NamedTuple):
   also hold ``'state_finite'`` (`finite_flags` of the new state, which the
   loop checks before saving it), and each trace appends to ``traces`` (one
   entry per compilation).
+
+  Attributes:
+    init: ``init(params) -> ServerState``, from the model's full params.
+    apply: ``apply(state, cohort, key, frozen=None) -> (state, metrics)``:
+      one round over a `Cohort` ``[C, S, B, ...]`` (or a `PackedCohort`),
+      jitted, ``state`` donated; ``metrics`` are scalars.
+    apply_unjitted: ``apply`` without ``jax.jit``.
+    name: the algorithm's name, for metrics and checkpoints.
+    frozen_part: ``frozen_part(params)``: the part of the full params passed
+      to ``apply`` as ``frozen`` (None: nothing frozen).
+    evaluation: what evaluation needs (`Evaluation`).
+    capabilities: what the round can run under (`Capabilities`).
+    traces: one entry (the cohort mask's shape) appended per trace of
+      ``apply``: its length counts compilations.
   """
   init: Callable[[Params], ServerState]
   apply: Callable[..., tuple[ServerState, dict]]
@@ -175,30 +189,38 @@ class FederatedAlgorithm(NamedTuple):
 
   @property
   def eval_view(self):
+    """``evaluation.view``, ``(state, frozen) -> EvalView``."""
     return self.evaluation.view
 
   @property
   def combine(self):
+    """``evaluation.combine``, ``(shared, personal_i) -> params`` or None."""
     return self.evaluation.combine
 
   @property
   def eval_model(self):
+    """``evaluation.model``, the model evaluated when it is not the one
+    trained (None: the trained one)."""
     return self.evaluation.model
 
   @property
   def finetune(self) -> str:
+    """``evaluation.finetune``, ``''``, ``'trainable'`` or ``'all'``."""
     return self.evaluation.finetune
 
   @property
   def has_global_model(self) -> bool:
+    """``evaluation.has_global_model``."""
     return self.evaluation.has_global_model
 
   @property
   def finetune_lr(self) -> float:
+    """``evaluation.finetune_lr``."""
     return self.evaluation.finetune_lr
 
   @property
   def clusters(self) -> int:
+    """``evaluation.clusters``, clustered FL's number of models, or 0."""
     return self.evaluation.clusters
 
 

@@ -33,6 +33,15 @@ def fed_opt(model: base.Model, client_optimizer: optax.GradientTransformation,
             name: str = 'fedavg') -> core.FederatedAlgorithm:
   """Builds a FedAvg-family algorithm (every parameter trained and averaged).
 
+  FedAvg (McMahan et al., AISTATS 2017) with ``server_optimizer`` SGD at
+  rate 1; FedOpt (Reddi et al., ICLR 2021) with an adaptive server
+  optimizer; FedProx (Li et al., MLSys 2020) with ``proximal_mu > 0``. A
+  round (``apply(state, cohort, key)``) trains every client of the
+  `Cohort` (``batches [C, S, B, ...]``, ``mask [C, S, B]``) from the
+  broadcast params, ``vmap``-ped over clients with a ``lax.scan`` over the
+  ``S`` local steps, aggregates the clients' deltas (weights ``[C]``) and
+  applies the server optimizer, in one ``jax.jit``.
+
   Args:
     model: the model trained by every client.
     client_optimizer: optax transform for local steps (re-initialised each

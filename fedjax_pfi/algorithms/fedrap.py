@@ -7,7 +7,7 @@ the global view of the items, learned by federated averaging and kept
 sparse by an L1 penalty; ``D^(i)`` (``personal_items``) is the user's
 private view and ``u_i, b_i`` (``score``) its private user embedding, both
 in the per-client store and never sent. A client's local objective on its
-training lists is
+training lists is::
 
   BCE(ratings) - lambda_t * mean((D^(i)_x - C_x)^2) + mu_t * mean(|C_x|)
 

@@ -69,10 +69,18 @@ def flora(model: base.Model, cfg: lora.LoraConfig,
           client_ranks: Sequence[int], *, unroll=1,
           name: str = 'flora') -> core.FederatedAlgorithm:
   """Builds FLoRA for a population whose client ``k`` has rank
-  ``client_ranks[k]``.
+  ``client_ranks[k]`` (Wang et al., "FLoRA: Federated Fine-Tuning Large
+  Language Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024;
+  the module docstring says what a round computes).
 
   ``model`` is the plain base model; ``init`` takes its params (the base,
   which FLoRA updates) and `FederatedAlgorithm.eval_model` is ``model``.
+  Each round every sampled client trains fresh adapters of its rank
+  (``A [in, r_k]``, ``B [r_k, out]`` per targeted kernel, allocated at
+  ``max(client_ranks)`` under ``vmap``) with ``client_optimizer``; the
+  server merges their stacked product into the base and steps it with
+  ``server_optimizer``. ``cfg`` is the LoRA config (targets, ``alpha``);
+  ``client_ranks`` has one rank per client of the population.
   """
   ranks = np.asarray(client_ranks, np.int32)
   scaled = lora.lora_model_with_scale(model, cfg)
@@ -160,7 +168,9 @@ def hetlora(model: base.Model, cfg: lora.LoraConfig,
             prune_lambda: float = 0.0, unroll=1,
             name: str = 'hetlora') -> core.FederatedAlgorithm:
   """Builds HetLoRA for a population whose client ``k`` starts at rank
-  ``client_ranks[k]``.
+  ``client_ranks[k]`` (Cho et al., "Heterogeneous LoRA for Federated
+  Fine-tuning of On-Device Foundation Models", EMNLP 2024; the module
+  docstring says what a round computes).
 
   ``model`` is the LoRA model (`lora.lora_model`, params ``{'base', 'lora'}``
   with the adapters at rank ``cfg.rank >= max(client_ranks)``, scale

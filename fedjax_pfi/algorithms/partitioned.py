@@ -62,6 +62,19 @@ def fed_partitioned(model: base.Model,
                     ) -> core.FederatedAlgorithm:
   """Builds FedAvg over the ``global`` part of a params partition.
 
+  The partition picks the algorithm (the module docstring): nothing frozen
+  or personal is FedAvg / FedOpt / FedProx (McMahan et al., AISTATS 2017;
+  Reddi et al., ICLR 2021; Li et al., MLSys 2020); a frozen base with LoRA
+  adapters averaged is FedIT (Zhang et al., ICASSP 2024), with ``A`` frozen
+  too FFA-LoRA (Sun et al., ICLR 2024), with ``B`` personal FedSA-LoRA (Guo
+  et al., ICLR 2025); a personal head or body is FedPer, LG-FedAvg or
+  FedRep (`personalized`). A round reads a `Cohort` ``[C, S, B, ...]``
+  (or a `PackedCohort`), gathers the cohort's personal rows ``[C, ...]``
+  from the store ``[num_clients, ...]`` in ``ServerState.client_states``,
+  trains every client ``vmap``-ped with a ``lax.scan`` over its ``S``
+  steps, aggregates the global parts' deltas and scatters the personal
+  rows back, in one ``jax.jit``.
+
   Args:
     model: the model trained by every client (its params: nested dicts when
       ``frozen`` or ``personal`` is given).

@@ -91,7 +91,17 @@ def fedrep_training(model: base.Model,
   steps the first ``n * head_epochs // epochs`` train the head with the
   body fixed at the broadcast global body, the rest train the body with the
   client's new head fixed. Both phases read the same stacked batches under
-  two complementary masks, so one cohort layout serves both.
+  two complementary masks, so one cohort layout serves both (Collins et al.,
+  "Exploiting Shared Representations for Personalized Federated Learning",
+  ICML 2021, Algorithm 1).
+
+  Returns:
+    ``client_train(global_params, heads, batches, mask, keys, frozen,
+    window) -> ClientOutput``: the global body unbatched, the ``k``
+    clients' heads ``[k, ...]``, the chunk's ``batches [rows, S, B, ...]``
+    and ``mask [rows, S, B]`` of which ``window = (lo, k)`` picks theirs;
+    the output's leaves are ``[k, ...]`` and its ``delta`` covers the body
+    and the head.
   """
   if not 0 < head_epochs < epochs:
     raise ValueError(
@@ -127,7 +137,9 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
           aggregator: aggregators_lib.Aggregator | None = None,
           transform: rounds.ClientTransform | None = None,
           name: str = 'ditto') -> core.FederatedAlgorithm:
-  """Ditto with FedAvg as the global solver (Li et al. 2021, Algorithm 1).
+  """Ditto with FedAvg as the global solver (Li et al., "Ditto: Fair and
+  Robust Federated Learning Through Personalization", ICML 2021, Algorithm
+  1).
 
   A round: each sampled client trains a copy of the global ``w`` on its
   batches (the example-weighted mean of these deltas updates ``w`` through
@@ -137,7 +149,9 @@ def ditto(model: base.Model, client_optimizer: optax.GradientTransformation,
   params. Evaluation uses each client's ``v_i``; ``w`` is the global model.
   ``aggregator`` combines the deltas of ``w`` (DP-FedAvg clips and noises
   them, a robust aggregator sees every one), after ``transform`` (an
-  attack's); ``v_i`` never leaves the client.
+  attack's); ``v_i`` never leaves the client. The ``v_i`` of all
+  ``num_clients`` clients live in ``ServerState.client_states`` (leaves
+  ``[num_clients, ...]``); a round reads a `Cohort` ``[C, S, B, ...]``.
   """
   if lam < 0:
     raise ValueError(f'ditto lambda must be >= 0, got {lam}.')

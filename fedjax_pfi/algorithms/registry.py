@@ -18,8 +18,8 @@ it trains and the function that makes its initial params. Names:
   model mixed with the global one by a learned weight), ``pfedme`` (Moreau
   envelopes), ``perfedavg_fo`` / ``perfedavg_hf`` (Per-FedAvg, first-order
   or Hessian-free), ``ifca`` / ``hypcluster`` (k cluster models);
-- ``fedrap``: FedRAP's additive item views for recommendation (`fedrap`;
-  model ``additive_mf``); its user embedding steps with
+- ``fedrap``: FedRAP's additive item views for recommendation
+  (`algorithms.fedrap`; model ``additive_mf``); its user embedding steps with
   ``client.learning_rate`` and its item tables with that times their
   ``client.lr_scales`` factor.
 

@@ -17,7 +17,7 @@ The rules, each on a flat ``[n, D]`` matrix ``x`` with a mask ``valid``
   (Yin et al., ICML 2018).
 - `trimmed_mean`: per coordinate the mean after dropping the ``floor(beta m)``
   largest and smallest values (Yin et al. 2018).
-- `krum` / `multi_krum` (Blanchard et al., NeurIPS 2017): each row's score
+- Krum / `multi_krum` (Blanchard et al., NeurIPS 2017): each row's score
   is the sum of its squared distances to its ``m - f - 2`` nearest other
   rows (the distances from one Gram matmul); Krum returns the row of
   lowest score, Multi-Krum the mean of the ``q`` lowest (``q = m - f`` by
@@ -61,8 +61,10 @@ from fedjax_pfi.algorithms import aggregators as aggregators_lib
 
 Params = Any
 
+#: The rules ``aggregator.name`` may name.
 RULES = ('mean', 'median', 'trimmed_mean', 'krum', 'multi_krum',
          'geometric_median', 'centered_clipping', 'norm_bound')
+#: The pre-aggregators ``aggregator.pre`` may name.
 PRE = ('none', 'nnm', 'bucketing')
 # The rules whose guarantee needs fewer than half the clients Byzantine.
 HALF_BOUND = ('median', 'trimmed_mean', 'krum', 'multi_krum',
@@ -206,6 +208,10 @@ def _largest(xt, valid, k: int):
 
 
 def coordinate_median(x, valid):
+  """The coordinate-wise median of the valid rows of ``x [n, D]``: ``[D]``
+  (the mean of the two middle values when ``m`` is even; 0 with no valid
+  row). Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal
+  Statistical Rates", ICML 2018."""
   n = x.shape[0]
   m = _count(valid)
   top, _ = _largest(x.T, valid, n // 2 + 1)  # descending
@@ -288,6 +294,10 @@ def geometric_median(x, valid, iterations: int, nu: float):
 
 
 def centered_clipping(x, valid, center, iterations: int, tau: float):
+  """Centered clipping (Karimireddy, He and Jaggi, "Learning from History
+  for Byzantine Robust Optimization", ICML 2021): from ``center [D]`` (the
+  previous aggregate), ``iterations`` times ``v <- v + mean_i clip_tau(x_i -
+  v)`` over the valid rows of ``x [n, D]``; returns ``v [D]``."""
   m = jnp.maximum(_count(valid), 1).astype(jnp.float32)
 
   def step(_, v):
@@ -301,6 +311,10 @@ def centered_clipping(x, valid, center, iterations: int, tau: float):
 
 
 def norm_bound(x, valid, bound: float, weight=None):
+  """Norm bounding (Sun et al., "Can You Really Backdoor Federated
+  Learning?", 2019): every valid row of ``x [n, D]`` clipped to L2 norm
+  ``bound``, then their `weighted_mean` with ``weight [n]`` (None:
+  uniform); ``[D]``."""
   norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=1))
   clipped = x * jnp.minimum(1.0, bound / jnp.maximum(norm, 1e-30))[:, None]
   return weighted_mean(clipped, valid, weight)

@@ -5,7 +5,7 @@ reduce, with the seams that trust mechanisms plug into):
 
 1. **start**: what each client starts from: the broadcast model, merged
    with its personal rows where the algorithm keeps some (`store`).
-2. **client update**: local training, ``vmap``ped over the cohort's clients
+2. **client update**: local training, ``vmap``-ped over the cohort's clients
    (`client_updates.local_training` on stacked cohorts,
    `client_updates.packed_training` on packed lanes).
 3. **per-client transforms** and the aggregator's ``client`` step

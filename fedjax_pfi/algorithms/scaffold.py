@@ -40,10 +40,17 @@ def scaffold(model: base.Model, client_learning_rate: float,
              num_clients: int,
              aggregator: aggregators_lib.Aggregator | None = None, *,
              unroll=1, name: str = 'scaffold') -> core.FederatedAlgorithm:
-  """Builds SCAFFOLD for a population of ``num_clients`` clients.
+  """Builds SCAFFOLD for a population of ``num_clients`` clients
+  (Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for
+  Federated Learning", ICML 2020, Algorithm 1 with option II; the module
+  docstring gives the updates).
 
   The client optimizer is plain SGD with ``client_learning_rate`` (option II
-  of the control-variate update assumes it).
+  of the control-variate update assumes it). The server control variate
+  ``c`` (a pytree like the params) is ``ServerState.extra['c']``; the clients'
+  ``c_i`` are ``ServerState.client_states``, leaves ``[num_clients, ...]``.
+  ``aggregator`` combines the cohort's model deltas (default: the
+  example-weighted mean); ``server_optimizer`` steps on their negation.
   """
   if not client_learning_rate > 0:
     raise ValueError(

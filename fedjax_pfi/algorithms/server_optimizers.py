@@ -61,6 +61,21 @@ def server_optimizer(name: str, learning_rate: float = 1.0,
 
   Defaults follow Reddi et al. (2021): ``b1 = 0.9``, ``b2 = 0.99``,
   ``tau = 1e-3``.
+
+  Args:
+    name: ``'fedavg'`` (SGD; FedAvg, McMahan et al., AISTATS 2017, at
+      ``learning_rate = 1``), ``'fedavgm'`` (SGD with ``momentum``; Hsu et
+      al., 2019), or ``'fedadagrad'``, ``'fedadam'``, ``'fedyogi'`` (FedOpt:
+      Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm
+      2; `scale_by_reddi`).
+    learning_rate: the server step ``eta``, > 0.
+    momentum: FedAvgM's, in ``[0, 1)``.
+    b1, b2, tau: FedOpt's ``beta_1``, ``beta_2`` and adaptivity ``tau``.
+
+  Returns:
+    An optax transform applied by the server step to ``-mean_delta`` (the
+    aggregate of the clients' deltas, a pytree like the federated params)
+    as a pseudo-gradient.
   """
   if not learning_rate > 0:
     raise ValueError(

@@ -56,7 +56,13 @@ class Cohort(NamedTuple):
 
 def sample_cohort(num_clients: int, cohort_size: int, seed: int,
                   round_idx: int) -> np.ndarray:
-  """Client ids of a round: uniform without replacement, from (seed, round)."""
+  """Client ids of a round: uniform without replacement, from (seed, round).
+
+  Returns:
+    int64 ``[cohort_size]``: sorted ids in ``[0, num_clients)``, a pure
+    function of ``(seed, round_idx)`` (FedAvg's sampling of a fraction of
+    the clients each round, McMahan et al., AISTATS 2017).
+  """
   if not 0 < cohort_size <= num_clients:
     raise ValueError(
         f'cohort size {cohort_size} must lie in [1, {num_clients}] (the number'
@@ -304,7 +310,9 @@ def pack_cohort(ds: FederatedDataset, client_ids: Sequence[int], *,
                 weight_override: Optional[np.ndarray] = None,
                 seed: int = 0, round_idx: int = 0,
                 lane_range: Optional[tuple[int, int]] = None) -> PackedCohort:
-  """Packs the cohort's clients into ``num_lanes`` lanes (`assign_lanes`).
+  """Packs the cohort's clients into ``num_lanes`` lanes (`assign_lanes`):
+  a `PackedCohort` whose lanes ``[L, T, B, ...]`` hold several clients'
+  steps one after another, so short clients do not pad to the longest.
 
   Same arguments and the same batches as `stack_cohort`; ``step_buckets``
   bound the lane length ``T`` instead of ``S``. ``lane_range=(lo, hi)``

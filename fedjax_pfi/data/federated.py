@@ -133,7 +133,7 @@ class FederatedDataset:
 
   @classmethod
   def load(cls, directory: str, mmap: bool = True) -> 'FederatedDataset':
-    """Reads a `save`d dataset; with ``mmap`` the columns stay on disk
+    """Reads a dataset written by `save`; with ``mmap`` the columns stay on disk
     (``np.load(mmap_mode='r')``) and stacking a cohort reads only its
     clients' rows, so a population of millions of clients costs its
     ``offsets`` array in memory."""
@@ -241,6 +241,14 @@ class FederatedSplits:
   population; client ``i`` of each is the same user). ``heldout`` holds
   clients that never train, split into their own adaptation (train) and
   evaluation (test) parts: ``heldout_train`` / ``heldout_test``.
+
+  Attributes:
+    train: the training population's training examples (columns
+      ``[n, ...]``, ``offsets [num_clients + 1]``).
+    val: the same clients' validation examples (may be empty).
+    test: the same clients' test examples.
+    heldout_train: the held-out clients' adaptation examples, or None.
+    heldout_test: the held-out clients' test examples, or None.
   """
 
   train: FederatedDataset
@@ -264,8 +272,8 @@ class FederatedSplits:
 
   @classmethod
   def load(cls, directory: str, mmap: bool = True) -> 'FederatedSplits':
-    """Reads `save`d splits, memory-mapped: split once, offline, and every
-    run reads only the clients it samples."""
+    """Reads splits written by `save`, memory-mapped: split once, offline,
+    and every run reads only the clients it samples."""
     parts = {p: FederatedDataset.load(os.path.join(directory, p), mmap)
              for p in cls.PARTS
              if os.path.isdir(os.path.join(directory, p))}

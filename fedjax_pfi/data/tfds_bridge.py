@@ -1,4 +1,4 @@
-"""TFDS datasets as `FederatedDataset`s, without TensorFlow and never
+"""TFDS datasets as `FederatedDataset` objects, without TensorFlow and never
 downloading.
 
 Reads with ``tfds.data_source(name, split=..., download=False)`` (random

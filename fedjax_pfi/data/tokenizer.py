@@ -136,7 +136,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str, pad_token: Optional[str] = None):
-  """``'byte'``, ``'char'`` or a directory with a ``tokenizer.json``."""
+  """A tokenizer by name: ``'byte'`` (`ByteTokenizer`), ``'char'``
+  (`CharTokenizer`, LEAF's Shakespeare symbols) or a directory with a
+  Hugging Face ``tokenizer.json`` (`HFTokenizer`, whose ``pad_token`` this
+  passes on).
+
+  Returns:
+    An object with ``encode(text) -> int32 [n]``, ``decode(ids) -> str``
+    (padding dropped), ``vocab_size`` and ``pad_id``.
+  """
   if spec == 'byte':
     return ByteTokenizer()
   if spec == 'char':

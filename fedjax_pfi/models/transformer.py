@@ -123,7 +123,7 @@ class TransformerConfig:
             max_len: int = 2048, **kw) -> TransformerConfig:
     """Llama: RMSNorm (eps 1e-6), RoPE, SwiGLU, no biases, untied head.
 
-    ``mlp_dim=None`` means `llama_mlp_dim(dim)` (multiple of 8).
+    ``mlp_dim=None`` means `llama_mlp_dim` of ``dim`` (multiple of 8).
     """
     fields = dict(norm='rmsnorm', positions='rope', mlp='swiglu',
                   use_bias=False, tie_embeddings=False, norm_eps=1e-6)
@@ -136,6 +136,7 @@ class TransformerConfig:
 
   @property
   def head_dim(self) -> int:
+    """Each head's width ``hd = dim // num_heads``."""
     return self.dim // self.num_heads
 
   @property

@@ -169,6 +169,7 @@ _RANKING_MODELS = {
         meta['num_items'], **kw),
 }
 
+#: The names `build_model` accepts.
 MODEL_NAMES = tuple(sorted(set(_BUILDERS) | set(_RANKING_MODELS)))
 
 
@@ -187,6 +188,13 @@ def build_model(name: str, example_x: np.ndarray, metadata,
     **kwargs: passed to the Flax module (e.g. ``conv='patches'``; for
       ``'transformer'``: ``style`` ('gpt2' or 'llama'), ``dim``,
       ``num_layers``, ``num_heads`` and any `TransformerConfig` field).
+
+  Returns:
+    A `Model` whose ``apply(params, x)`` maps a batch ``[B, ...]`` to
+    logits ``[B, K]`` (classes, or a recommender's candidates; ``[B, T,
+    V]`` for the sequence models, per position)
+    and whose ``example_stats`` are per-example sums ``[B]``; the papers
+    each model follows are in the module docstring.
   """
   if name not in MODEL_NAMES:
     raise ValueError(

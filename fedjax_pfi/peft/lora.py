@@ -14,7 +14,7 @@ modules are those whose ``nn.Dense`` path (``'block_0/attn/q'``) matches the
 
 Two equivalent ways to apply them, both pure functions called inside the loss:
 
-- `apply_lora` (``mode='activation'``, the default) adds ``s (x A) B`` to the
+- `adapted` (``mode='activation'``, the default) adds ``s (x A) B`` to the
   output of every targeted ``nn.Dense`` call, intercepting the calls with
   ``flax.linen.intercept_methods``. Under ``vmap`` over clients the frozen
   base stays unbatched: ``x W`` is one matmul over the whole cohort and only
@@ -58,6 +58,7 @@ class LoraConfig(NamedTuple):
 
   @property
   def scale(self) -> float:
+    """LoRA's ``s = alpha / rank``."""
     return self.alpha / self.rank
 
 
@@ -217,8 +218,8 @@ def lora_model(model: base.Model, cfg: LoraConfig) -> base.Model:
   ``apply`` and ``example_stats`` are the base model's, run with the adapters
   applied (`adapted` or `merge` per ``cfg.mode``); ``init(key)`` initialises
   the base with ``key`` and the adapters with ``fold_in(key, 1)``. The scale
-  is ``cfg.alpha / cfg.rank``; `with_scale` gives a model whose scale is a
-  per-client value instead.
+  is ``cfg.alpha / cfg.rank``; `lora_model_with_scale` gives a model whose
+  scale is a per-client value instead.
   """
   return _wrap(model, cfg, None)
 

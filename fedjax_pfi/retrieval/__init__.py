@@ -7,9 +7,19 @@ model. `Retrieval` builds every client's store once with the frozen base
 (`stores`), and evaluates any reader (the base, a global or a personalized
 LoRA model) augmented with it, client by client:
 
-- ``retrieval.mode='knn_lm'``: nearest-neighbour LM (`knn_lm`);
+- ``retrieval.mode='knn_lm'``: nearest-neighbour LM (`knn_lm`; Khandelwal
+  et al., "Generalization through Memorization: Nearest Neighbor Language
+  Models", ICLR 2020): a client's store is ``keys [N, d]`` (the frozen
+  base's hidden states over its training text) and ``values [N]`` (the
+  next tokens), and ``p = lambda p_kNN + (1 - lambda) p_LM``;
 - ``retrieval.mode='in_context'``: retrieved chunks in the context
-  (`in_context`).
+  (`in_context`; Ram et al., "In-Context Retrieval-Augmented Language
+  Models", TACL 2023): a client's store is ``chunk_len``-token chunks of
+  its training text, keyed by mean-pooled hidden states ``[N, d]``.
+
+A store is a `client_store.RaggedStore` (clients with different numbers of
+rows), gathered per evaluation chunk to ``[clients, rows, ...]`` with a
+``valid`` mask; search is exact (`search.exact_topk`).
 
 Config (``config.retrieval``): ``mode`` (``none``, ``knn_lm``,
 ``in_context``), ``k``, ``lambda`` and ``temperature`` (kNN-LM),

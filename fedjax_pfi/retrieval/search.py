@@ -6,7 +6,7 @@ every valid key against every query, by inner product (``'ip'``) or by
 negative squared L2 distance (``'l2'``), and keeps the ``k`` best, as faiss's
 ``IndexFlatIP`` / ``IndexFlatL2`` do. Queries and keys are processed in
 blocks (a running top-k is merged block by block), so memory is
-``query_block x key_block`` per client whatever the store's size; `vmap` it
+``query_block x key_block`` per client whatever the store's size; ``vmap`` it
 over clients (`batched_topk`). A padded key is never returned while the store
 has ``k`` valid keys; past that, the extra slots have score ``-inf`` and
 index ``-1``.
