@@ -2,49 +2,66 @@
 
 One federated round is one compiled program: the cohort's clients are
 stacked into ``[clients, steps, batch, ...]`` arrays, the client update is
-``vmap``ped over clients (a ``lax.scan`` over local steps), and aggregation
+``vmap``-ped over clients (a ``lax.scan`` over local steps), and aggregation
 and the server optimizer run in the same ``jax.jit``.
 
-The public API, re-exported here:
+The public API, re-exported here, by the parts of a round and what a round
+is built from (the API reference, ``docs/api``, has a page for each):
 
-- data: `FederatedDataset`, `FederatedSplits`, `Cohort`, `sample_cohort`,
-  `stack_cohort`, `PackedCohort`, `pack_cohort` (clients packed into vmap
-  lanes), `padding_efficiency`, `load_splits` (datasets by name) and the
-  `partition` module;
+- data: `FederatedDataset`, `FederatedSplits`, `load_splits` (datasets by
+  name) and the `partition` module; a round's clients as a `Cohort`
+  ``[clients, steps, batch, ...]`` (`stack_cohort`) or as a `PackedCohort`
+  (clients packed into ``vmap`` lanes: `pack_cohort`), and
+  `padding_efficiency`;
+- participation: `sample_cohort` (a round's clients from ``(seed, round)``);
+- client update: `client_optimizer`, `fedrep_training` (FedRep's two-phase
+  local update);
+- aggregators: `Aggregator`, `weighted_mean` (FedAvg's);
+- server: `ServerState`, `server_optimizer` (FedOpt's server optimizers);
+- algorithms: `FederatedAlgorithm`, `Execution` (chunking and sharding a
+  round's clients), `fed_opt` (FedAvg, FedOpt, FedProx), `fed_partitioned`
+  (frozen / global / personal parts: FedIT, FFA-LoRA, FedSA-LoRA, and as
+  partitions FedPer, LG-FedAvg, FedRep, FedBABU, FedAvg + FT, local-only),
+  `scaffold`, `ditto` and the `personalized` module;
+- evaluation: `Evaluator`, `summarize`, the `evaluation` module, and the
+  `personalization` module (`personalization.Adapter`: per-client
+  fine-tuning and adaptation; `personalization.compare`: per-client gains
+  and silent-failure fractions; the report's files and plots);
+- stores: the `client_store` module (per-client rows on the device or the
+  host);
 - models: `Model`, `build_model` (the zoo by name), the `transformer`
   module (GPT-2 and Llama blocks) and `hf_io` (Hugging Face safetensors);
 - foundation-model adaptation: the `lora` module (adapters as pytrees),
-  `load_tokenizer`;
-- algorithms: `FederatedAlgorithm`, `ServerState`, `fed_opt` (FedAvg, FedOpt,
-  FedProx), `fed_partitioned` (FedIT, FFA-LoRA, FedSA-LoRA, local-only:
-  frozen / global / personal parts), `flora`, `hetlora`, `scaffold`,
-  `client_optimizer`, `server_optimizer`, `weighted_mean`, `Execution`
-  (chunking and sharding a round's clients), `ditto`, `fedrep_training`
-  and the `personalized` module (FedPer, LG-FedAvg, FedRep, FedBABU,
-  FedAvg + FT, local-only as partitions);
-- trust: the `secure_aggregation` module (`make_spec`, `wrap` an
-  aggregator, `plan` a round's graph and dropouts), the `robust` module
-  (robust aggregators over the round's buffer: `robust.aggregator`) and the
-  `attacks` module (malicious clients: `attacks.transform`,
-  `attacks.in_round`, `attacks.poison`);
+  `flora` and `hetlora` (heterogeneous client ranks), `load_tokenizer`;
+- trust: the `privacy` module (DP-FedAvg's mechanisms and their
+  accounting), the `secure_aggregation` module
+  (`secure_aggregation.make_spec`, `secure_aggregation.wrap` an aggregator,
+  `secure_aggregation.plan` a round's graph and dropouts), the `robust`
+  module (robust aggregators over the round's buffer: `robust.aggregator`),
+  the `attacks` module (malicious clients: `attacks.transform`,
+  `attacks.in_round`, `attacks.poison`) and the `trust` module (the trust
+  report: who is hurt beyond noise, spread, group gaps, calibration,
+  canaries, and the same through a DP histogram);
 - retrieval: the `retrieval` module (`retrieval.Retrieval`: each client's
   store over its own training split, kNN-LM and in-context retrieval over
-  any reader; `retrieval.search.exact_topk`) and the `client_store` module
-  (per-client rows on the device or the host);
-- evaluation: `Evaluator`, `summarize`, and the `personalization` module
-  (`Adapter`: per-client fine-tuning and adaptation; `compare`: per-client
-  gains and silent-failure fractions; the report's files and plots);
+  any reader; `retrieval.search.exact_topk`);
 - the loop: `default_config`, `run` (what ``experiments/main.py`` calls),
-  `build` and `run_experiment` (the same loop over objects built by hand).
+  `build` and `run_experiment` (the same loop over objects built by hand)
+  from the `training` module, and the `performance` module
+  (`performance.PerformanceWarning`,
+  `performance.warn_scanned_convolutions`: advice given at run time).
 """
 
 from fedjax_pfi import attacks
 from fedjax_pfi import client_store
 from fedjax_pfi import evaluation
+from fedjax_pfi import performance
 from fedjax_pfi import personalization
+from fedjax_pfi import privacy
 from fedjax_pfi import retrieval
 from fedjax_pfi import secure_aggregation
 from fedjax_pfi import training
+from fedjax_pfi import trust
 from fedjax_pfi.algorithms import robust
 from fedjax_pfi.algorithms.aggregators import Aggregator
 from fedjax_pfi.algorithms.aggregators import weighted_mean
@@ -114,8 +131,10 @@ __all__ = [
     'PackedCohort',
     'padding_efficiency',
     'partition',
+    'performance',
     'personalization',
     'personalized',
+    'privacy',
     'retrieval',
     'robust',
     'run',
@@ -129,6 +148,7 @@ __all__ = [
     'summarize',
     'training',
     'transformer',
+    'trust',
     'weighted_mean',
 ]
 
