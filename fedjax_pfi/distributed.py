@@ -34,7 +34,7 @@ import jax
 ENV_COORDINATOR = 'FEDJAX_PFI_COORDINATOR'
 ENV_NUM_PROCESSES = 'FEDJAX_PFI_NUM_PROCESSES'
 ENV_PROCESS_ID = 'FEDJAX_PFI_PROCESS_ID'
-# What JAX's SLURM detection reads (all must be set for it to apply).
+#: What JAX 0.10.2's SLURM detection reads (all must be set for it to apply).
 SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS',
                    'SLURM_PROCID', 'SLURM_LOCALID')
 
