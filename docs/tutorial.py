@@ -64,9 +64,6 @@ import matplotlib
 import numpy as np
 
 import fedjax_pfi as fp
-# Not re-exported by `fp`: reading a finished run's final state back from its
-# checkpoint (a run returns its metrics, not its parameters).
-from fedjax_pfi import checkpoint
 
 IN_NOTEBOOK = 'ipykernel' in sys.modules
 if not IN_NOTEBOOK and not os.environ.get('DISPLAY'):
@@ -87,8 +84,6 @@ def show(fig, name):
   path = OUT / name
   fig.savefig(path, dpi=100, bbox_inches='tight')
   if IN_NOTEBOOK:
-    # display(), not plt.show(): the runs' own report plots switch
-    # matplotlib to the Agg backend, after which plt.show() shows nothing.
     from IPython.display import display
     display(fig)
   plt.close(fig)
@@ -274,17 +269,15 @@ show(fig, '2_fedavg.png')
 # The FedAvg model is the starting point of everything that follows. We save
 # it in the Hugging Face GPT-2 layout (`fp.hf_io.save_pretrained`), so that
 # later runs load it with `config.model.pretrained`, exactly as they would
-# load a foundation model. The run returns metrics, not parameters, so we read
-# its final state back from its checkpoint.
+# load a foundation model. The run returns metrics, not parameters;
+# `fp.load_state` reads its final state back from its checkpoint.
 #
 # (Honest caveat: in a real deployment the foundation model would be trained on
 # data the clients do not own. Here it was trained on these same roles, which
 # matters for step 5's privacy guarantee.)
 
 # %%
-params0 = fp.training.initial_params(fedavg_exp)
-state, _ = checkpoint.Checkpointer(str(fedavg_dir)).restore(
-    config.rounds, fedavg_exp.algorithm.init(params0))
+state = fp.load_state(fedavg_exp, str(fedavg_dir))
 BASE = RUNS / 'fedavg_model'
 arch = fp.transformer.TransformerConfig.gpt2(
     meta['vocab_size'], DIM, LAYERS, HEADS, max_len=SEQ_LEN)
@@ -588,8 +581,7 @@ t0 = time.perf_counter()
 lora = personal['fedsa_lora']
 exp = lora['exp']
 p0 = fp.training.initial_params(exp)  # {'base': FedAvg model, 'lora': ...}
-state, _ = checkpoint.Checkpointer(str(lora['dir'])).restore(
-    lora['config'].rounds, exp.algorithm.init(p0))
+state = fp.load_state(exp, str(lora['dir']))
 view = exp.algorithm.eval_view(state, exp.algorithm.frozen_part(p0))
 keep = np.argsort(sizes, kind='stable')[:15]  # the 15 smallest roles
 store_train, store_test = train.select(keep), test.select(keep)

@@ -23,7 +23,6 @@ import jax
 import numpy as np
 
 from fedjax_pfi import audit
-from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import training
 
 
@@ -69,8 +68,7 @@ def run(workdir: str, noise: float, *, clients: int, canaries: int,
   exp = training.build(config, splits=plain.splits,
                        transform=audit.canary_transform(ids, inserted))
   training.run_experiment(exp, workdir)
-  state, _ = checkpoint_lib.Checkpointer(workdir).restore(
-      rounds, exp.algorithm.init(params0))
+  state = training.load_state(exp, workdir, rounds)
   change = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
                         state.params, template)
   s = audit.scores(change, both)

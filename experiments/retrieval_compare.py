@@ -44,7 +44,6 @@ import numpy as np
 
 from experiments import peft_compare
 from experiments import tables
-from fedjax_pfi import checkpoint as checkpoint_lib
 from fedjax_pfi import client_stats
 from fedjax_pfi import evaluation
 from fedjax_pfi import personalization
@@ -94,8 +93,7 @@ class Trained:
     params0 = training.initial_params(exp)
     self.base = params0['base']
     self.frozen = exp.algorithm.frozen_part(params0)
-    state, _ = checkpoint_lib.Checkpointer(workdir).restore(
-        self.config.rounds, exp.algorithm.init(params0))
+    state = training.load_state(exp, workdir, self.config.rounds)
     self.view = exp.algorithm.eval_view(state, self.frozen)
     self.reader = exp.algorithm.eval_model or exp.model
     population = exp.splits.train.num_clients

@@ -46,7 +46,8 @@ is built from (the API reference, ``docs/api``, has a page for each):
   store over its own training split, kNN-LM and in-context retrieval over
   any reader; `retrieval.search.exact_topk`);
 - the loop: `default_config`, `run` (what ``experiments/main.py`` calls),
-  `build` and `run_experiment` (the same loop over objects built by hand)
+  `build` and `run_experiment` (the same loop over objects built by hand),
+  `load_state` (a finished run's trained state, from its checkpoint)
   from the `training` module, and the `performance` module
   (`performance.PerformanceWarning`,
   `performance.warn_scanned_convolutions`: advice given at run time).
@@ -99,6 +100,7 @@ from fedjax_pfi.peft import lora
 from fedjax_pfi.training import build
 from fedjax_pfi.training import default_config
 from fedjax_pfi.training import run
+from fedjax_pfi.training import load_state
 from fedjax_pfi.training import run_experiment
 
 __all__ = [
@@ -124,6 +126,7 @@ __all__ = [
     'hetlora',
     'hf_io',
     'load_splits',
+    'load_state',
     'load_tokenizer',
     'lora',
     'Model',

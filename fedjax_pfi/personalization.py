@@ -267,12 +267,9 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
     accuracy is 0 or 1 (one test item per client) the mean over bins of
     clients of similar size instead.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
   evals = [r for r in rows if 'test/client_accuracy_mean' in r]
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = subplots(figsize=(6, 4))
   for prefix, label in (('test/', 'personalized'), ('global/', 'global model'),
                         ('heldout/', 'held-out clients')):
     pts = [(r['round'], r[prefix + 'client_accuracy_mean'],
@@ -288,7 +285,7 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   ax.legend(fontsize=7)
   paths.append(save_figure(fig, workdir, 'accuracy_curves.png'))
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = subplots(figsize=(6, 4))
   for name, c in clients.items():
     ax.hist(c['accuracy'], bins=20, range=(0, 1), histtype='step',
             label=f'{name} (n={len(c["accuracy"])})')
@@ -298,7 +295,7 @@ def plot_run(workdir: str, rows: list, clients: Mapping[str, Mapping[str,
   ax.legend(fontsize=7)
   paths.append(save_figure(fig, workdir, 'client_accuracy.png'))
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = subplots(figsize=(6, 4))
   mine = clients.get('personalized')
   binary = is_binary(*(c['accuracy'] for c in clients.values()))
   binned = ' (mean of size bins)' if binary else ''
@@ -353,14 +350,22 @@ def plot_gain(ax, sizes, gain, binary: bool, **style):
     ax.scatter(sizes, gain, **style)
 
 
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+  """``(figure, axes)`` as ``plt.subplots`` returns them, but on a bare
+  ``matplotlib.figure.Figure``: no pyplot state, and the caller's backend is
+  left alone (a notebook keeps showing its own plots inline)."""
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  squeeze = kwargs.pop('squeeze', True)
+  fig = figure.Figure(**kwargs)
+  return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def save_figure(fig, workdir, name):
-  """Writes ``fig`` to ``workdir/name`` (a PNG, 110 dpi), closes it and
-  returns the path."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  """Writes ``fig`` to ``workdir/name`` (a PNG, 110 dpi) and returns the
+  path."""
   path = os.path.join(workdir, name)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 

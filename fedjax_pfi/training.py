@@ -305,6 +305,26 @@ def initial_params(exp: Experiment):
                                             2**31 - 1))
 
 
+def load_state(exp: Experiment, workdir: str,
+               round_idx: Optional[int] = None) -> core.ServerState:
+  """A run's server state, restored from its checkpoint in ``workdir``.
+
+  `run` and `run_experiment` return metrics; this reads back what they
+  trained: ``state.params`` (the federated model, or the adapters over a
+  frozen base), ``state.client_states`` (the per-client store: personal
+  heads, FedSA-LoRA's B, ...). ``exp`` is the run's `Experiment` (`build` of
+  its config). ``round_idx``: which checkpoint (default the newest). The
+  checkpoint's digests are checked as on resumption; a workdir without one
+  is refused naming it."""
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  if round_idx is None:
+    round_idx = ckpt.latest_round()
+    if round_idx is None:
+      raise FileNotFoundError(f'{workdir} holds no checkpoint to load.')
+  state, _ = ckpt.restore(round_idx, exp.algorithm.init(initial_params(exp)))
+  return state
+
+
 def make_cohort(exp: Experiment, round_idx: int,
                 part: Optional[tuple[int, int]] = None):
   """Round ``round_idx``'s cohort: its participants (`participation`),

@@ -453,13 +453,10 @@ def plot_report(workdir: str, clients: Mapping[str, Mapping[str, np.ndarray]],
   - ``group_gap.png``: per group attribute, each group's mean accuracy
     under the personalized model and under each reference.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   paths = []
   refs = [k for k in clients if k.startswith('vs_')]
   if refs:
-    fig, axes = plt.subplots(1, len(refs), figsize=(5 * len(refs), 3.6),
+    fig, axes = personalization.subplots(1, len(refs), figsize=(5 * len(refs), 3.6),
                              squeeze=False)
     for ax, name in zip(axes[0], refs):
       c = clients[name]
@@ -483,7 +480,7 @@ def plot_report(workdir: str, clients: Mapping[str, Mapping[str, np.ndarray]],
                                              'gain_histogram.png'))
   groups = clients.get('groups', {})
   if groups and refs:
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6),
+    fig, axes = personalization.subplots(1, len(groups), figsize=(5 * len(groups), 3.6),
                              squeeze=False)
     for ax, (attr, values) in zip(axes[0], groups.items()):
       v = values[mine.client_ids]

@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -219,3 +220,18 @@ def test_config_json_written(tmp_path):
   with open(os.path.join(tmp_path, 'config.json')) as f:
     assert json.load(f)['data']['name'] == 'synthetic'
   assert os.listdir(os.path.join(tmp_path, 'tensorboard'))
+
+
+def test_load_state_reads_back_a_finished_run(tmp_path):
+  config = small_config(rounds=2)
+  exp = training.build(config)
+  training.run_experiment(exp, str(tmp_path))
+  state = training.load_state(exp, str(tmp_path))
+  assert int(state.round) == 2
+  assert int(training.load_state(exp, str(tmp_path), 1).round) == 1
+  start = training.initial_params(exp)
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+           zip(jax.tree.leaves(state.params), jax.tree.leaves(start))]
+  assert max(moved) > 0
+  with pytest.raises(FileNotFoundError, match='empty.*no checkpoint'):
+    training.load_state(exp, str(tmp_path / 'empty'))
