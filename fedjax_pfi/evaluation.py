@@ -70,6 +70,9 @@ class ClientMetrics(NamedTuple):
       probabilities).
     probes: name -> `RowStats` ``[clients, n]``: each client's model on
       shared probe examples (a base task, canary candidates).
+    ndcg: ``[clients]``: summed NDCG@k of each client's ranked lists, for
+      models whose `base.ExampleStats` have it (the recommenders, where
+      ``correct`` counts HR@k); None otherwise.
   """
   client_ids: np.ndarray
   loss_sum: np.ndarray
@@ -79,6 +82,7 @@ class ClientMetrics(NamedTuple):
   rows: Optional[RowStats] = None
   confidence: Optional[np.ndarray] = None
   probes: Optional[Mapping[str, RowStats]] = None
+  ndcg: Optional[np.ndarray] = None
 
   @property
   def accuracy(self) -> np.ndarray:
@@ -148,6 +152,8 @@ def client_sums(model: base.Model):
            'count': jnp.sum(count), 'rows': (loss, correct, count)}
     if stats.confidence is not None:
       out['confidence'] = jnp.sum(stats.confidence * m[:, None, None], 0)
+    if stats.ndcg is not None:
+      out['ndcg'] = jnp.sum(stats.ndcg * m)
     if probes:
       out['probes'] = {k: probe_rows(params, p) for k, p in probes.items()}
     return out
@@ -172,7 +178,7 @@ class ChunkResults:
                probes: Optional[Mapping[str, Probe]] = None):
     self.ds = ds
     self.sizes = {k: p.size for k, p in (probes or {}).items()}
-    self.ids, self.sums, self.conf = [], [], []
+    self.ids, self.sums, self.conf, self.ndcg = [], [], [], []
     self.rows = np.zeros([3, ds.num_examples], np.float64)
     self.probes = {k: [] for k in self.sizes}
 
@@ -195,6 +201,8 @@ class ChunkResults:
       self.rows[:, lo:hi] = got
     if 'confidence' in out:
       self.conf.append(np.asarray(out['confidence'])[:n])
+    if 'ndcg' in out:
+      self.ndcg.append(np.asarray(out['ndcg'])[:n])
     for k, size in self.sizes.items():
       self.probes[k].append(np.stack(
           [np.asarray(r)[:n, :size] for r in out['probes'][k]]))
@@ -205,10 +213,11 @@ class ChunkResults:
     order = np.argsort(ids)
     sums = np.concatenate(self.sums, axis=1)[:, order]
     conf = np.concatenate(self.conf)[order] if self.conf else None
+    ndcg = np.concatenate(self.ndcg)[order] if self.ndcg else None
     probes = {k: RowStats(*np.concatenate(v, axis=1)[:, order])
               for k, v in self.probes.items()} or None
     return ClientMetrics(ids[order], *sums, self.ds.client_sizes[ids[order]],
-                         RowStats(*self.rows), conf, probes)
+                         RowStats(*self.rows), conf, probes, ndcg)
 
 
 class Evaluator:
@@ -244,18 +253,19 @@ class Evaluator:
     def example_sums(params, batch, mask):
       stats = model.example_stats(params, batch, None, False)
       m = mask.astype(jnp.float32)
-      out = _masked(stats, m)
-      if stats.confidence is not None:
-        out += (stats.confidence * m[:, None, None],)
-      return out
+      return {'sums': _masked(stats, m),
+              'confidence': (None if stats.confidence is None else
+                             stats.confidence * m[:, None, None]),
+              'ndcg': None if stats.ndcg is None else stats.ndcg * m}
 
     self._flat = jax.jit(example_sums)
 
   def _rows(self, params, columns, n):
-    """Per-example sums ``[3, n]`` (and ``[n, bins, 3]`` calibration sums,
-    or None) of ``params`` on ``columns``, in fixed-size batches."""
+    """Per-example sums ``[3, n]``, ``[n, bins, 3]`` calibration sums and
+    ``[n]`` NDCG (each None where the model has none) of ``params`` on
+    ``columns``, in fixed-size batches."""
     b = self.batch_size
-    sums, conf = np.zeros([3, n], np.float64), []
+    sums, conf, ndcg = np.zeros([3, n], np.float64), [], []
     for lo in range(0, n, b):
       rows = np.arange(lo, lo + b)
       mask = rows < n
@@ -263,17 +273,23 @@ class Evaluator:
       out = self._flat(params, {k: v[rows] for k, v in columns.items()},
                        mask)
       k = min(b, n - lo)
-      sums[:, lo:lo + k] = np.stack([np.asarray(o) for o in out[:3]])[:, :k]
-      if len(out) > 3:
-        conf.append(np.asarray(out[3], np.float64)[:k])
-    return sums, (np.concatenate(conf) if conf else None)
+      sums[:, lo:lo + k] = np.stack(
+          [np.asarray(o) for o in out['sums']])[:, :k]
+      if out['confidence'] is not None:
+        conf.append(np.asarray(out['confidence'], np.float64)[:k])
+      if out['ndcg'] is not None:
+        ndcg.append(np.asarray(out['ndcg'], np.float64)[:k])
+    return (sums, np.concatenate(conf) if conf else None,
+            np.concatenate(ndcg) if ndcg else None)
 
   def _evaluate_shared(self, params, ds: FederatedDataset, probes):
     """Per-client sums from one flat pass over the pooled examples."""
-    sums, conf = self._rows(params, ds.columns, ds.num_examples)
+    sums, conf, ndcg = self._rows(params, ds.columns, ds.num_examples)
     owner = np.repeat(np.arange(ds.num_clients), ds.client_sizes)
     per_client = [np.bincount(owner, s, ds.num_clients) for s in sums]
     ids = np.flatnonzero(ds.client_sizes > 0)
+    if ndcg is not None:
+      ndcg = np.bincount(owner, ndcg, ds.num_clients)[ids]
     if conf is not None:  # rows are contiguous by client
       conf = np.add.reduceat(conf, ds.offsets[ids], axis=0)
     out = {k: RowStats(*(np.broadcast_to(a, (ids.size, a.shape[1]))
@@ -281,7 +297,7 @@ class Evaluator:
            for k, r in self.probe_rows(params, probes).items()}
     return ClientMetrics(ids, *(p[ids] for p in per_client),
                          ds.client_sizes[ids], RowStats(*sums), conf,
-                         out or None)
+                         out or None, ndcg)
 
   def probe_rows(self, params, probes: Optional[Mapping[str, Probe]]
                  ) -> dict[str, RowStats]:
@@ -290,7 +306,7 @@ class Evaluator:
     for k, p in (probes or {}).items():
       columns = {c: v.reshape((-1,) + v.shape[2:])[:p.size]
                  for c, v in p.batches.items()}
-      rows, _ = self._rows(params, columns, p.size)
+      rows, _, _ = self._rows(params, columns, p.size)
       out[k] = RowStats(*(r[None] for r in rows))
     return out
 
@@ -373,8 +389,9 @@ def select(results: Sequence[ClientMetrics], pick: np.ndarray,
   if results[0].confidence is not None:
     conf = np.stack([m.confidence for m in results])[pick,
                                                       np.arange(ids.size)]
+  ndcg = take('ndcg') if results[0].ndcg is not None else None
   return ClientMetrics(ids, take('loss_sum'), take('correct'), take('count'),
-                       results[0].num_examples, rows, conf)
+                       results[0].num_examples, rows, conf, ndcg=ndcg)
 
 
 def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:
@@ -388,6 +405,9 @@ def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:
     ``accuracy`` and ``loss`` over all pooled examples (or tokens);
     ``client_accuracy_mean``, ``_median``, ``_p10``, ``_p90``, ``_worst``
     and ``_std`` over clients, ``client_loss_mean``, and ``num_clients``.
+    For ranking models (``m.ndcg`` set; ``accuracy`` is then HR@k) also
+    ``ndcg`` (pooled over lists) and ``client_ndcg_mean``, ``_p10`` and
+    ``_worst``.
   """
   acc = m.accuracy
   out = {
@@ -402,6 +422,12 @@ def summarize(m: ClientMetrics, prefix: str = '') -> dict[str, float]:
       'client_loss_mean': float(m.loss.mean()),
       'num_clients': int(acc.size),
   }
+  if m.ndcg is not None:
+    ndcg = m.ndcg / np.maximum(m.count, 1)
+    out.update({'ndcg': float(m.ndcg.sum() / max(m.count.sum(), 1)),
+                'client_ndcg_mean': float(ndcg.mean()),
+                'client_ndcg_p10': float(np.percentile(ndcg, 10)),
+                'client_ndcg_worst': float(ndcg.min())})
   return {prefix + k: v for k, v in out.items()}
 
 

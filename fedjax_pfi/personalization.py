@@ -205,7 +205,8 @@ CLIENTS_FILE = 'clients_final.npz'
 def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
                  train_sizes: np.ndarray, sampled: np.ndarray,
                  offsets: Optional[np.ndarray] = None) -> str:
-  """Writes each evaluation's per-client accuracy and loss (atomically),
+  """Writes each evaluation's per-client accuracy and loss (and NDCG@k for
+  ranking models) atomically,
   with each client's training-set size and whether it was ever sampled
   (``sampled``: bool per client of the training population). With
   ``offsets`` (the evaluated dataset's), also each example's correct
@@ -223,6 +224,8 @@ def save_clients(workdir: str, results: Mapping[str, ClientMetrics],
     arrays[f'{name}/client_ids'] = m.client_ids
     arrays[f'{name}/accuracy'] = m.accuracy
     arrays[f'{name}/loss'] = m.loss
+    if m.ndcg is not None:  # ranking models: accuracy is HR@k
+      arrays[f'{name}/ndcg'] = m.ndcg / np.maximum(m.count, 1)
     arrays[f'{name}/count'] = m.count
     arrays[f'{name}/train_size'] = np.asarray(train_sizes)[m.client_ids]
   return save_arrays(os.path.join(workdir, CLIENTS_FILE), arrays)

@@ -78,7 +78,8 @@ def load(file: str) -> Optional[ClientMetrics]:
     if 'rows/loss_sum' in fields:
       rows = RowStats(*(fields[f'rows/{k}'] for k in RowStats._fields))
     return ClientMetrics(*(fields[k] for k in _FIELDS), rows=rows,
-                         confidence=fields.get('confidence'))
+                         confidence=fields.get('confidence'),
+                         ndcg=fields.get('ndcg'))
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(f'reference cache {file} is unreadable ({e}); computing '
                   'the reference again.')
@@ -95,6 +96,8 @@ def save(file: str, m: ClientMetrics) -> str:
                    for k, v in m.rows._asdict().items()})
   if m.confidence is not None:
     arrays['confidence'] = np.asarray(m.confidence)
+  if m.ndcg is not None:
+    arrays['ndcg'] = np.asarray(m.ndcg)
   os.makedirs(os.path.dirname(file) or '.', exist_ok=True)
   tmp = f'{file}.{os.getpid()}.tmp.npz'
   np.savez(tmp, **arrays)

@@ -281,7 +281,13 @@ def test_fedrap_run_reports_hit_rates(tmp_path):
     scores = np.asarray(items @ params['score']['kernel'][:, 0])
     rank = int(np.sum(scores[1:] >= scores[0]))
     assert mine['accuracy'][i] == float(rank < 3), cid
+    # and its NDCG@3, reported beside HR@3
+    assert mine['ndcg'][i] == pytest.approx(
+        1 / np.log2(rank + 2) if rank < 3 else 0.0, rel=1e-6), cid
   assert set(np.unique(mine['accuracy'])) <= {0.0, 1.0}
+  assert final['test/client_ndcg_mean'] == pytest.approx(
+      float(np.mean(mine['ndcg'])), rel=1e-6)
+  assert 0.0 <= final['val/client_ndcg_mean'] <= 1.0
 
 
 def test_compare_script_on_movielens(tmp_path):

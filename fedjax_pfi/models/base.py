@@ -39,11 +39,15 @@ class ExampleStats(NamedTuple):
   what an expected calibration error needs (`calibration_sums`). None for
   models whose outputs are not class probabilities (the recommender's
   HR@k).
+
+  ``ndcg``: optional ``[B]`` NDCG@k of each ranked list (`recommender`,
+  where ``correct`` is its HR@k); None for other models.
   """
   loss_sum: jax.Array
   correct: jax.Array
   count: jax.Array
   confidence: Optional[jax.Array] = None
+  ndcg: Optional[jax.Array] = None
 
 
 def calibration_sums(logits: jax.Array, correct: jax.Array,

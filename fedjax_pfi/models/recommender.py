@@ -16,7 +16,8 @@ list is the mean binary cross-entropy of its ``L`` candidates (so a batch's
 loss is the mean over its candidates, as with pointwise batches of equal
 lists); its ``count`` is 1 and its ``correct`` is 1 when the positive ranks
 in the top ``top_k`` of the list (HR@k: with one positive and 99 negatives,
-the accuracy a run reports is HR@10). A negative scoring equal to the
+the accuracy a run reports is HR@10); its ``ndcg`` is NDCG@k of the list,
+which runs report beside it (`evaluation.summarize`). A negative scoring equal to the
 positive counts as ranked above it, so a constant model has HR 0, not 1
 (and a NaN score, so a diverged model has HR 0 too).
 """
@@ -67,11 +68,13 @@ def hit_and_ndcg(logits: jax.Array, y: jax.Array, top_k: int):
 
 def list_stats(logits: jax.Array, y: jax.Array, top_k: int
                ) -> base.ExampleStats:
-  """`base.ExampleStats` of lists: mean BCE of the candidates, HR@k, 1."""
+  """`base.ExampleStats` of lists: mean BCE of the candidates, HR@k, 1,
+  and NDCG@k."""
   logits = logits.astype(jnp.float32)
   bce = optax.sigmoid_binary_cross_entropy(logits, y.astype(jnp.float32))
-  hit, _ = hit_and_ndcg(logits, y, top_k)
-  return base.ExampleStats(jnp.mean(bce, -1), hit, jnp.ones_like(hit))
+  hit, ndcg = hit_and_ndcg(logits, y, top_k)
+  return base.ExampleStats(jnp.mean(bce, -1), hit, jnp.ones_like(hit),
+                           ndcg=ndcg)
 
 
 def ranking_model(module: nn.Module, sample_x: jax.Array, name: str,
