@@ -17,9 +17,9 @@ loss is the mean over its candidates, as with pointwise batches of equal
 lists); its ``count`` is 1 and its ``correct`` is 1 when the positive ranks
 in the top ``top_k`` of the list (HR@k: with one positive and 99 negatives,
 the accuracy a run reports is HR@10); its ``ndcg`` is NDCG@k of the list,
-which runs report beside it (`evaluation.summarize`). A negative scoring equal to the
-positive counts as ranked above it, so a constant model has HR 0, not 1
-(and a NaN score, so a diverged model has HR 0 too).
+which runs report beside it (`evaluation.summarize`). A negative scoring
+equal to the positive counts as ranked above it, so a constant model has
+HR 0, not 1 (and a NaN score, so a diverged model has HR 0 too).
 """
 
 from __future__ import annotations
