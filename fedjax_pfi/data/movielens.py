@@ -59,6 +59,9 @@ INTER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.inter')
 USER_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.user')
 USER_SHA256 = ('4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6'
                'dd5972')
+ITEM_IN_PACKAGE = ('dataset_example', 'ml-100k', 'ml-100k.item')
+ITEM_SHA256 = ('51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756'
+               '064532')
 #: Age bands of the users' attributes (years; MovieLens-100k has raw ages,
 #: 7 to 73): about a quarter of the 943 users each. ``(low, high, name)``
 #: for ages ``low <= age < high``.
@@ -146,21 +149,36 @@ def read_users(path: Optional[str] = None) -> Optional[bytes]:
   zip_code``) from where `read_inter` finds the ratings (never downloads:
   after `read_inter` the wheel is cached); None where there is none, as
   beside an ``.inter`` file of your own."""
+  return _read_companion(path, USER_IN_PACKAGE, USER_SHA256)
+
+
+def read_items(path: Optional[str] = None) -> Optional[bytes]:
+  """The bytes of ``ml-100k.item`` (``item_id movie_title release_year
+  class``, the genres), found as `read_users` finds ``ml-100k.user``."""
+  return _read_companion(path, ITEM_IN_PACKAGE, ITEM_SHA256)
+
+
+def _read_companion(path: Optional[str], in_package: tuple[str, ...],
+                    sha256: str) -> Optional[bytes]:
+  """A file beside ``ml-100k.inter`` (``in_package``: its path in the
+  recbole package), checked against ``sha256`` where it comes from the
+  package's wheel; None where there is none."""
+  name = in_package[-1]
   if path:
     where = path if not path.endswith('.whl') else None
     if where is not None:
       d = where if os.path.isdir(where) else os.path.dirname(where)
-      user = os.path.join(d, 'ml-100k.user')
-      if not os.path.exists(user):
+      found = os.path.join(d, name)
+      if not os.path.exists(found):
         return None
-      with open(user, 'rb') as f:
+      with open(found, 'rb') as f:
         return f.read()
     wheel = path
   else:
     spec = importlib.util.find_spec('recbole')
     if spec is not None and spec.submodule_search_locations:
       installed = os.path.join(spec.submodule_search_locations[0],
-                               *USER_IN_PACKAGE)
+                               *in_package)
       if os.path.exists(installed):
         with open(installed, 'rb') as f:
           return f.read()
@@ -168,12 +186,39 @@ def read_users(path: Optional[str] = None) -> Optional[bytes]:
   if not os.path.exists(wheel):
     return None
   with zipfile.ZipFile(wheel) as z:
-    data = z.read('recbole/' + '/'.join(USER_IN_PACKAGE))
+    data = z.read('recbole/' + '/'.join(in_package))
   digest = hashlib.sha256(data).hexdigest()
-  if digest != USER_SHA256:
-    raise ValueError(f'{wheel}: ml-100k.user has sha256 {digest}, not the '
-                     f"released file's {USER_SHA256}.")
+  if digest != sha256:
+    raise ValueError(f'{wheel}: {name} has sha256 {digest}, not the '
+                     f"released file's {sha256}.")
   return data
+
+
+def parse_items(data: bytes, source: str = 'ml-100k.item'
+                ) -> dict[str, tuple[str, ...]]:
+  """Each movie's genres (``ml-100k.item``'s ``class`` column, e.g.
+  ``('Animation', "Children's", 'Comedy')``) by raw item id (``'1'``,
+  ...); a movie without any has ``()``."""
+  expected = ('a RecBole atomic .item file (a header naming item_id and '
+              'class, then one tab-separated movie per line)')
+  text = files.read_text(source, expected, data)
+  header, _, body = text.partition('\n')
+  names = [h.split(':')[0] for h in header.strip().split('\t')]
+  missing = [c for c in ('item_id', 'class') if c not in names]
+  if missing:
+    raise files.refuse(source, expected, f'its header lacks {missing}')
+  out = {}
+  for lineno, line in enumerate(body.split('\n'), 2):
+    if not line.strip():
+      continue
+    row = dict(zip(names, line.rstrip('\r').split('\t')))
+    try:
+      item = str(int(row['item_id']))
+    except (KeyError, ValueError) as e:
+      raise files.refuse(source, expected, f'line {lineno} ({line[:60]!r}) '
+                         'has no integer item_id') from e
+    out[item] = tuple(row.get('class', '').split())
+  return out
 
 
 def parse_users(data: bytes, source: str = 'ml-100k.user'
