@@ -388,13 +388,116 @@ def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
   return FederatedSplits(**splits)
 
 
-def load(path: Optional[str] = None, **kwargs) -> FederatedSplits:
-  """`leave_one_out` of the ratings `read_inter` finds."""
+def sequential(ratings: Mapping[str, np.ndarray], *, max_len: int = 50,
+               num_negatives: int = 1, eval_negatives: int = 99,
+               top_k: int = 10, heldout_fraction: float = 0.0, seed: int = 0,
+               attributes: Optional[Mapping[str, Mapping[str, str]]] = None,
+               min_history: int = 4) -> FederatedSplits:
+  """MovieLens as next-item prediction over each user's history (SASRec,
+  Kang and McAuley, ICDM 2018), with `leave_one_out`'s split.
+
+  A user's interactions are ordered as `leave_one_out` orders them (by
+  time; among equal times the earlier row counts as later), its latest item
+  is the test target and the one before the validation target, and both are
+  ranked against the SAME 99 never-seen items `leave_one_out` draws for the
+  user (the first draw of its generator), so HR@10 and NDCG@10 compare with
+  the candidate-list models. Every training item after the first is a
+  training target, with ``num_negatives`` never-seen items.
+
+  An example's ``x`` is int32 ``[max_len + L]``: the history before the
+  target (its last ``max_len`` items, right-padded with ``num_items``, the
+  padding id), then the candidate list of ``L`` items, the target first;
+  ``y`` is ``[L]``, ``[1, 0, ..., 0]``. Metadata as `leave_one_out`'s, plus
+  ``history_len`` (``max_len``) and ``pad_item``. A user with fewer than
+  ``min_history`` interactions (one training pair, validation and test
+  need 4) is refused by name.
+  """
+  if max_len < 1:
+    raise ValueError(f'the history length (data.seq_len) must be >= 1, got '
+                     f'{max_len}.')
+  if num_negatives < 1 or eval_negatives < 1:
+    raise ValueError(f'num_negatives and eval_negatives must be >= 1, got '
+                     f'{num_negatives} and {eval_negatives}.')
+  if min_history < 4:
+    raise ValueError(f'min_history must be >= 4 (a training pair, the '
+                     f'validation and the test item), got {min_history}.')
+  users = np.asarray(ratings['user_id'])
+  items = np.asarray(ratings['item_id'])
+  stamps = np.asarray(ratings['timestamp'])
+  raw_users, user_idx = np.unique(users, return_inverse=True)
+  raw_items, item_idx = np.unique(items, return_inverse=True)
+  num_items = raw_items.size
+  pad = num_items
+  row = np.arange(users.size)
+  order = np.lexsort((-row, stamps, user_idx))  # as `leave_one_out`
+  bounds = np.searchsorted(user_idx[order], np.arange(raw_users.size + 1))
+  all_items = np.arange(num_items)
+
+  def history(seq, t):
+    h = seq[max(0, t - max_len):t]
+    return np.concatenate([h, np.full(max_len - h.size, pad)])
+
+  parts = {p: [] for p in ('train', 'val', 'test')}
+  for u in range(raw_users.size):
+    seq = item_idx[order[bounds[u]:bounds[u + 1]]]
+    if seq.size < min_history:
+      raise ValueError(
+          f'user {raw_users[u]} has {seq.size} interactions; the sequential '
+          f'task needs at least {min_history} (training pairs, then the '
+          'validation and the test item).')
+    rng = np.random.default_rng([seed, u])
+    pool = np.setdiff1d(all_items, seq)
+    eval_neg = _candidates(rng, pool, 1, eval_negatives)[0]
+    train = seq[:-2]
+    neg = _candidates(rng, pool, train.size - 1, num_negatives)
+    parts['train'].append(np.stack([np.concatenate(
+        [history(train, t), [train[t]], neg[t - 1]])
+        for t in range(1, train.size)]))
+    parts['val'].append(np.concatenate(
+        [history(seq, seq.size - 2), [seq[-2]], eval_neg])[None])
+    parts['test'].append(np.concatenate(
+        [history(seq, seq.size - 1), [seq[-1]], eval_neg])[None])
+  names = raw_users.astype(str)
+  metadata = dict(task='ranking', num_items=int(num_items),
+                  num_negatives=int(num_negatives),
+                  eval_negatives=int(eval_negatives), top_k=int(top_k),
+                  history_len=int(max_len), pad_item=int(pad))
+  if attributes:
+    metadata['client_attributes'] = {
+        a: {n: v.get(n, '') for n in names} for a, v in attributes.items()}
+
+  def dataset(lists, ids):
+    x = np.concatenate([lists[i] for i in ids]).astype(np.int32)
+    y = np.zeros((x.shape[0], x.shape[1] - max_len), np.int32)
+    y[:, 0] = 1
+    sizes = [lists[i].shape[0] for i in ids]
+    return FederatedDataset({'x': x, 'y': y},
+                            np.concatenate([[0], np.cumsum(sizes)]),
+                            names[ids], metadata)
+
+  n = raw_users.size
+  n_heldout = int(round(heldout_fraction * n))
+  perm = np.random.default_rng([seed, 1]).permutation(n)
+  population, heldout = np.sort(perm[n_heldout:]), np.sort(perm[:n_heldout])
+  splits = {p: dataset(parts[p], population) for p in parts}
+  if n_heldout:
+    splits['heldout_train'] = dataset(parts['train'], heldout)
+    splits['heldout_test'] = dataset(parts['test'], heldout)
+  return FederatedSplits(**splits)
+
+
+def load(path: Optional[str] = None, task: str = 'lists',
+         **kwargs) -> FederatedSplits:
+  """`leave_one_out` (``task='lists'``) or `sequential` (``'sequential'``)
+  of the ratings `read_inter` finds."""
+  if task not in ('lists', 'sequential'):
+    raise ValueError(f"unknown MovieLens task {task!r}; accepted: 'lists', "
+                     "'sequential'.")
   source = 'ml-100k.inter (from the recbole wheel)'
   if path and not path.endswith('.whl'):
     source = os.path.join(path, 'ml-100k.inter') if os.path.isdir(path) \
         else path
   ratings = parse_inter(read_inter(path), source)
   users = read_users(path)
-  return leave_one_out(ratings, attributes=users and parse_users(users),
-                       **kwargs)
+  split = leave_one_out if task == 'lists' else sequential
+  return split(ratings, attributes=users and parse_users(users), **kwargs)

@@ -28,6 +28,10 @@ Names:
     Options: ``num_negatives`` (per training positive), ``eval_negatives``
     (ranked against the test item), ``top_k``, ``heldout_fraction``,
     ``seed``.
+  - ``movielens_sequential``: the same users and split as next-item
+    prediction over each user's history (`movielens.sequential`; for
+    ``sasrec``): ``seq_len`` is the history length, and the test item is
+    ranked against the same ``eval_negatives`` as ``movielens``'s.
   - ``tfds``: any prepared TFDS split (``tfds_name``, ``split``,
     ``client_key`` or ``partitioner`` + ``partitioner_kwargs``, ``data_dir``).
   - ``saved``: splits written by `FederatedSplits.save` (``path``), with
@@ -50,7 +54,8 @@ from fedjax_pfi.data import tfds_bridge
 from fedjax_pfi.data.federated import FederatedDataset, FederatedSplits
 
 DATASETS = ('femnist', 'shakespeare', 'shakespeare_jsonl', 'synthetic',
-            'cifar_shaped', 'movielens', 'tfds', 'saved')
+            'cifar_shaped', 'movielens', 'movielens_sequential', 'tfds',
+            'saved')
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -151,6 +156,15 @@ def load_splits(cfg: Mapping[str, Any]) -> FederatedSplits:
   elif name == 'movielens':
     splits = movielens.load(
         _get(cfg, 'path'), num_negatives=int(_get(cfg, 'num_negatives', 4)),
+        eval_negatives=int(_get(cfg, 'eval_negatives', 99)),
+        top_k=int(_get(cfg, 'top_k', 10)),
+        heldout_fraction=float(_get(cfg, 'heldout_fraction', 0.0)),
+        seed=int(_get(cfg, 'seed', 0)))
+  elif name == 'movielens_sequential':
+    splits = movielens.load(
+        _get(cfg, 'path'), task='sequential',
+        max_len=int(_get(cfg, 'seq_len', 50)),
+        num_negatives=int(_get(cfg, 'num_negatives', 4)),
         eval_negatives=int(_get(cfg, 'eval_negatives', 99)),
         top_k=int(_get(cfg, 'top_k', 10)),
         heldout_fraction=float(_get(cfg, 'heldout_fraction', 0.0)),

@@ -10,7 +10,9 @@ and ``D + C`` is one item table; under FedPer the user embedding (the head)
 is personal and the item tables shared (federated matrix factorization with
 private user embeddings, as FCF and FedMF have it).
 
-`ranking_model` makes it a `base.Model` over lists ``x`` int ``[B, L]``,
+`SASRec` is a sequential recommender over the same candidate lists, with
+the user's history in front of them. `ranking_model` makes either a
+`base.Model` over lists ``x`` int ``[B, L]``,
 ``y`` int ``[B, L]`` (1 for the positive, 0 for negatives): the loss of a
 list is the mean binary cross-entropy of its ``L`` candidates (so a batch's
 loss is the mean over its candidates, as with pointwise batches of equal
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_pfi.models import base
+from fedjax_pfi.models import transformer
 
 
 class AdditiveMF(nn.Module):
@@ -48,6 +51,52 @@ class AdditiveMF(nn.Module):
     c = nn.Embed(self.num_items, self.dim, embedding_init=init,
                  name='global_items')(x)
     return nn.Dense(1, name='score')(d + c)[..., 0]
+
+
+class SASRec(nn.Module):
+  """Next-item scores of a causal transformer over the user's history
+  (Kang and McAuley, "Self-Attentive Sequential Recommendation", ICDM
+  2018), built from the GPT-2 blocks of `fedjax_pfi.models.transformer`
+  (so its LoRA targets are ``block_i/attn/q`` etc.).
+
+  ``x`` int ``[B, history_len + L]``: the history (right-padded with
+  ``num_items``) then ``L`` candidate items (`movielens.sequential`).
+  Item embeddings (``items``, shared by the history and the candidates, as
+  SASRec's) plus learned positions, ``num_layers`` pre-norm blocks, a final
+  norm; the hidden state at the last real history position scores each
+  candidate by a dot product with its embedding: logits ``[B, L]``. The
+  blocks are causal and the padding comes after the history, so padding
+  changes nothing. A history without any item is refused: its row has no
+  last position (the task never builds one).
+  """
+  num_items: int
+  history_len: int
+  dim: int = 32
+  num_layers: int = 2
+  num_heads: int = 2
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    cfg = transformer.TransformerConfig.gpt2(
+        self.num_items + 1, self.dim, self.num_layers, self.num_heads,
+        max_len=self.history_len, dropout=self.dropout)
+    hist, cand = x[..., :self.history_len], x[..., self.history_len:]
+    items = nn.Embed(self.num_items + 1, self.dim,
+                     embedding_init=nn.initializers.normal(0.02),
+                     name='items')
+    pos = self.param('pos_embed', nn.initializers.normal(0.02),
+                     (self.history_len, self.dim))
+    h = items(hist) + pos
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    for i in range(self.num_layers):
+      h = transformer.Block(cfg, name=f'block_{i}')(h, train)
+    h = nn.LayerNorm(epsilon=cfg.norm_eps, use_fast_variance=False,
+                     name='ln_f')(h)
+    last = jnp.sum(hist != self.num_items, -1) - 1  # [B]
+    h_last = jnp.take_along_axis(h, jnp.maximum(last, 0)[:, None, None],
+                                 1)[:, 0]
+    return jnp.einsum('bd,bld->bl', h_last, items(cand))
 
 
 def ranks(logits: jax.Array, y: jax.Array) -> jax.Array:

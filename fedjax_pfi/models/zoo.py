@@ -17,6 +17,10 @@
 - ``additive_mf``: FedRAP's recommender, ``sigmoid(u . (D_j + C_j) + b)``
   over candidate lists (`fedjax_pfi.models.recommender`; kwargs ``dim``,
   ``init_std``), for the ranking datasets (``movielens``).
+- ``sasrec``: SASRec (Kang and McAuley, ICDM 2018), a causal transformer
+  over the user's item history scoring the candidates
+  (`fedjax_pfi.models.recommender.SASRec`; kwargs ``dim``, ``num_layers``,
+  ``num_heads``, ``dropout``), for ``movielens_sequential``.
 """
 
 from __future__ import annotations
@@ -167,7 +171,17 @@ _SEQUENCE_MODELS = ('char_lstm', 'char_transformer', 'transformer')
 _RANKING_MODELS = {
     'additive_mf': lambda meta, **kw: recommender.AdditiveMF(
         meta['num_items'], **kw),
+    'sasrec': lambda meta, **kw: recommender.SASRec(
+        meta['num_items'], _history_len(meta), **kw),
 }
+
+
+def _history_len(meta) -> int:
+  if 'history_len' not in meta:
+    raise ValueError("model 'sasrec' reads a history before the candidates: "
+                     "use data.name='movielens_sequential' (this dataset's "
+                     'lists have none).')
+  return int(meta['history_len'])
 
 #: The names `build_model` accepts.
 MODEL_NAMES = tuple(sorted(set(_BUILDERS) | set(_RANKING_MODELS)))
