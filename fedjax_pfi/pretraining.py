@@ -25,6 +25,7 @@ import time
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from fedjax_pfi import checkpoint as checkpoint_lib
@@ -33,12 +34,16 @@ from fedjax_pfi.algorithms import centralized
 from fedjax_pfi.data import registry
 from fedjax_pfi.models import base
 from fedjax_pfi.models import hf_io
+from fedjax_pfi.models import recommender
 from fedjax_pfi.models import transformer
 from fedjax_pfi.models import zoo
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains and saves ``workdir/model``; returns the final metrics row."""
+  """Pretrains and saves ``workdir/model``; returns the final metrics row.
+  A ``model.name='sasrec'`` config goes to `pretrain_sasrec`."""
+  if config.model.get('name', 'transformer') == 'sasrec':
+    return pretrain_sasrec(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   fp = checkpoint_lib.fingerprint(config.to_dict())
   model_dir = os.path.join(workdir, 'model')
@@ -92,6 +97,80 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tmp = model_dir + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   hf_io.save_pretrained(tmp, module_cfg, params, style)
+  with open(os.path.join(tmp, 'final.json'), 'w') as f:
+    json.dump(final, f, indent=1)
+  with open(stamp, 'w') as f:
+    f.write(fp)
+  os.replace(tmp, model_dir)
+  return final
+
+
+def pretrain_sasrec(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The recommendation foundation model (issue 19): a `recommender.SASRec`
+  trained centrally on the HELD-OUT users' histories of
+  ``movielens_sequential`` (``data.heldout_fraction`` > 0), so that no
+  federated client's data is pretraining data, the way the embedded
+  language model is pretrained on plays that are not clients. Validation:
+  those users' test items. Writes ``workdir/model`` (`recommender.save_sasrec`,
+  loadable with ``--config.model.pretrained``; the federated runs must use
+  the same ``data`` settings, so that they exclude the same users) and
+  ``workdir/metrics.jsonl``; returns the final metrics row. Re-running with
+  the same config returns the saved row; another config is refused."""
+  os.makedirs(workdir, exist_ok=True)
+  fp = checkpoint_lib.fingerprint(config.to_dict())
+  model_dir = os.path.join(workdir, 'model')
+  stamp = os.path.join(workdir, 'config_fingerprint.txt')
+  if os.path.exists(model_dir):
+    with open(stamp) as f:
+      if f.read().strip() != fp:
+        raise ValueError(
+            f'{model_dir} was pretrained with a different config; use a fresh '
+            '--workdir.')
+    with open(os.path.join(model_dir, 'final.json')) as f:
+      return json.load(f)
+  if config.data.name != 'movielens_sequential':
+    raise ValueError(f"sasrec pretrains on data.name='movielens_sequential', "
+                     f'got {config.data.name!r}.')
+  if not float(config.data.get('heldout_fraction', 0.0)) > 0:
+    raise ValueError('pretraining sasrec needs held-out users '
+                     '(data.heldout_fraction > 0): they are its data, and no '
+                     'federated client is.')
+  splits = registry.load_splits(config.data)
+  pooled, val = splits.heldout_train, splits.heldout_test
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k != 'name'}
+  meta = dict(pooled.metadata)
+  module = recommender.SASRec(meta['num_items'], meta['history_len'],
+                              **kwargs)
+  model = recommender.ranking_model(module, pooled.columns['x'][:2], 'sasrec',
+                                    top_k=int(meta['top_k']))
+  key = jax.random.key(config.seed)
+  params = model.init(key)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, config.warmup_steps, max(config.steps, 1))
+  opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+  evaluator = evaluation.Evaluator(model, config.eval_batch_size)
+  rows = []
+  t0 = time.perf_counter()
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as log:
+
+    def report(step, p, loss):
+      row = {'step': step, 'train_loss': loss,
+             'time/elapsed_s': time.perf_counter() - t0}
+      if step % config.eval_every == 0 or step == config.steps:
+        row.update(evaluation.summarize(evaluator.evaluate(p, val), 'val/'))
+      rows.append(row)
+      log.write(json.dumps(row) + '\n')
+      log.flush()
+
+    params = centralized.train(
+        model, params, pooled, optimizer=opt, batch_size=config.batch_size,
+        num_steps=config.steps, seed=config.seed, key=key, callback=report,
+        callback_every=min(config.eval_every, 50))
+  final = dict(rows[-1])
+  final['users'] = int(pooled.num_clients)
+  final['examples'] = int(pooled.num_examples)
+  final['params'] = int(sum(np.size(x) for x in jax.tree.leaves(params)))
+  tmp = recommender.save_sasrec(model_dir + '.tmp', module, params)
   with open(os.path.join(tmp, 'final.json'), 'w') as f:
     json.dump(final, f, indent=1)
   with open(stamp, 'w') as f:

@@ -11,6 +11,8 @@ import pytest
 
 from fedjax_pfi import pretraining
 from fedjax_pfi import training
+from tests.data.test_movielens import generated_ratings
+from tests.data.test_movielens import inter_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
@@ -23,7 +25,17 @@ def test_there_are_configs():
           'synthetic_fedprox'} <= set(CONFIGS)
 
 
-PRETRAINING = ('pretrain_shakespeare',)  # run by experiments.pretrain
+PRETRAINING = ('pretrain_shakespeare', 'pretrain_sasrec')  # experiments.pretrain
+
+
+def sequential_ratings(path):
+  """Generated MovieLens-format ratings of users with the 4 interactions
+  the sequential task needs."""
+  rows = generated_ratings(num_users=12, num_items=40)
+  per_user = {u: sum(1 for r in rows if r[0] == u) for u, *_ in rows}
+  with open(path, 'w') as f:
+    f.write(inter_text([r for r in rows if per_user[r[0]] >= 4]))
+  return str(path)
 
 
 def test_there_are_pretraining_and_peft_configs():
@@ -35,7 +47,11 @@ def test_pretraining_testing_variant_runs(tmp_path, name):
   module = importlib.import_module(f'experiments.configs.{name}')
   assert ('python -m experiments.pretrain --config=experiments/configs/' +
           name) in module.__doc__
-  final = pretraining.pretrain(module.get_config('testing'), str(tmp_path))
+  config = module.get_config('testing')
+  if config.data.name.startswith('movielens'):  # generated ratings
+    config.data.path = sequential_ratings(tmp_path / 'ratings.inter')
+    config.data.eval_negatives = 10
+  final = pretraining.pretrain(config, str(tmp_path))
   assert np.isfinite(final['train_loss'])
   assert 0.0 <= final['val/accuracy'] <= 1.0
 

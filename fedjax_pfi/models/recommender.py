@@ -26,13 +26,22 @@ HR 0, not 1 (and a NaN score, so a diverged model has HR 0 too).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from safetensors.numpy import load_file
+from safetensors.numpy import save_file
 
 from fedjax_pfi.models import base
 from fedjax_pfi.models import transformer
+from fedjax_pfi.tree_util import path_str
 
 
 class AdditiveMF(nn.Module):
@@ -99,6 +108,73 @@ class SASRec(nn.Module):
     return jnp.einsum('bd,bld->bl', h_last, items(cand))
 
 
+SASREC_FIELDS = ('num_items', 'history_len', 'dim', 'num_layers',
+                 'num_heads', 'dropout')
+
+
+def save_sasrec(directory: str, module: SASRec, params) -> str:
+  """Writes a pretrained `SASRec`: ``config.json`` (its fields, `SASREC_FIELDS`)
+  and ``model.safetensors`` (each param under its ``/``-joined path),
+  into a temporary directory renamed to ``directory`` when complete (an
+  existing one is replaced). Returns ``directory``."""
+  flat = {path_str(p): np.asarray(v) for p, v in
+          jax.tree_util.tree_flatten_with_path(params)[0]}
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix='.sasrec_')
+  with open(os.path.join(tmp, 'config.json'), 'w') as f:
+    json.dump({'model': 'sasrec', **{k: getattr(module, k)
+                                     for k in SASREC_FIELDS}}, f, indent=1)
+  save_file(flat, os.path.join(tmp, 'model.safetensors'))
+  if os.path.exists(directory):
+    shutil.rmtree(directory)
+  os.replace(tmp, directory)
+  return directory
+
+
+def load_sasrec(directory: str, num_items: int, history_len: int):
+  """``(SASRec, params)`` of a checkpoint `save_sasrec` wrote, for a dataset
+  of ``num_items`` items and histories of ``history_len``; a checkpoint for
+  another item vocabulary or history length, or whose tensors do not fit
+  its config, is refused naming both values."""
+  config = os.path.join(directory, 'config.json')
+  if not os.path.exists(config):
+    raise FileNotFoundError(
+        f'model.pretrained={directory!r} holds no config.json of a pretrained '
+        'sasrec (experiments.pretrain_sasrec writes one).')
+  with open(config) as f:
+    cfg = json.load(f)
+  if cfg.get('model') != 'sasrec' or set(SASREC_FIELDS) - set(cfg):
+    raise ValueError(f'{config} is not a sasrec config (it needs "model": '
+                     f'"sasrec" and {", ".join(SASREC_FIELDS)}).')
+  if cfg['num_items'] != num_items:
+    raise ValueError(
+        f'the pretrained sasrec in {directory!r} has an item vocabulary of '
+        f'{cfg["num_items"]} items, but the dataset has {num_items}: it was '
+        'pretrained on other data; pretrain it on this dataset\'s items.')
+  if cfg['history_len'] != history_len:
+    raise ValueError(
+        f'the pretrained sasrec in {directory!r} reads histories of '
+        f'{cfg["history_len"]} items, but data.seq_len is {history_len}; set '
+        f'--config.data.seq_len={cfg["history_len"]}.')
+  module = SASRec(**{k: cfg[k] for k in SASREC_FIELDS})
+  flat = load_file(os.path.join(directory, 'model.safetensors'))
+  x = jnp.zeros((1, history_len + 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x)['params'])
+  want = {path_str(p): v.shape for p, v in
+          jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  got = {k: v.shape for k, v in flat.items()}
+  if want != got:
+    wrong = sorted(set(want) ^ set(got)) or sorted(
+        k for k in want if want[k] != got[k])
+    raise ValueError(f'{directory}/model.safetensors does not fit its '
+                     f'config.json: {", ".join(wrong[:5])} differ.')
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  params = jax.tree_util.tree_unflatten(
+      treedef, [jnp.asarray(flat[path_str(p)]) for p, _ in leaves])
+  return module, params
+
+
 def ranks(logits: jax.Array, y: jax.Array) -> jax.Array:
   """``[...]``: how many negatives of each list score at least its
   positive (0 = ranked first); a NaN score on either side counts as
@@ -135,8 +211,8 @@ def ranking_model(module: nn.Module, sample_x: jax.Array, name: str,
     return module.init({'params': key}, sample_x, train=False)['params']
 
   def apply(params, x, rng=None, train=False):
-    del rng
-    return module.apply({'params': params}, x, train=train)
+    rngs = {'dropout': rng} if train and rng is not None else {}
+    return module.apply({'params': params}, x, train=train, rngs=rngs)
 
   def example_stats(params, batch, rng=None, train=False):
     return list_stats(apply(params, batch['x'], rng, train), batch['y'],

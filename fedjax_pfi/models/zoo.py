@@ -221,7 +221,18 @@ def build_model(name: str, example_x: np.ndarray, metadata,
         f'{", ".join(sorted(_BUILDERS))}.')
   if ranking:
     if pretrained:
-      raise ValueError(f'model {name!r} has no pretrained checkpoints.')
+      if name != 'sasrec':
+        raise ValueError(f'model {name!r} has no pretrained checkpoints.')
+      if kwargs:
+        raise ValueError(
+            f'model.kwargs {sorted(kwargs)} conflict with model.pretrained='
+            f'{pretrained!r}: the architecture comes from its config.json.')
+      module, params = recommender.load_sasrec(
+          pretrained, int(metadata['num_items']), _history_len(metadata))
+      return recommender.ranking_model(
+          module, jnp.asarray(example_x), name,
+          top_k=int(metadata.get('top_k', 10)))._replace(
+              init=lambda key: params)
     return recommender.ranking_model(
         _RANKING_MODELS[name](metadata, **kwargs), jnp.asarray(example_x),
         name, top_k=int(metadata.get('top_k', 10)))

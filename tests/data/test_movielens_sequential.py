@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.configs import pretrain_sasrec
+from fedjax_pfi import pretraining
 from fedjax_pfi.data import movielens
 from fedjax_pfi.data import registry
 from fedjax_pfi.models import recommender
@@ -140,3 +142,63 @@ def test_sasrec_scores_the_sequential_task_from_the_zoo():
   stats = model.example_stats(params, {k: v[:4] for k, v in
                                        splits.test.columns.items()})
   assert stats.ndcg.shape == (4,) and np.all(stats.ndcg <= stats.correct)
+
+
+def test_pretrained_sasrec_round_trips_and_refuses_another_vocabulary(
+    tmp_path):
+  splits = movielens.sequential(ratings(), max_len=3, num_negatives=2,
+                                eval_negatives=3)
+  x = splits.train.columns['x'][:2]
+  model = zoo.build_model('sasrec', x, splits.metadata, dim=8, num_layers=1,
+                          num_heads=2)
+  params = model.init(jax.random.key(3))
+  module = recommender.SASRec(splits.metadata['num_items'], 3, dim=8,
+                              num_layers=1, num_heads=2)
+  d = recommender.save_sasrec(str(tmp_path / 'model'), module, params)
+  loaded = zoo.build_model('sasrec', x, splits.metadata, pretrained=d)
+  got = loaded.init(jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  test = splits.test.columns['x']
+  np.testing.assert_array_equal(loaded.apply(got, test),
+                                model.apply(params, test))
+  other = dict(splits.metadata, num_items=splits.metadata['num_items'] + 5)
+  with pytest.raises(ValueError, match=r'item vocabulary of 9 items, but the '
+                     r'dataset has 14'):
+    zoo.build_model('sasrec', x, other, pretrained=d)
+  with pytest.raises(ValueError, match=r'histories of 3 items, but '
+                     r'data.seq_len is 4'):
+    zoo.build_model('sasrec', x, dict(splits.metadata, history_len=4),
+                    pretrained=d)
+  with pytest.raises(ValueError, match='conflict with model.pretrained'):
+    zoo.build_model('sasrec', x, splits.metadata, pretrained=d, dim=16)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    zoo.build_model('sasrec', x, splits.metadata,
+                    pretrained=str(tmp_path / 'none'))
+
+
+def test_pretraining_uses_only_held_out_users(tmp_path):
+  rows = generated_ratings(num_users=10, num_items=40)
+  per_user = {u: sum(1 for r in rows if r[0] == u) for u, *_ in rows}
+  path = tmp_path / 'ratings.inter'
+  with open(path, 'w') as f:
+    f.write(inter_text([r for r in rows if per_user[r[0]] >= 4]))
+  c = pretrain_sasrec.get_config('testing')
+  c.data.path = str(path)
+  c.data.eval_negatives = 10
+  c.data.heldout_fraction = 0.3
+  c.steps, c.eval_every = 4, 2
+  final = pretraining.pretrain(c, str(tmp_path / 'pre'))
+  splits = registry.load_splits(c.data)
+  assert final['users'] == splits.heldout_train.num_clients == 3
+  assert final['examples'] == splits.heldout_train.num_examples
+  assert not set(splits.heldout_train.client_names) & set(
+      splits.train.client_names)  # no federated client was pretraining data
+  assert 0 <= final['val/ndcg'] <= final['val/accuracy'] <= 1
+  model = zoo.build_model('sasrec', splits.train.columns['x'][:2],
+                          splits.metadata,
+                          pretrained=str(tmp_path / 'pre' / 'model'))
+  assert model.init(jax.random.key(0))['items']['embedding'].shape == (
+      splits.metadata['num_items'] + 1, 8)
+  c.data.heldout_fraction = 0.0
+  with pytest.raises(ValueError, match='needs held-out users'):
+    pretraining.pretrain(c, str(tmp_path / 'other'))
