@@ -108,6 +108,7 @@ class SASRec(nn.Module):
     return jnp.einsum('bd,bld->bl', h_last, items(cand))
 
 
+#: The fields of `SASRec` a pretrained checkpoint's ``config.json`` records.
 SASREC_FIELDS = ('num_items', 'history_len', 'dim', 'num_layers',
                  'num_heads', 'dropout')
 
