@@ -53,8 +53,8 @@ class RowStats(NamedTuple):
 class ClientMetrics(NamedTuple):
   """Per-client evaluation sums; arrays ``[num_evaluated_clients]``.
 
-  The attributes beyond the sums (``rows``, ``confidence``, ``probes``) are
-  None where an evaluation did not make them.
+  The attributes beyond the sums (``rows``, ``confidence``, ``probes``,
+  ``ndcg``) are None where an evaluation did not make them.
 
   Attributes:
     client_ids: int ``[clients]``: the evaluated clients.

@@ -34,7 +34,7 @@ from fedjax_pfi.evaluation import ClientMetrics
 from fedjax_pfi.evaluation import RowStats
 
 _FIELDS = ('client_ids', 'loss_sum', 'correct', 'count', 'num_examples')
-_VERSION = 1  # of the file's layout and of what the key covers
+_VERSION = 2  # of the file's layout and of what the key covers (2: ndcg)
 
 
 def _update_array(h, a) -> None:
