@@ -324,27 +324,12 @@ def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
   never trains: their training lists are ``heldout_train`` and their test
   list ``heldout_test``.
   """
-  if num_negatives < 1 or eval_negatives < 1:
-    raise ValueError(f'num_negatives and eval_negatives must be >= 1, got '
-                     f'{num_negatives} and {eval_negatives}.')
-  if not 0 <= heldout_fraction < 1:
-    raise ValueError(
-        f'heldout_fraction must lie in [0, 1), got {heldout_fraction}.')
-  users = np.asarray(ratings['user_id'])
-  items = np.asarray(ratings['item_id'])
-  stamps = np.asarray(ratings['timestamp'])
-  raw_users, user_idx = np.unique(users, return_inverse=True)
-  raw_items, item_idx = np.unique(items, return_inverse=True)
-  num_items = raw_items.size
-  row = np.arange(users.size)
-  # by user, then time; among equal times the earlier row counts as later.
-  order = np.lexsort((-row, stamps, user_idx))
-  bounds = np.searchsorted(user_idx[order], np.arange(raw_users.size + 1))
+  _check_counts(num_negatives, eval_negatives, heldout_fraction)
+  raw_users, num_items, sequences = _sequences(ratings)
   all_items = np.arange(num_items)
   parts = {p: [] for p in ('train', 'val', 'test')}
   kept = []
-  for u in range(raw_users.size):
-    seq = item_idx[order[bounds[u]:bounds[u + 1]]]
+  for u, seq in enumerate(sequences):
     if seq.size < 3:
       continue
     rng = np.random.default_rng([seed, u])
@@ -360,24 +345,62 @@ def leave_one_out(ratings: Mapping[str, np.ndarray], *, num_negatives: int = 4,
     raise ValueError('no user has the 3 interactions a leave-one-out split '
                      'needs (train, validation and test items).')
   kept = np.asarray(kept)
-  names = raw_users[kept].astype(str)
   metadata = dict(task='ranking', num_items=int(num_items),
                   num_negatives=int(num_negatives),
                   eval_negatives=int(eval_negatives), top_k=int(top_k))
+  return _splits(parts, raw_users[kept].astype(str), metadata, attributes,
+                 heldout_fraction, seed, history_len=0)
+
+
+def _check_counts(num_negatives: int, eval_negatives: int,
+                  heldout_fraction: float) -> None:
+  if num_negatives < 1 or eval_negatives < 1:
+    raise ValueError(f'num_negatives and eval_negatives must be >= 1, got '
+                     f'{num_negatives} and {eval_negatives}.')
+  if not 0 <= heldout_fraction < 1:
+    raise ValueError(
+        f'heldout_fraction must lie in [0, 1), got {heldout_fraction}.')
+
+
+def _sequences(ratings: Mapping[str, np.ndarray]):
+  """``(raw user ids, number of items, [each user's item indices in
+  order])``: users in order of raw id, items renumbered ``0..num_items-1``
+  in order of raw id; a user's interactions by timestamp, and among equal
+  times the earlier row counts as later (pandas'
+  ``rank(method='first', ascending=False)``, as NCF's and FedRAP's loaders
+  do)."""
+  users = np.asarray(ratings['user_id'])
+  items = np.asarray(ratings['item_id'])
+  stamps = np.asarray(ratings['timestamp'])
+  raw_users, user_idx = np.unique(users, return_inverse=True)
+  raw_items, item_idx = np.unique(items, return_inverse=True)
+  row = np.arange(users.size)
+  order = np.lexsort((-row, stamps, user_idx))
+  bounds = np.searchsorted(user_idx[order], np.arange(raw_users.size + 1))
+  return raw_users, raw_items.size, [
+      item_idx[order[bounds[u]:bounds[u + 1]]] for u in range(raw_users.size)]
+
+
+def _splits(parts, names, metadata, attributes, heldout_fraction: float,
+            seed: int, history_len: int) -> FederatedSplits:
+  """`FederatedSplits` of per-user example arrays (``parts[split][j]``:
+  user ``j``'s rows ``x``, a history of ``history_len`` items then the
+  candidate list, positive first), with ``heldout_fraction`` of the users
+  (``default_rng([seed, 1])``) held out of training."""
   if attributes:  # `parse_users`: the clients' attributes, for group gaps
     metadata['client_attributes'] = {
         a: {n: v.get(n, '') for n in names} for a, v in attributes.items()}
 
   def dataset(lists, ids):
     x = np.concatenate([lists[i] for i in ids]).astype(np.int32)
-    y = np.zeros_like(x)
+    y = np.zeros((x.shape[0], x.shape[1] - history_len), np.int32)
     y[:, 0] = 1
     sizes = [lists[i].shape[0] for i in ids]
     return FederatedDataset({'x': x, 'y': y},
                             np.concatenate([[0], np.cumsum(sizes)]),
                             names[ids], metadata)
 
-  n = kept.size
+  n = len(names)
   n_heldout = int(round(heldout_fraction * n))
   perm = np.random.default_rng([seed, 1]).permutation(n)
   population, heldout = np.sort(perm[n_heldout:]), np.sort(perm[:n_heldout])
@@ -415,22 +438,12 @@ def sequential(ratings: Mapping[str, np.ndarray], *, max_len: int = 50,
   if max_len < 1:
     raise ValueError(f'the history length (data.seq_len) must be >= 1, got '
                      f'{max_len}.')
-  if num_negatives < 1 or eval_negatives < 1:
-    raise ValueError(f'num_negatives and eval_negatives must be >= 1, got '
-                     f'{num_negatives} and {eval_negatives}.')
+  _check_counts(num_negatives, eval_negatives, heldout_fraction)
   if min_history < 4:
     raise ValueError(f'min_history must be >= 4 (a training pair, the '
                      f'validation and the test item), got {min_history}.')
-  users = np.asarray(ratings['user_id'])
-  items = np.asarray(ratings['item_id'])
-  stamps = np.asarray(ratings['timestamp'])
-  raw_users, user_idx = np.unique(users, return_inverse=True)
-  raw_items, item_idx = np.unique(items, return_inverse=True)
-  num_items = raw_items.size
+  raw_users, num_items, sequences = _sequences(ratings)
   pad = num_items
-  row = np.arange(users.size)
-  order = np.lexsort((-row, stamps, user_idx))  # as `leave_one_out`
-  bounds = np.searchsorted(user_idx[order], np.arange(raw_users.size + 1))
   all_items = np.arange(num_items)
 
   def history(seq, t):
@@ -438,14 +451,13 @@ def sequential(ratings: Mapping[str, np.ndarray], *, max_len: int = 50,
     return np.concatenate([h, np.full(max_len - h.size, pad)])
 
   parts = {p: [] for p in ('train', 'val', 'test')}
-  for u in range(raw_users.size):
-    seq = item_idx[order[bounds[u]:bounds[u + 1]]]
+  for u, seq in enumerate(sequences):
     if seq.size < min_history:
       raise ValueError(
           f'user {raw_users[u]} has {seq.size} interactions; the sequential '
           f'task needs at least {min_history} (training pairs, then the '
           'validation and the test item).')
-    rng = np.random.default_rng([seed, u])
+    rng = np.random.default_rng([seed, u])  # as `leave_one_out`'s draws
     pool = np.setdiff1d(all_items, seq)
     eval_neg = _candidates(rng, pool, 1, eval_negatives)[0]
     train = seq[:-2]
@@ -457,33 +469,12 @@ def sequential(ratings: Mapping[str, np.ndarray], *, max_len: int = 50,
         [history(seq, seq.size - 2), [seq[-2]], eval_neg])[None])
     parts['test'].append(np.concatenate(
         [history(seq, seq.size - 1), [seq[-1]], eval_neg])[None])
-  names = raw_users.astype(str)
   metadata = dict(task='ranking', num_items=int(num_items),
                   num_negatives=int(num_negatives),
                   eval_negatives=int(eval_negatives), top_k=int(top_k),
                   history_len=int(max_len), pad_item=int(pad))
-  if attributes:
-    metadata['client_attributes'] = {
-        a: {n: v.get(n, '') for n in names} for a, v in attributes.items()}
-
-  def dataset(lists, ids):
-    x = np.concatenate([lists[i] for i in ids]).astype(np.int32)
-    y = np.zeros((x.shape[0], x.shape[1] - max_len), np.int32)
-    y[:, 0] = 1
-    sizes = [lists[i].shape[0] for i in ids]
-    return FederatedDataset({'x': x, 'y': y},
-                            np.concatenate([[0], np.cumsum(sizes)]),
-                            names[ids], metadata)
-
-  n = raw_users.size
-  n_heldout = int(round(heldout_fraction * n))
-  perm = np.random.default_rng([seed, 1]).permutation(n)
-  population, heldout = np.sort(perm[n_heldout:]), np.sort(perm[:n_heldout])
-  splits = {p: dataset(parts[p], population) for p in parts}
-  if n_heldout:
-    splits['heldout_train'] = dataset(parts['train'], heldout)
-    splits['heldout_test'] = dataset(parts['test'], heldout)
-  return FederatedSplits(**splits)
+  return _splits(parts, raw_users.astype(str), metadata, attributes,
+                 heldout_fraction, seed, history_len=max_len)
 
 
 def load(path: Optional[str] = None, task: str = 'lists',
