@@ -50,7 +50,6 @@ from fedjax_pfi import distributed
 from fedjax_pfi import evaluation
 from fedjax_pfi import participation
 from fedjax_pfi import personalization
-from fedjax_pfi import performance
 from fedjax_pfi import placement
 from fedjax_pfi import privacy
 from fedjax_pfi import secure_aggregation
@@ -216,7 +215,6 @@ def build(config, *, splits=None, transform=None) -> Experiment:
                                splits.train.columns['x'][:2], splits.metadata,
                                pretrained=config.model.pretrained,
                                **config.model.kwargs.to_dict())
-  performance.warn_scanned_convolutions(base_model)  # every algorithm's loop
   execution = make_execution(config)
   population = splits.train.num_clients
   mechanism = privacy.build(

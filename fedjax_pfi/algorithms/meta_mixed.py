@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_pfi import performance
 from fedjax_pfi.algorithms import aggregators as aggregators_lib
 from fedjax_pfi.algorithms import client_updates
 from fedjax_pfi.algorithms import core
@@ -53,6 +54,7 @@ Step = Callable[..., tuple]
 
 
 def _loss_grad(model: base.Model):
+  performance.warn_scanned_convolutions(model)  # the local steps' model
   def loss(params, batch, mask, key):
     return base.masked_mean_loss(model, params, batch, mask, key, train=True)
   return jax.value_and_grad(loss, has_aux=True)
