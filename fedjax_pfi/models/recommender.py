@@ -75,8 +75,9 @@ class SASRec(nn.Module):
   norm; the hidden state at the last real history position scores each
   candidate by a dot product with its embedding: logits ``[B, L]``. The
   blocks are causal and the padding comes after the history, so padding
-  changes nothing. A history without any item is refused: its row has no
-  last position (the task never builds one).
+  changes nothing. A history without any item has no last position and
+  would read position 0 (padding); `movielens.sequential` never builds
+  one, since every target has at least one item before it.
   """
   num_items: int
   history_len: int
