@@ -7,7 +7,8 @@ arrays that an evaluation already produced; nothing is traced.
 
 - `discordant_p`: the exact McNemar test (a binomial test on the discordant
   examples) that one model is worse than another on the same examples.
-- `paired_bootstrap_p`: the same question for per-example losses.
+- `paired_bootstrap_p`: the same question for per-example losses (never
+  below `sign_floor`, ``2^-n`` for ``n`` examples).
 - `significant`: per-client hurt / helped at a level ``alpha``.
 - `gini`, `spread`: how unequal the per-client accuracies are.
 - `calibration_bins`, `ece`: expected calibration error (Guo et al. 2017,
@@ -56,7 +57,12 @@ def paired_bootstrap_p(loss, reference_loss, *, num_resamples: int = 1000,
 
   The differences ``d = loss - reference_loss`` are centred (the null: mean
   0) and resampled with replacement; the p-value is ``(1 + #{mean(d*) >=
-  mean(d)}) / (1 + num_resamples)`` (Efron & Tibshirani 1993, Sec. 16.4).
+  mean(d)}) / (1 + num_resamples)`` (Efron & Tibshirani 1993, Sec. 16.4),
+  and at least `sign_floor` ``(n) = 2^-n``: the centred bootstrap of a
+  handful of differences is degenerate (one difference resamples to
+  itself, so any positive one would score ``1 / (1 + num_resamples)``),
+  and no test of ``n`` paired differences can be surer than all ``n``
+  signs agreeing by chance.
   """
   d = np.asarray(loss, np.float64) - np.asarray(reference_loss, np.float64)
   if d.ndim != 1 or d.size == 0:
@@ -69,7 +75,14 @@ def paired_bootstrap_p(loss, reference_loss, *, num_resamples: int = 1000,
   # a hair of tolerance: resampling the centred constant gives means of
   # rounding size that must not count as exceeding an observed 0
   tol = 1e-12 * max(1.0, float(np.abs(d).max()))
-  return float((1 + np.sum(means >= d.mean() - tol)) / (1 + num_resamples))
+  p = (1 + np.sum(means >= d.mean() - tol)) / (1 + num_resamples)
+  return float(max(p, sign_floor(d.size)))
+
+
+def sign_floor(n) -> np.ndarray:
+  """``2^-n``: the smallest p-value `paired_bootstrap_p` gives ``n``
+  paired differences (the exact sign test's, all ``n`` signs agreeing)."""
+  return np.power(0.5, np.asarray(n, np.float64))
 
 
 def paired_bootstrap_p_segments(loss, reference_loss, offsets, *,
@@ -99,7 +112,9 @@ def paired_bootstrap_p_segments(loss, reference_loss, offsets, *,
       sizes[has]
   # the tolerance of `paired_bootstrap_p`
   tol = 1e-12 * max(1.0, float(np.abs(d[rows]).max()))
-  out[has] = (1 + np.sum(means >= obs - tol, axis=0)) / (1 + num_resamples)
+  out[has] = np.maximum(
+      (1 + np.sum(means >= obs - tol, axis=0)) / (1 + num_resamples),
+      sign_floor(sizes[has]))
   return out
 
 

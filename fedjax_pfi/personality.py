@@ -26,6 +26,11 @@ excluded, `top_k`):
   ``p < alpha`` is the share significantly closer, in the spirit of the trust
   report's per-client paired tests (`fedjax_pfi.trust`).
 
+`catalogue_inputs` and `catalogue_scores` give any trained ranking model's
+scores of every item for every user (each user with its own personalized
+params, as evaluation joins them), which `top_k` turns into the
+recommendations.
+
 Arrays: ``recommended`` int ``[users, k]`` item indices; ``histories`` a
 sequence of int arrays (each user's training items); ``matrix`` float
 ``[items, genres]`` (`genre_matrix`).
@@ -33,9 +38,66 @@ sequence of int arrays (each user's training items); ``matrix`` float
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
+
+
+def catalogue_inputs(test_x: np.ndarray, metadata: Mapping[str, Any]
+                     ) -> np.ndarray:
+  """``[users, history_len + num_items]`` int32: each user's model input
+  that scores the whole catalogue. ``test_x`` is the test split's ``x``
+  (one list per user): its history part, if the task has one
+  (``metadata['history_len']``, `movielens.sequential`: the items before
+  the test item), is kept, and the candidates become every item
+  ``0..num_items-1`` in order."""
+  test_x = np.asarray(test_x)
+  history = int(metadata.get('history_len', 0))
+  items = np.arange(int(metadata['num_items']), dtype=np.int32)
+  return np.concatenate(
+      [test_x[:, :history].astype(np.int32),
+       np.broadcast_to(items, (test_x.shape[0], items.size))], 1)
+
+
+def catalogue_scores(model, view, inputs: np.ndarray,
+                     combine: Optional[Callable[[Any, Any], Any]] = None,
+                     users_per_chunk: int = 64) -> np.ndarray:
+  """``[users, num_items]`` float: each user's scores of the catalogue
+  (`catalogue_inputs`), user ``i`` with its own params: ``view`` is an
+  algorithm's `fedjax_pfi.algorithms.core.EvalView` (``view.params`` for
+  everyone, or ``combine(view.shared, view.personal[i])``, as the
+  `fedjax_pfi.evaluation.Evaluator` joins them; a host store's ``gather``
+  works too). Users go ``users_per_chunk`` at a time, the last chunk
+  padded, so one shape compiles. Clustered models are refused: which
+  cluster serves a user is chosen on its training loss, which
+  `fedjax_pfi.run_evaluator` does."""
+  if getattr(view, 'clusters', None) is not None:
+    raise ValueError('catalogue_scores takes one model per user; a '
+                     'clustered view picks one of its k models per user by '
+                     'training loss first.')
+  inputs = np.asarray(inputs, np.int32)
+  n, c = inputs.shape[0], users_per_chunk
+  personal = view.personal
+  if personal is None:
+    run = jax.jit(lambda p, x: model.apply(p, x))
+  else:
+    join = combine or (lambda shared, mine: mine)
+    run = jax.jit(jax.vmap(
+        lambda shared, mine, x: model.apply(join(shared, mine), x[None])[0],
+        in_axes=(None, 0, 0)))
+  out = []
+  for lo in range(0, n, c):
+    idx = np.arange(lo, lo + c)
+    idx = np.where(idx < n, idx, n - 1)  # pad with the last user
+    if personal is None:
+      s = run(view.params, inputs[idx])
+    else:
+      mine = (personal.gather(idx) if hasattr(personal, 'gather') else
+              jax.tree.map(lambda p, i=idx: p[i], personal))
+      s = run(view.shared, mine, inputs[idx])
+    out.append(np.asarray(s, np.float64)[:min(c, n - lo)])
+  return np.concatenate(out)
 
 
 def genre_matrix(genres_by_item: Sequence[Sequence[str]],

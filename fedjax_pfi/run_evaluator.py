@@ -221,8 +221,9 @@ class RunEvaluator:
     out.update(out_val)
     out['test/never_sampled_fraction'] = float(1.0 - among.mean())
     if splits.metadata.get('task') == 'ranking':  # HR@k of a random order
+      # (``y``: the candidates; ``x`` may hold a history before them)
       out['test/random_baseline'] = float(splits.metadata['top_k']) / \
-          splits.test.columns['x'].shape[-1]
+          splits.test.columns['y'].shape[-1]
     else:
       out['test/majority_baseline'] = evaluation.majority_baseline(
           splits.train, splits.test, splits.metadata.get('pad_id'))

@@ -132,3 +132,15 @@ def test_paired_bootstrap_segments_agree_with_one_client_at_a_time():
                                           num_resamples=4000)
     assert abs(got[i] - one) < 0.03, i  # two draws of the same p
   assert got[0] < 0.01 and got[2] > 0.99
+
+
+def test_paired_bootstrap_of_a_few_examples_is_never_surer_than_the_signs():
+  # One example resamples to itself: without the floor any positive
+  # difference scored 1/1001 (MovieLens users have one test list each).
+  assert client_stats.paired_bootstrap_p([2.0], [1.0]) == 0.5
+  assert client_stats.paired_bootstrap_p([2.0, 3.0, 4.0], [1.0] * 3) == 0.125
+  got = client_stats.paired_bootstrap_p_segments(
+      np.array([2.0, 2.0, 3.0] + [1.0] * 12), np.array([1.0] * 15),
+      np.array([0, 1, 3, 15]))
+  np.testing.assert_allclose(got, [0.5, 0.25, 1.0])
+  assert client_stats.sign_floor(11) < 1 / 1001  # no change from 11 on

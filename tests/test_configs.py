@@ -64,6 +64,8 @@ def test_testing_variant_runs(tmp_path, name):
       module.__doc__)
   config = module.get_config('testing')
   config.progress = False
+  if config.data.name.startswith('movielens'):  # generated ratings
+    config.data.path = sequential_ratings(tmp_path / 'ratings.inter')
   final = training.run(config, str(tmp_path))
   rows = training.read_metrics(str(tmp_path))
   assert len(rows) == config.rounds

@@ -100,3 +100,47 @@ def test_parse_items_reads_genres_and_refuses_what_is_not_an_item_file():
                     '267': ('unknown',), '3': ()}
   with pytest.raises(files.DataFileError, match='class'):
     movielens.parse_items(b'item_id:token\tmovie_title:token_seq\n1\tx\n')
+
+
+@pytest.mark.parametrize('name', ['sasrec', 'additive_mf'])
+def test_catalogue_scores_give_each_user_its_own_models_scores(name):
+  import jax  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.algorithms import core  # pylint: disable=g-import-not-at-top
+  from fedjax_pfi.models import zoo  # pylint: disable=g-import-not-at-top
+  meta = dict(task='ranking', num_items=7, num_negatives=1, top_k=3)
+  hist = 3 if name == 'sasrec' else 0
+  if hist:
+    meta.update(history_len=hist, pad_item=7)
+  # three users' test lists: a history (padded with 7), then 4 candidates
+  test_x = np.array([[1, 2, 7, 0, 3, 4, 5], [6, 7, 7, 1, 2, 3, 4],
+                     [0, 1, 2, 6, 5, 4, 3]])[:, 3 - hist:]
+  inputs = personality.catalogue_inputs(test_x, meta)
+  assert inputs.shape == (3, hist + 7)
+  np.testing.assert_array_equal(inputs[:, :hist], test_x[:, :hist])
+  np.testing.assert_array_equal(inputs[1, hist:], np.arange(7))
+  model = zoo.build_model(name, inputs[:1], meta, dim=4, **(
+      dict(num_layers=1, num_heads=2) if hist else {}))
+  params = [model.init(jax.random.key(u)) for u in range(3)]
+  want = np.stack([np.asarray(model.apply(p, x[None]))[0]
+                   for p, x in zip(params, inputs)])
+  stacked = jax.tree.map(lambda *x: np.stack(x), *params)
+  # two users per chunk: the second chunk is padded
+  got = personality.catalogue_scores(
+      model, core.EvalView(None, None, stacked), inputs, users_per_chunk=2)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # a shared part joined to each user's own (as evaluation's combine)
+  joined = personality.catalogue_scores(
+      model, core.EvalView(None, params[0], stacked), inputs,
+      combine=lambda shared, mine: jax.tree.map(
+          lambda s, m: 0.5 * (s + m), shared, mine), users_per_chunk=2)
+  np.testing.assert_allclose(
+      joined[2], np.asarray(model.apply(jax.tree.map(
+          lambda s, m: 0.5 * (s + m), params[0], params[2]),
+          inputs[2:]))[0], rtol=1e-5, atol=1e-6)
+  shared = personality.catalogue_scores(model, core.EvalView(params[1]),
+                                        inputs, users_per_chunk=2)
+  np.testing.assert_allclose(shared[0], np.asarray(
+      model.apply(params[1], inputs[:1]))[0], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='clustered'):
+    personality.catalogue_scores(
+        model, core.EvalView(None, clusters=stacked), inputs)

@@ -381,6 +381,18 @@ def _sequences(ratings: Mapping[str, np.ndarray]):
       item_idx[order[bounds[u]:bounds[u + 1]]] for u in range(raw_users.size)]
 
 
+def user_items(ratings: Mapping[str, np.ndarray]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """``(histories, raw item ids)``: each user's item indices in the order
+  `leave_one_out` and `sequential` give them (the last is the test item,
+  the one before the validation item), keyed by raw user id as the client
+  names are (``'1'``, ...), and the raw id of each item index (for
+  `parse_items`' genres)."""
+  raw_users, _, sequences = _sequences(ratings)
+  return ({str(u): s for u, s in zip(raw_users, sequences)},
+          np.unique(np.asarray(ratings['item_id'])))
+
+
 def _splits(parts, names, metadata, attributes, heldout_fraction: float,
             seed: int, history_len: int) -> FederatedSplits:
   """`FederatedSplits` of per-user example arrays (``parts[split][j]``:
