@@ -17,10 +17,11 @@ r"""Federated recommendation that preserves personality (issue 19): one table.
    NDCG@10 on the test item (against ``leave_one_out``'s 99 negatives), and
    the top-10 over the whole catalogue (the user's history excluded, each
    user with its own personalized model: `personality.catalogue_scores`),
-   scored by `personality.report` against the frozen pretrained model's
+   scored by `personality.report` (and a Wilcoxon signed-rank test of the
+   users' popularity-rank changes) against the frozen pretrained model's
    top-10 (every row over the same users: those sampled in every run): the genre divergence from the user's history, the mean
    popularity rank, and the share of users significantly closer (farther)
-   to their own profile.
+   to their own profile (with a sign test over users of the two shares).
 4. Writes ``WORKDIR/table.md`` (and ``table.json``): a row per method with
    the users helped and hurt against the frozen model (a test item turned
    into a hit or a miss; one item per user cannot make one user's change
@@ -152,6 +153,13 @@ def evaluate_frozen(exp, params):
   return ev.evaluate(params, exp.splits.test)
 
 
+def sign_p(closer: float, farther: float, users: int) -> float:
+  """Two-sided sign test over users: are the users significantly closer
+  as many as those significantly farther (1 where there are none)?"""
+  a, b = round(closer * users), round(farther * users)
+  return float(stats.binomtest(a, a + b).pvalue) if a + b else 1.0
+
+
 def run_all(workdir: str, methods, mf_algorithms=MF_ALGORITHMS,
             testing: bool = False, configure=None, resamples: int = 1000,
             alpha: float = 0.05) -> list[dict]:
@@ -222,6 +230,10 @@ def run_all(workdir: str, methods, mf_algorithms=MF_ALGORITHMS,
         u['top'][s], ref_top[s], [h for h, keep in zip(histories, s) if keep],
         matrix, counts, alpha=alpha, resamples=resamples,
         groups={a: g[s] for a, g in groups.items()}, prefix='')
+    # per user: the change of the mean popularity rank against the frozen
+    # model's, and the Wilcoxon signed-rank test that it is centred on 0
+    pop_change = (personality.popularity_rank(u['top'][s], counts) -
+                  personality.popularity_rank(ref_top[s], counts))
     helped = int(np.sum((u['hit'] > ref_hit)[s]))
     hurt = int(np.sum((u['hit'] < ref_hit)[s]))
     f = u['final']
@@ -234,8 +246,13 @@ def run_all(workdir: str, methods, mf_algorithms=MF_ALGORITHMS,
         genre_divergence=rep['genre_divergence_mean'],
         genre_divergence_frozen=rep['genre_divergence_ref_mean'],
         popularity_rank=rep['popularity_rank_mean'],
+        popularity_p=(float(stats.wilcoxon(pop_change).pvalue)
+                      if np.any(pop_change) else 1.0),
         closer=rep['closer_significant_fraction'],
         farther=rep['farther_significant_fraction'],
+        closer_vs_farther_p=sign_p(rep['closer_significant_fraction'],
+                                   rep['farther_significant_fraction'],
+                                   int(s.sum())),
         mb=(f.get('comm/download_bytes_cumulative', 0.0) +
             f.get('comm/upload_bytes_cumulative', 0.0)) / 1e6,
         round_s=float(np.median(u['times'])) if u['times'] else None))
@@ -257,16 +274,18 @@ def write_tables(workdir: str, rows, group_rows) -> None:
   def fmt(v, spec='.3f'):
     return '-' if v is None else format(v, spec)
   lines = ['| method | users | HR@10 | NDCG@10 | helped | hurt | McNemar p '
-           '| genre JS (frozen) | popularity rank | closer | farther | MB | '
-           's/round |', '|' + ' --- |' * 13]
+           '| genre JS (frozen) | popularity rank (p) | closer | farther | sign '
+           'p | MB | s/round |', '|' + ' --- |' * 14]
   for r in rows:
     lines.append(
         f'| {NAMES.get(r["method"], r["method"])} | {r["users"]} | '
         f'{fmt(r["hr"])} | {fmt(r["ndcg"])} | {fmt(r["helped"])} | '
         f'{fmt(r["hurt"])} | {fmt(r["mcnemar_p"], ".2g")} | '
         f'{fmt(r["genre_divergence"])} ({fmt(r["genre_divergence_frozen"])}) '
-        f'| {fmt(r["popularity_rank"], ".0f")} | {fmt(r["closer"])} | '
-        f'{fmt(r["farther"])} | {fmt(r["mb"], ".2f")} | '
+        f'| {fmt(r["popularity_rank"], ".0f")} '
+        f'({fmt(r["popularity_p"], ".2g")}) | {fmt(r["closer"])} | '
+        f'{fmt(r["farther"])} | {fmt(r["closer_vs_farther_p"], ".2g")} | '
+        f'{fmt(r["mb"], ".2f")} | '
         f'{fmt(r["round_s"], ".1f")} |')
   tables.write(workdir, lines, rows)
   glines = ['| method | attribute | group | users | HR@10 | NDCG@10 | genre '

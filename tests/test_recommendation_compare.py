@@ -5,6 +5,8 @@ against the frozen model, and the tables."""
 import json
 import os
 
+from scipy import stats
+
 
 from experiments import recommendation_compare
 from fedjax_pfi import personalization
@@ -53,6 +55,9 @@ def test_table_on_generated_ratings(tmp_path):
   # the frozen model against itself: nothing changes
   assert frozen['helped'] == frozen['hurt'] == 0 and frozen['mcnemar_p'] == 1
   assert frozen['closer'] == frozen['farther'] == 0
+  assert frozen['closer_vs_farther_p'] == 1 and frozen['popularity_p'] == 1
+  assert recommendation_compare.sign_p(0.3, 0.1, 100) == stats.binomtest(
+      30, 40).pvalue
   assert frozen['genre_divergence'] == frozen['genre_divergence_frozen']
   assert frozen['mb'] == 0 and frozen['round_s'] is None
   start = personalization.load_clients(os.path.join(wd, 'fedsa_lora'))

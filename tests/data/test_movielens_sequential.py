@@ -56,6 +56,13 @@ def test_sequential_split_by_timestamp_with_leave_one_outs_ties():
   negatives = x9[:, 4:]  # never rated by the user, distinct per row
   assert not set(negatives.ravel()) & {item[i] for i in (13, 14, 15, 16, 17)}
   assert all(len(set(r)) == r.size for r in negatives)
+  # the histories the personality measures read: the same order, by name
+  histories, raw_items = movielens.user_items(ratings())
+  np.testing.assert_array_equal(raw_items, np.arange(10, 19))
+  np.testing.assert_array_equal(
+      histories['9'], [item[i] for i in (17, 13, 16, 15, 14)])
+  np.testing.assert_array_equal(histories['5'], [item[i] for i in
+                                                 (10, 12, 11, 18)])
 
 
 def test_bad_input_is_refused_by_name():
