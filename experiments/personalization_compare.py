@@ -22,7 +22,7 @@ A run whose loss turns NaN gets a row saying so (the baselines must not).
 Writes ``WORKDIR/table.md`` (and ``table.json``): per dataset and algorithm
 the mean, 10th-percentile and worst per-client accuracy (on MovieLens each
 user's HR@10: whether its one held-out item ranks in the top 10 of 100, so
-per client 0 or 1), the fractions
+per client 0 or 1, and its NDCG@10 in the next column), the fractions
 hurt, held-out clients' accuracy after adaptation, and megabytes
 communicated; and per dataset ``WORKDIR/<dataset>/gain_vs_fedavg.png``
 (each client's gain over FedAvg against its training-set size) and
@@ -115,6 +115,8 @@ def dataset_rows(dataset, finals, clients) -> list[dict]:
         dataset=dataset, algorithm=alg, clients=int(s.size),
         sampled=int(s.sum()),
         mean=float(acc.mean()), p10=float(np.percentile(acc, 10)),
+        # ranking datasets: per-client NDCG@k beside HR@k
+        ndcg=float(mine['ndcg'][s].mean()) if 'ndcg' in mine else None,
         worst=float(acc.min()),
         gain_vs_fedavg=float(np.mean(acc - glob['accuracy'][s])),
         hurt_vs_fedavg=float(np.mean(acc < glob['accuracy'][s])),
@@ -176,18 +178,19 @@ def write_table(workdir: str, rows: list[dict]) -> None:
   def fmt(v):
     return '-' if v is None else f'{v:.3f}'
   lines = ['| dataset | algorithm | clients trained | client mean | client '
-           'p10 | worst | gain vs FedAvg | hurt vs FedAvg | hurt vs local-only '
-           '| held-out adapted | MB sent+received |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           'p10 | worst | client NDCG@k | gain vs FedAvg | hurt vs FedAvg | '
+           'hurt vs local-only | held-out adapted | MB sent+received |',
+           '|' + ' --- |' * 12]
   for r in rows:
     if 'diverged' in r:
       lines.append(f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])}'
-                   f' | diverged: {r["diverged"]} |' + ' |' * 8)
+                   f' | diverged: {r["diverged"]} |' + ' |' * 9)
       continue
     lines.append(
         f'| {r["dataset"]} | {NAMES.get(r["algorithm"], r["algorithm"])} | '
         f'{r["sampled"]}/{r["clients"]} | '
         f'{fmt(r["mean"])} | {fmt(r["p10"])} | {fmt(r["worst"])} | '
+        f'{fmt(r["ndcg"])} | '
         f'{r["gain_vs_fedavg"]:+.3f} | {fmt(r["hurt_vs_fedavg"])} | '
         f'{fmt(r["hurt_vs_local"])} | {fmt(r["heldout"])} | {r["mb"]:.1f} |')
   tables.write(workdir, lines, rows)

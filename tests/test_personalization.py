@@ -302,6 +302,10 @@ def test_compare_script_on_movielens(tmp_path):
       ('movielens', 'local_only'), ('movielens', 'fedavg'),
       ('movielens', 'fedrap'), ('synthetic', 'local_only'),
       ('synthetic', 'fedavg'), ('synthetic', 'apfl')]
+  for r in rows:  # NDCG@k where the task ranks lists, and only there
+    assert (r['ndcg'] is not None) == (r['dataset'] == 'movielens')
+    if r['ndcg'] is not None:
+      assert 0 <= r['ndcg'] <= r['mean']  # NDCG@k <= HR@k, list by list
   # FedRAP is a recommender: MovieLens only; APFL's one step size is not.
   with pytest.raises(ValueError, match="run it on 'movielens'"):
     pfl_config.get_config('synthetic,fedrap')
