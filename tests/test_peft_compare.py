@@ -3,7 +3,10 @@
 import json
 import os
 
+import numpy as np
+
 from experiments import peft_compare
+from fedjax_pfi import training
 
 
 def test_compare_writes_the_table(tmp_path):
@@ -26,6 +29,15 @@ def test_compare_writes_the_table(tmp_path):
   assert by['ffa_lora']['trainable'] * 2 == by['fedit']['trainable']
   assert by['full']['trainable'] > 10 * by['fedit']['trainable']
   assert by['centralized']['bytes'] > 0
+  # every variant's run: its total is the sum of its rounds' messages, and
+  # only local-only LoRA sends nothing
+  for v in ('fedit', 'ffa_lora', 'fedsa_lora', 'local_lora', 'flora',
+            'hetlora', 'full'):
+    rows_v = training.read_metrics(os.path.join(tmp_path, v))
+    assert np.isfinite(rows_v[-1]['train_loss']), v
+    sent = rows_v[-1]['comm/upload_bytes_cumulative']
+    assert sent == sum(r['comm/upload_bytes'] for r in rows_v), v
+    assert (sent == 0) == (v == 'local_lora'), v
   table = open(os.path.join(tmp_path, 'table.md')).read()
   assert 'FedSA-LoRA (A averaged, B personal)' in table
   assert len(json.load(open(os.path.join(tmp_path, 'table.json')))) == 9
