@@ -209,8 +209,9 @@ def run_all(workdir: str, methods, mf_algorithms=MF_ALGORITHMS,
       sampled=np.ones(len(names), bool), final={}, times=[])
   for m in methods:
     wd = os.path.join(workdir, m)
-    final = training.run(configs[m], wd)
-    exp = training.build(configs[m])
+    exp = training.build(configs[m])  # `training.run`'s steps, built once
+    training.prepare_workdir(wd)
+    final = training.run_experiment(exp, wd)
     if list(exp.splits.test.client_names) != list(names):
       raise ValueError(f'{m} evaluated other users than the frozen model.')
     mine = personalization.load_clients(wd)['personalized']

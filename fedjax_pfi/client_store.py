@@ -154,6 +154,16 @@ class HostStore:
     return self.rows
 
 
+def gather_rows(personal: Any, ids) -> Any:
+  """Rows ``ids`` of a per-client store: a host store's own ``gather``, or
+  the rows of a pytree of ``[num_clients, ...]`` arrays (what evaluation
+  and `fedjax_pfi.personality.catalogue_scores` read a chunk's clients
+  with)."""
+  if hasattr(personal, 'gather'):
+    return personal.gather(ids)
+  return jax.tree.map(lambda p: p[ids], personal)
+
+
 def next_pow2(n: int) -> int:
   """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
   return 1 << max(0, int(n) - 1).bit_length()

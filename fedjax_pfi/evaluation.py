@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_pfi import client_store
 from fedjax_pfi.data import cohort as cohort_lib
 from fedjax_pfi.data.federated import FederatedDataset
 from fedjax_pfi.models import base
@@ -357,9 +358,7 @@ class Evaluator:
     for chunk, stacked in self._chunks(ds, only):
       idx = np.zeros(self.clients_per_chunk, np.int64)
       idx[:chunk.size] = chunk
-      mine = (personal_params.gather(idx) if hasattr(personal_params,
-                                                     'gather') else
-              jax.tree.map(lambda p: p[idx], personal_params))
+      mine = client_store.gather_rows(personal_params, idx)
       results.add(chunk, self._personal(params, mine, stacked.batches,
                                         stacked.mask, on_device),
                   stacked.mask)

@@ -43,6 +43,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from fedjax_pfi import client_store
+
 
 def catalogue_inputs(test_x: np.ndarray, metadata: Mapping[str, Any]
                      ) -> np.ndarray:
@@ -93,9 +95,8 @@ def catalogue_scores(model, view, inputs: np.ndarray,
     if personal is None:
       s = run(view.params, inputs[idx])
     else:
-      mine = (personal.gather(idx) if hasattr(personal, 'gather') else
-              jax.tree.map(lambda p, i=idx: p[i], personal))
-      s = run(view.shared, mine, inputs[idx])
+      s = run(view.shared, client_store.gather_rows(personal, idx),
+              inputs[idx])
     out.append(np.asarray(s, np.float64)[:min(c, n - lo)])
   return np.concatenate(out)
 
